@@ -1,0 +1,68 @@
+"""Logical axis names → mesh axes: the one rules table every parameter and activation goes through.
+
+Layers only ever name logical axes (`embed`, `mlp`, …); which mesh axis (`data`, `fsdp`, `tensor`)
+carries them is decided here, so a new parallelism layout is a change to this table alone.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical axis, mesh axis or axes or None). Every logical name used by a layer must appear here.
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),  # B: activations and data
+    ("embed", "fsdp"),  # D (and the vision width): parameters sharded FSDP-style
+    ("mlp", "tensor"),  # F
+    ("heads", "tensor"),  # N
+    # K is 2–4 in Qwen2.5-VL, below typical tensor-parallel degrees; replicating the small K/V
+    # projections costs little and keeps every mesh legal.
+    ("kv_heads", None),
+    ("head_dim", None),  # H
+    ("vocab", "tensor"),  # V
+    ("norm", None),  # RMSNorm scales
+    ("patch", None),  # the flattened 1176-long patch vector
+    ("merge", "fsdp"),  # the merger's 4·D_vision input width
+)
+_RULES = dict(RULES)
+
+
+def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
+  """PartitionSpec for a tuple of logical axis names; unknown names raise KeyError naming them."""
+  unknown = [n for n in names if n is not None and n not in _RULES]
+  if unknown:
+    raise KeyError(f"logical axis name(s) {unknown} have no entry in sharding.RULES")
+  return PartitionSpec(*(None if n is None else _RULES[n] for n in names))
+
+
+def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+  """Drops a mesh axis from a dimension it does not divide (e.g. a 1031-long tiny vocabulary)."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    group = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = 1
+    for a in group:
+      size *= mesh.shape[a]
+    out.append(axes if dim % size == 0 else None)
+  return PartitionSpec(*out)
+
+
+def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+  """NamedSharding for every variable in `state` from its `sharding_names` metadata."""
+
+  def one(var):
+    names = var.get_metadata().get("out_sharding") or (None,) * var.value.ndim
+    spec = _fit(logical_to_spec(names), var.value.shape, mesh)
+    return NamedSharding(mesh, spec)
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Batch-major arrays: the leading B axis over (data, fsdp), the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))

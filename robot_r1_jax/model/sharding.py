@@ -17,6 +17,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # (logical axis, mesh axis or axes or None). Every logical name used by a layer must appear here.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),  # B: activations and data
+    ("layers", None),  # L: the stacked (scanned) layer axis
     ("embed", "fsdp"),  # D (and the vision width): parameters sharded FSDP-style
     ("mlp", "tensor"),  # F
     ("heads", "tensor"),  # N

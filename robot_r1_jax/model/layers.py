@@ -44,7 +44,7 @@ class RMSNorm(nnx.Module):
     # the cast back, so a bf16 model rounds exactly where transformers rounds.
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return self.scale.value.astype(dtype) * normed.astype(dtype)
+    return self.scale[...].astype(dtype) * normed.astype(dtype)
 
 
 def stack(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module:

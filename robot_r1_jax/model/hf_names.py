@@ -12,7 +12,10 @@ import dataclasses
 import math
 from typing import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -63,3 +66,70 @@ def reshaped(hf_name: str, ours: tuple[str, ...], ours_shape: Sequence[int],
 
 def same(hf_name: str, ours: tuple[str, ...]) -> Rule:
   return Rule(hf_name, ours)
+
+
+class ConversionError(ValueError):
+  """Checkpoint tensors do not fit the model; the message names every offending key."""
+
+
+def variable_at(module, path: Sequence[str]) -> nnx.Variable:
+  obj = module
+  for part in path:
+    obj = getattr(obj, part)
+  if not isinstance(obj, nnx.Variable):
+    raise TypeError(f"{'.'.join(path)} is a {type(obj).__name__}, not a parameter")
+  return obj
+
+
+def load_into(module, rules: Sequence[Rule], get: Callable[[str], np.ndarray | None], *,
+              num_layers: int, prefix: str = "",
+              place: Callable[[nnx.Variable, np.ndarray], jax.Array] | None = None) -> list[str]:
+  """Fills `module`'s parameters from Hugging Face tensors, one parameter at a time.
+
+  `get(name)` returns one tensor (or None when absent) so a caller can stream from disk; a stacked
+  parameter is assembled from its L per-layer tensors before it is placed, so host memory holds one
+  parameter at a time. `place(var, array)` puts the array on devices (default: `jnp.asarray` in the
+  variable's dtype). Returns the consumed names; raises ConversionError listing every missing or
+  mis-shaped key.
+  """
+  consumed, problems = [], []
+  for rule in rules:
+    var = variable_at(module, rule.ours)
+    shape, dtype = tuple(var.get_value().shape), var.get_value().dtype
+    before = len(problems)
+    names = ([prefix + rule.hf.format(i=i) for i in range(num_layers)] if rule.stacked
+             else [prefix + rule.hf])
+    slice_shape = shape[1:] if rule.stacked else shape
+    out = np.empty(shape, dtype=np.dtype(dtype)) if rule.stacked else None
+    for i, name in enumerate(names):
+      tensor = get(name)
+      if tensor is None:
+        problems.append(f"missing: {name}")
+        continue
+      converted = rule.to_ours(np.asarray(tensor))
+      if converted.shape != slice_shape:
+        problems.append(f"shape mismatch: {name} has {tuple(tensor.shape)}, which converts to "
+                        f"{converted.shape} but {'.'.join(rule.ours)} needs {slice_shape}")
+        continue
+      consumed.append(name)
+      if rule.stacked:
+        out[i] = converted
+      else:
+        out = converted
+    if len(problems) == before:
+      array = out.astype(np.dtype(dtype), copy=False)
+      var.set_value(place(var, array) if place else jnp.asarray(array))
+  if problems:
+    raise ConversionError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+  return consumed
+
+
+def export(module, rules: Sequence[Rule], *, num_layers: int, prefix: str = ""):
+  """Yields `(hf_name, np.ndarray)` pairs, one tensor at a time, for `module`'s parameters."""
+  for rule in rules:
+    value = np.asarray(jax.device_get(variable_at(module, rule.ours).get_value()))
+    if rule.stacked:
+      for i in range(num_layers):
+        yield prefix + rule.hf.format(i=i), rule.to_hf(value[i])
+    else:
+      yield prefix + rule.hf, rule.to_hf(value)

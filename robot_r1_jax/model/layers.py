@@ -21,12 +21,12 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str | None], dty
   """A parameter with logical axis `names` (one per dimension of `shape`)."""
   if len(names) != len(shape):
     raise ValueError(f"{len(names)} axis names {tuple(names)} for a {len(shape)}-D shape {shape}")
-  return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(names),
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names),
                    eager_sharding=False)
 
 
 def zeros_param(shape: Sequence[int], names: Sequence[str | None], dtype: jnp.dtype) -> nnx.Param:
-  return nnx.Param(jnp.zeros(tuple(shape), dtype), sharding_names=tuple(names),
+  return nnx.Param(jnp.zeros(tuple(shape), dtype), out_sharding=tuple(names),
                    eager_sharding=False)
 
 
@@ -35,7 +35,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype = jnp.float32):
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding_names=("norm",),
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",),
                            eager_sharding=False)
 
   def __call__(self, x: jax.Array) -> jax.Array:

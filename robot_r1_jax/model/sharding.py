@@ -54,11 +54,11 @@ def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec
 
 
 def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-  """NamedSharding for every variable in `state` from its `sharding_names` metadata."""
+  """NamedSharding for every variable in `state` from its `out_sharding` logical-name metadata."""
 
   def one(var):
-    names = var.get_metadata().get("out_sharding") or (None,) * var.value.ndim
-    spec = _fit(logical_to_spec(names), var.value.shape, mesh)
+    names = var.get_metadata().get("out_sharding") or (None,) * var.get_value().ndim
+    spec = _fit(logical_to_spec(names), var.get_value().shape, mesh)
     return NamedSharding(mesh, spec)
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

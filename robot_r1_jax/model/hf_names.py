@@ -71,6 +71,10 @@ def same(hf_name: str, ours: tuple[str, ...]) -> Rule:
 class ConversionError(ValueError):
   """Checkpoint tensors do not fit the model; the message names every offending key."""
 
+  def __init__(self, problems: Sequence[str], consumed: Sequence[str] = ()):
+    super().__init__("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+    self.problems, self.consumed = list(problems), list(consumed)
+
 
 def variable_at(module, path: Sequence[str]) -> nnx.Variable:
   obj = module
@@ -106,10 +110,15 @@ def load_into(module, rules: Sequence[Rule], get: Callable[[str], np.ndarray | N
       if tensor is None:
         problems.append(f"missing: {name}")
         continue
-      converted = rule.to_ours(np.asarray(tensor))
-      if converted.shape != slice_shape:
-        problems.append(f"shape mismatch: {name} has {tuple(tensor.shape)}, which converts to "
-                        f"{converted.shape} but {'.'.join(rule.ours)} needs {slice_shape}")
+      try:
+        converted = rule.to_ours(np.asarray(tensor))
+      except ValueError:  # a reshape that cannot hold this many elements
+        converted = None
+      if converted is None or converted.shape != slice_shape:
+        problems.append(f"shape mismatch: {name} has {tuple(tensor.shape)}, but "
+                        f"{'.'.join(rule.ours)} needs {slice_shape} per layer" if rule.stacked
+                        else f"shape mismatch: {name} has {tuple(tensor.shape)}, but "
+                        f"{'.'.join(rule.ours)} needs {slice_shape}")
         continue
       consumed.append(name)
       if rule.stacked:
@@ -120,7 +129,7 @@ def load_into(module, rules: Sequence[Rule], get: Callable[[str], np.ndarray | N
       array = out.astype(np.dtype(dtype), copy=False)
       var.set_value(place(var, array) if place else jnp.asarray(array))
   if problems:
-    raise ConversionError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+    raise ConversionError(problems, consumed)
   return consumed
 
 

@@ -53,15 +53,17 @@ def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec
   return PartitionSpec(*out)
 
 
+def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+  """Placement of one variable from its logical axis names (`out_sharding` metadata)."""
+  value = var.get_value()
+  names = var.get_metadata().get("out_sharding") or (None,) * value.ndim
+  return NamedSharding(mesh, _fit(logical_to_spec(names), value.shape, mesh))
+
+
 def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-  """NamedSharding for every variable in `state` from its `out_sharding` logical-name metadata."""
-
-  def one(var):
-    names = var.get_metadata().get("out_sharding") or (None,) * var.get_value().ndim
-    spec = _fit(logical_to_spec(names), var.get_value().shape, mesh)
-    return NamedSharding(mesh, spec)
-
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  """NamedSharding for every variable in `state`."""
+  return jax.tree.map(lambda v: variable_sharding(v, mesh), state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

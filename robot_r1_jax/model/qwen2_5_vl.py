@@ -1,0 +1,85 @@
+"""Qwen2.5-VL for conditional generation: vision tower + text decoder + LM head."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from robot_r1_jax.model import layers, rope
+from robot_r1_jax.model.config import ModelConfig
+from robot_r1_jax.model.text import KVCache, TextModel
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+  logits: jax.Array  # [B, T, V] in the compute dtype
+  cache: KVCache | None  # the extended cache when one was passed in
+  rope_deltas: jax.Array  # [B]: decode position = real tokens so far + delta
+
+
+jax.tree_util.register_dataclass(Output, data_fields=["logits", "cache", "rope_deltas"],
+                                 meta_fields=[])
+
+
+class Qwen25VL(nnx.Module):
+  """The full model. Parameters in `param_dtype`, compute in `dtype`."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
+               param_dtype: jnp.dtype = jnp.float32, remat: bool = False,
+               rngs: nnx.Rngs | None = None):
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    self.cfg, self.dtype = cfg, dtype
+    self.text = TextModel(cfg.text, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+    if not cfg.text.tie_word_embeddings:
+      self.lm_head = layers.param(rngs, (cfg.text.hidden_size, cfg.text.vocab_size),
+                                  ("embed", "vocab"), param_dtype)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               pixel_values: jax.Array | None = None,
+               image_grid_thw: np.ndarray | tuple | None = None) -> jax.Array:
+    """[B, T] ids (+ images) → [B, T, V] logits. See `forward` for the cached variant."""
+    return self.forward(input_ids, attention_mask, pixel_values, image_grid_thw).logits
+
+  def forward(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+              pixel_values: jax.Array | None = None,
+              image_grid_thw: np.ndarray | tuple | None = None, *,
+              cache: KVCache | None = None, positions: jax.Array | None = None,
+              rope_deltas: jax.Array | None = None) -> Output:
+    """Full forward, prefill (empty `cache`) or decode step (`positions` from `rope.decode_positions`).
+
+    Args:
+      input_ids: [B, T] token ids, left- or right-padded.
+      attention_mask: [B, T], 1 for real tokens; None means all real.
+      pixel_values: [P, patch_dim] patches of every image in batch order (from the processor).
+      image_grid_thw: the images' (t, h, w) patch grids; static under jit (a tuple of tuples).
+      cache: a KV cache to extend at its index.
+      positions: [3, B, T] M-RoPE positions; computed from the ids when None.
+      rope_deltas: [B], returned unchanged when `positions` is given (decode steps).
+    """
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if pixel_values is not None:
+      raise NotImplementedError("image inputs arrive with the vision tower (issue 3)")
+    x = self.text.embed(input_ids)
+    if positions is None:
+      index = rope.get_rope_index(input_ids, attention_mask, image_grid_thw,
+                                  image_token_id=self.cfg.image_token_id,
+                                  spatial_merge_size=self.cfg.vision.spatial_merge_size)
+      positions, rope_deltas = index.positions, index.deltas
+    elif rope_deltas is None:
+      rope_deltas = jnp.zeros(input_ids.shape[:1], jnp.int32)
+    hidden, cache = self.text(x, positions, attention_mask, cache)
+    return Output(logits=self.logits(hidden), cache=cache, rope_deltas=rope_deltas)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """[B, T, D] final hidden states → [B, T, V] in the compute dtype."""
+    if self.cfg.text.tie_word_embeddings:
+      return jnp.einsum("BTD,VD->BTV", hidden, self.text.embedding[...].astype(self.dtype))
+    return jnp.einsum("BTD,DV->BTV", hidden, self.lm_head[...].astype(self.dtype))
+
+  def init_cache(self, batch: int, length: int) -> KVCache:
+    return KVCache.zeros(self.cfg.text, batch, length, self.dtype)

@@ -1,0 +1,58 @@
+"""The full model: KV-cache decoding, parameter counts of the real presets."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from robot_r1_jax.model import config as config_lib
+from robot_r1_jax.model import rope
+from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
+
+from hf_reference import left_padded_batch
+
+
+def _param_count(model: nnx.Module) -> int:
+  return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_prefill_then_decode_equals_full_forward():
+  cfg = config_lib.tiny()
+  model = Qwen25VL(cfg, rngs=nnx.Rngs(7))
+  steps, prompt_len = 5, 9
+  ids, mask = left_padded_batch(np.random.default_rng(0), [9, 4, 6], prompt_len + steps)
+  # Rows are left-padded prompts followed by `steps` generated tokens (all real).
+  ids = np.concatenate([ids[:, steps:], np.random.default_rng(1).integers(0, 1000, (3, steps))], 1)
+  mask = np.concatenate([mask[:, steps:], np.ones((3, steps), np.int64)], 1)
+  full = np.asarray(model(ids, mask))
+
+  prefill = nnx.jit(lambda m, i, a, c: m.forward(i, a, cache=c))
+  decode = nnx.jit(lambda m, i, c, p, d: m.forward(i, cache=c, positions=p, rope_deltas=d))
+  out = prefill(model, ids[:, :prompt_len], mask[:, :prompt_len], model.init_cache(3, 32))
+  real = mask[:, :prompt_len].astype(bool)
+  np.testing.assert_allclose(np.asarray(out.logits)[real], full[:, :prompt_len][real], atol=1e-5)
+  cache, deltas = out.cache, out.rope_deltas
+  num_real = jnp.asarray(mask[:, :prompt_len].sum(1), jnp.int32)
+  for k in range(steps):
+    pos = rope.decode_positions(num_real + k, deltas)
+    out = decode(model, ids[:, prompt_len + k:prompt_len + k + 1], cache, pos, deltas)
+    cache = out.cache
+    np.testing.assert_allclose(np.asarray(out.logits)[:, 0], full[:, prompt_len + k], atol=1e-5,
+                               err_msg=f"decode step {k}")
+  assert int(cache.index) == prompt_len + steps
+
+
+@pytest.mark.parametrize("preset", ["qwen2_5_vl_3b", "qwen2_5_vl_7b"])
+def test_text_parameter_count_matches_hf(preset):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  cfg = config_lib.PRESETS[preset]()
+  with torch.device("meta"):
+    hf = transformers.Qwen2_5_VLForConditionalGeneration(
+        transformers.Qwen2_5_VLConfig(**config_lib.to_hf_config(cfg)))
+  want = sum(p.numel() for n, p in hf.named_parameters() if ".visual." not in n)
+  model = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
+  assert _param_count(model) == want

@@ -1,0 +1,14 @@
+"""Data path: RLBench demos -> keyframes -> Robot-R1 questions -> ArrayRecord shards.
+
+Public API (see each module for details):
+  rlbench_io: Observation, Demo, load_demo, save_demo, list_episodes, decode_depth, …
+  keyframes:  discover_keyframes
+"""
+
+from robot_r1_jax.data.demo import Demo, DemoError, MissingFileError, Observation
+from robot_r1_jax.data.keyframes import discover_keyframes
+from robot_r1_jax.data.rlbench_io import (EpisodeRef, UnsafePickleError, Variation, decode_depth,
+                                          encode_depth, list_episodes, load_demo,
+                                          load_episode_variation, load_variation_descriptions,
+                                          load_variation_number, save_demo,
+                                          save_variation_descriptions)

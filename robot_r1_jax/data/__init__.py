@@ -4,13 +4,18 @@ Public API (see each module for details):
   rlbench_io: Observation, Demo, load_demo, save_demo, list_episodes, decode_depth, …
   keyframes:  discover_keyframes
   mcqa:       McqaConfig, Question, build_question, episode_questions
+  extract:    ExtractConfig, Manifest, extract (also `python -m robot_r1_jax.data.extract`)
+  records:    Record, decode_record, read_records (the shard record schema)
 """
 
 from robot_r1_jax.data.demo import Demo, DemoError, MissingFileError, Observation
+from robot_r1_jax.data.extract import ExtractConfig, Manifest, extract
 from robot_r1_jax.data.keyframes import discover_keyframes
 from robot_r1_jax.data.mcqa import (FrameContext, McqaConfig, Question, Workspace, build_question,
                                     episode_questions, movement_text, question_frames)
 from robot_r1_jax.data.prompts import QUESTION_TYPES, RobotMetadata
+from robot_r1_jax.data.records import (SCHEMA_VERSION, Record, RecordError, decode_record,
+                                       encode_record, read_records)
 from robot_r1_jax.data.rlbench_io import (EpisodeRef, UnsafePickleError, Variation, decode_depth,
                                           encode_depth, list_episodes, load_demo,
                                           load_episode_variation, load_variation_descriptions,

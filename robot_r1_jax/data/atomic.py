@@ -1,26 +1,35 @@
-"""Atomic file and directory writes: readers see the old content or the new, never a partial one."""
+"""Atomic file and directory writes: readers see the old content or the new, never a partial one.
+
+Temporary names start with a dot and sit beside the target (same file system, so the final rename
+is atomic). They are created with plain `open`/`mkdir` rather than `tempfile`, whose 0600/0700
+modes would survive the rename; these follow the umask like any other file.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import pathlib
+import secrets
 import shutil
-import tempfile
 from typing import Iterator
+
+
+def _temporary_name(path: pathlib.Path, kind: str) -> pathlib.Path:
+  return path.with_name(f".{path.name}.{kind}-{secrets.token_hex(8)}")
 
 
 def write_bytes(path: pathlib.Path, data: bytes) -> None:
   """Writes `data` to `path` via a temporary file in the same directory and a rename."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+  tmp = _temporary_name(path, "tmp")
   try:
-    with os.fdopen(fd, "wb") as f:
+    with open(tmp, "xb") as f:
       f.write(data)
     os.replace(tmp, path)
   except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
+    tmp.unlink(missing_ok=True)
     raise
 
 
@@ -29,20 +38,21 @@ def directory(path: pathlib.Path) -> Iterator[pathlib.Path]:
   """Yields an empty temporary directory that replaces `path` when the block succeeds.
 
   On an exception the temporary directory is removed and `path` is left as it was. An existing
-  `path` is moved aside before the new one is renamed in, then deleted: the two renames are the only
-  moment `path` is absent. Temporary names start with a dot so directory listings can skip them.
+  `path` is moved aside before the new one is renamed in, then deleted: between those two renames
+  `path` is briefly absent, but never partial.
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+  tmp = _temporary_name(path, "tmp")
+  tmp.mkdir()
   try:
     yield tmp
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   if path.exists():
-    old = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-    os.replace(path, old / path.name)
+    old = _temporary_name(path, "old")
+    os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
   else:

@@ -99,6 +99,17 @@ def test_save_is_atomic_and_validates_first(tmp_path):
   rlbench_io.save_demo(Demo([Observation(gripper_open=0.0)]), episode)
   assert set(_tree_files(episode)) == {"low_dim_obs.pkl"}
   assert [p.name for p in tmp_path.iterdir()] == ["episode0"]
+  # Permissions follow the umask like plain mkdir/open (not tempfile's private 0700/0600).
+  rlbench_io.save_variation_descriptions(tmp_path, ["x"])
+  (tmp_path / "plain_dir").mkdir()
+  (tmp_path / "plain_file").write_bytes(b"")
+
+  def mode(path: pathlib.Path) -> int:
+    return path.stat().st_mode & 0o777
+
+  assert mode(episode) == mode(tmp_path / "plain_dir")
+  assert mode(tmp_path / "variation_descriptions.pkl") == mode(tmp_path / "plain_file")
+  assert mode(episode / "low_dim_obs.pkl") == mode(tmp_path / "plain_file")
 
 
 def test_image_errors_name_the_file(tmp_path):

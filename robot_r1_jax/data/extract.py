@@ -1,0 +1,299 @@
+"""Offline extractor: an RLBench demo tree -> Robot-R1 question shards (ArrayRecord) + manifest.json.
+
+    python -m robot_r1_jax.data.extract --demos DIR --out DIR [--tasks a,b] [--camera front]
+        [--frame_interval 10] [--image_size 224] [--val_fraction 0.1] [--seed 0]
+
+Output (`--out`, replaced atomically; an existing folder is only replaced if it holds a manifest)::
+
+    manifest.json                  counts, splits, shards (+ sha256), skipped episodes, flags
+    train-00000.array_record …     records as documented in `records` (schema version 1)
+    val-00000.array_record …
+
+Episodes are split between train and val as whole episodes (per task, a seeded choice of
+round(val_fraction · n) episodes goes to val), so no episode's frames leak across splits. An episode
+that cannot be used (unreadable or refused pickle, missing image, too short, missing description…)
+is skipped and listed in the manifest with the reason; it never stops the run. The output depends
+only on the demos and the flags: running twice gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import pathlib
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+from array_record.python.array_record_module import ArrayRecordWriter
+import numpy as np
+from PIL import Image
+import tqdm
+
+from robot_r1_jax.data import atomic
+from robot_r1_jax.data import records
+from robot_r1_jax.data.demo import DemoError
+from robot_r1_jax.data.keyframes import discover_keyframes
+from robot_r1_jax.data.mcqa import McqaConfig, Question, episode_questions
+from robot_r1_jax.data.rlbench_io import (EpisodeRef, encode_png, list_episodes, load_demo,
+                                          load_episode_variation)
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+  """Extraction settings; the field names are the CLI's flag names."""
+
+  tasks: tuple[str, ...] | None = None  # None: every task folder.
+  camera: str = "front"
+  image_size: int = 224  # Square side in pixels; 0 keeps the source size.
+  val_fraction: float = 0.1
+  seed: int = 0
+  shard_size: int = 1024  # Records per shard.
+  mcqa: McqaConfig = McqaConfig()
+  progress: bool = True  # Show a progress bar (does not change the output).
+
+  def __post_init__(self):
+    if not 0.0 <= self.val_fraction < 1.0:
+      raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+    if self.image_size < 0:
+      raise ValueError(f"image_size={self.image_size} must be >= 0")
+    if self.shard_size < 1:
+      raise ValueError(f"shard_size={self.shard_size} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+  path: str  # Relative to the output folder.
+  num_records: int
+  sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+  num_records: int
+  shards: tuple[ShardInfo, ...]
+  episodes: tuple[str, ...]
+  by_task: dict[str, int]
+  by_type: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedEpisode:
+  episode: str
+  path: str  # Relative to the demo folder.
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+  """manifest.json. `schema_version` is the record schema (see `records`)."""
+
+  schema_version: int
+  record_format: str
+  demos_dir: str
+  config: dict[str, Any]
+  episodes_found: int
+  splits: dict[str, SplitInfo]
+  skipped: tuple[SkippedEpisode, ...]
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+  @classmethod
+  def load(cls, out_dir: str | pathlib.Path) -> Manifest:
+    path = pathlib.Path(out_dir) / MANIFEST
+    data = json.loads(path.read_text())
+    if data.get("schema_version") != records.SCHEMA_VERSION:
+      raise ValueError(f"{path}: schema_version={data.get('schema_version')}, this code reads "
+                       f"{records.SCHEMA_VERSION}")
+    splits = {name: SplitInfo(**dict(split, shards=tuple(ShardInfo(**s) for s in split["shards"]),
+                                     episodes=tuple(split["episodes"])))
+              for name, split in data["splits"].items()}
+    return cls(**dict(data, splits=splits,
+                      skipped=tuple(SkippedEpisode(**s) for s in data["skipped"])))
+
+  def shard_paths(self, out_dir: str | pathlib.Path, split: str) -> list[pathlib.Path]:
+    return [pathlib.Path(out_dir) / shard.path for shard in self.splits[split].shards]
+
+
+def extract(demos_dir: str | pathlib.Path, out_dir: str | pathlib.Path,
+            config: ExtractConfig = ExtractConfig()) -> Manifest:
+  """Builds the question shards of every episode under `demos_dir` into `out_dir` (atomically)."""
+  demos_dir, out_dir = pathlib.Path(demos_dir).resolve(), pathlib.Path(out_dir).resolve()
+  _check_output(demos_dir, out_dir)
+  refs = list_episodes(demos_dir, config.tasks)
+  if not refs:
+    raise DemoError(f"no episodes under {demos_dir} (expected <task>/variation<N>/episodes/"
+                    "episode<K>/ or <task>/all_variations/episodes/episode<K>/)")
+  split_of = split_episodes(refs, config.val_fraction, config.seed)
+  skipped = []
+  with atomic.directory(out_dir) as tmp:
+    writers = {split: _ShardWriter(tmp, split, config.shard_size) for split in SPLITS}
+    for ref in tqdm.tqdm(refs, desc="extract", unit="episode", disable=not config.progress):
+      try:
+        episode_records = _episode_records(ref, config)
+      except Exception as e:  # A bad episode must never stop the run; report it instead.
+        reason = f"{type(e).__name__}: {e}"
+        logging.warning("skipping %s: %s", ref.name, reason)
+        skipped.append(SkippedEpisode(ref.name, str(ref.episode_dir.relative_to(demos_dir)),
+                                      reason))
+        continue
+      writers[split_of[ref.name]].add(ref.name, episode_records)
+    manifest = Manifest(
+        schema_version=records.SCHEMA_VERSION,
+        record_format=("b'RR1Q' + uint32-le JSON length + JSON question (sorted keys) + PNG; see "
+                       "robot_r1_jax.data.records"),
+        demos_dir=str(demos_dir), config=_config_dict(config), episodes_found=len(refs),
+        splits={split: writer.close() for split, writer in writers.items()},
+        skipped=tuple(skipped))
+    (tmp / MANIFEST).write_text(manifest.to_json())
+  return manifest
+
+
+def split_episodes(refs: Sequence[EpisodeRef], val_fraction: float, seed: int) -> dict[str, str]:
+  """Episode name -> "train" | "val": per task, a seeded round(val_fraction · n) go to val.
+
+  Decided before any episode is read, so one episode's fault never moves another across splits.
+  """
+  by_task: dict[str, list[str]] = {}
+  for ref in refs:
+    by_task.setdefault(ref.task, []).append(ref.name)
+  split = {}
+  for task, names in by_task.items():
+    names = sorted(names)
+    digest = hashlib.sha256(f"{seed}\x1f{task}".encode()).digest()
+    order = np.random.default_rng(int.from_bytes(digest[:16], "little")).permutation(len(names))
+    num_val = math.floor(val_fraction * len(names) + 0.5)
+    for rank, index in enumerate(order):
+      split[names[index]] = "val" if rank < num_val else "train"
+  return split
+
+
+def _episode_records(ref: EpisodeRef, config: ExtractConfig) -> list[tuple[Question, bytes]]:
+  variation = load_episode_variation(ref)
+  demo = load_demo(ref.episode_dir, config.camera)
+  if len(demo) < 2:
+    raise DemoError(f"too short: {len(demo)} observation(s)")
+  questions = episode_questions(demo, discover_keyframes(demo), task=ref.task, episode=ref.name,
+                                description=variation.descriptions[0], seed=config.seed,
+                                config=config.mcqa, camera=config.camera)
+  if not questions:
+    raise DemoError("no questions: the gripper never moves between keyframes")
+  images = {}
+  for frame in sorted({q.frame for q in questions}):
+    images[frame] = encode_png(_resize(demo.image(frame), config.image_size))
+  return [(q, records.encode_record(records.Record(q, variation.number, images[q.frame])))
+          for q in questions]
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+  if size == 0 or image.shape[:2] == (size, size):
+    return image
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+
+
+class _ShardWriter:
+  """Writes one split's records into shards of at most `shard_size` records."""
+
+  def __init__(self, folder: pathlib.Path, split: str, shard_size: int):
+    self._folder, self._split, self._shard_size = folder, split, shard_size
+    self._writer: ArrayRecordWriter | None = None
+    self._shards: list[tuple[str, int]] = []
+    self._episodes: list[str] = []
+    self._by_task: dict[str, int] = {}
+    self._by_type: dict[str, int] = {}
+
+  def add(self, episode: str, episode_records: list[tuple[Question, bytes]]) -> None:
+    self._episodes.append(episode)
+    for question, data in episode_records:
+      if self._writer is None or self._shards[-1][1] == self._shard_size:
+        self._close_current()
+        name = f"{self._split}-{len(self._shards):05d}.array_record"
+        self._writer = ArrayRecordWriter(str(self._folder / name), records.WRITER_OPTIONS)
+        self._shards.append((name, 0))
+      self._writer.write(data)
+      self._shards[-1] = (self._shards[-1][0], self._shards[-1][1] + 1)
+      self._by_task[question.task] = self._by_task.get(question.task, 0) + 1
+      self._by_type[question.question_type] = self._by_type.get(question.question_type, 0) + 1
+
+  def _close_current(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+  def close(self) -> SplitInfo:
+    self._close_current()
+    shards = tuple(ShardInfo(name, count,
+                             hashlib.sha256((self._folder / name).read_bytes()).hexdigest())
+                   for name, count in self._shards)
+    return SplitInfo(num_records=sum(s.num_records for s in shards), shards=shards,
+                     episodes=tuple(self._episodes), by_task=dict(sorted(self._by_task.items())),
+                     by_type=dict(sorted(self._by_type.items())))
+
+
+def _check_output(demos_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
+  if out_dir == demos_dir or demos_dir.is_relative_to(out_dir):
+    raise ValueError(f"--out {out_dir} would replace the demos in --demos {demos_dir}")
+  if out_dir.exists() and not out_dir.is_dir():
+    raise ValueError(f"--out {out_dir} exists and is not a folder")
+  if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+    raise ValueError(f"--out {out_dir} exists and is not an extractor output (no {MANIFEST}); "
+                     "refusing to replace it")
+
+
+def _config_dict(config: ExtractConfig) -> dict[str, Any]:
+  data = dataclasses.asdict(config)
+  del data["progress"]  # Not part of what determines the output.
+  return json.loads(json.dumps(data))  # Tuples become lists, as after reading manifest.json.
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line. Flags are defined only when run as a program, so importing `extract` from the
+# trainer adds nothing to its flags.
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string("demos", None, "RLBench demo folder (one sub-folder per task).",
+                      required=True)
+  flags.DEFINE_string("out", None, "Output folder for shards and manifest.json.", required=True)
+  flags.DEFINE_list("tasks", None, "Tasks to extract (default: all under --demos).")
+  flags.DEFINE_string("camera", "front", "Camera whose <camera>_rgb images are used.")
+  flags.DEFINE_integer("frame_interval", 10, "Ask about a state every this many frames.")
+  flags.DEFINE_integer("image_size", 224, "Square image side in pixels (0: keep the source size).")
+  flags.DEFINE_float("val_fraction", 0.1, "Fraction of each task's episodes held out for val.")
+  flags.DEFINE_integer("seed", 0, "Seed for option shuffles, distractors and the split.")
+  flags.DEFINE_integer("shard_size", 1024, "Records per ArrayRecord shard.")
+  flags.DEFINE_enum("answer_format", "mcqa", ["mcqa", "xyz"],
+                    "mcqa: options [[A]]..[[D]]; xyz: open-ended positions (no movement questions).")
+  flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  values = flags.FLAGS
+  try:
+    config = ExtractConfig(
+        tasks=tuple(values.tasks) if values.tasks else None, camera=values.camera,
+        image_size=values.image_size, val_fraction=values.val_fraction, seed=values.seed,
+        shard_size=values.shard_size, progress=values.progress,
+        mcqa=McqaConfig(frame_interval=values.frame_interval, answer_format=values.answer_format))
+  except ValueError as e:  # Field names are flag names, so the message names the flag.
+    raise app.UsageError(f"--{e}") from e
+  manifest = extract(values.demos, values.out, config)
+  for split, info in manifest.splits.items():
+    print(f"{split}: {info.num_records} questions from {len(info.episodes)} episodes in "
+          f"{len(info.shards)} shard(s)")
+  for skip in manifest.skipped:
+    print(f"skipped {skip.episode}: {skip.reason}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

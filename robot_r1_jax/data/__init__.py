@@ -4,14 +4,13 @@ Public API (see each module for details):
   rlbench_io: Observation, Demo, load_demo, save_demo, list_episodes, decode_depth, …
   keyframes:  discover_keyframes
   mcqa:       McqaConfig, Question, build_question, episode_questions
-  extract:    ExtractConfig, Manifest; extract.extract(demos_dir, out_dir, config) (also
-              `python -m robot_r1_jax.data.extract`; the function is not re-exported here because
-              its name would shadow the module)
+  extract:    `python -m robot_r1_jax.data.extract`, or extract.extract(demos_dir, out_dir,
+              ExtractConfig(...)) -> Manifest. Not imported here: `python -m` would then find the
+              module already imported by this package and warn.
   records:    Record, decode_record, read_records (the shard record schema)
 """
 
 from robot_r1_jax.data.demo import Demo, DemoError, MissingFileError, Observation
-from robot_r1_jax.data.extract import ExtractConfig, Manifest
 from robot_r1_jax.data.keyframes import discover_keyframes
 from robot_r1_jax.data.mcqa import (FrameContext, McqaConfig, Question, Workspace, build_question,
                                     episode_questions, movement_text, question_frames)

@@ -178,7 +178,7 @@ def test_command_line(tmp_path, make_episode):
   make_episode(root, "task", 0, seed=0)
   make_episode(root, "task", 1, seed=1)
   env = dict(os.environ, PYTHONPATH=str(_REPO))
-  command = [sys.executable, "-m", "robot_r1_jax.data.extract", f"--demos={root}",
+  command = [sys.executable, "-W", "error", "-m", "robot_r1_jax.data.extract", f"--demos={root}",
              f"--out={tmp_path / 'out'}", "--image_size=40", "--val_fraction=0.5",
              "--frame_interval=5", "--noprogress"]
   result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,

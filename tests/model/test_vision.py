@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -13,7 +14,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from robot_r1_jax.model import config as config_lib
-from robot_r1_jax.model import hf_names, vision
+from robot_r1_jax.model import hf_names, sharding, vision
 
 CFG = config_lib.tiny().vision
 
@@ -132,8 +133,9 @@ def test_bf16_within_bound_of_hf_bf16(hf_visual):
   pixels = _pixels(grid)
   ref = _hf_forward(hf_visual, pixels, grid)
   state = _state(hf_visual)
-  hf_bf16 = _hf_forward(hf_visual.to(torch.bfloat16), pixels, grid, dtype=torch.bfloat16)
-  hf_visual.float()
+  # A copy: casting the shared fixture down and back would leave it with bf16-rounded weights.
+  hf_bf16 = _hf_forward(copy.deepcopy(hf_visual).to(torch.bfloat16), pixels, grid,
+                        dtype=torch.bfloat16)
   ours = _run(_tower(state, jnp.bfloat16, jnp.bfloat16), jnp.asarray(pixels), grid)
   assert ours.dtype == jnp.bfloat16
   ours = np.asarray(ours.astype(jnp.float32))
@@ -198,6 +200,22 @@ def test_program_size_does_not_grow_with_depth():
     jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(pixels, grid))(state)
     sizes.append(len(jaxpr.eqns))
   assert sizes[0] == sizes[1]
+
+
+def test_sharded_params_give_the_same_output():
+  """Every logical axis name resolves on a (data, fsdp, tensor) = (2, 2, 2) mesh and the sharded
+  tower computes what the unsharded one does (up to summation order)."""
+  if jax.device_count() < 8:
+    pytest.skip("needs the 8 fake CPU devices from conftest")
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), sharding.MESH_AXES)
+  graphdef, state = nnx.split(_random_tower())
+  grid = GRIDS["two_images"]
+  pixels = jnp.asarray(_pixels(grid))
+  run = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, grid))
+  sharded = jax.device_put(state, sharding.param_shardings(state, mesh))
+  expected = jax.sharding.PartitionSpec(None, "fsdp", None, "tensor", None)
+  assert sharded["blocks"]["attn"]["qkv"].sharding.spec == expected
+  np.testing.assert_allclose(run(sharded, pixels), run(state, pixels), atol=1e-6, rtol=0)
 
 
 @settings(max_examples=40, deadline=None)

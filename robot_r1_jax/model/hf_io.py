@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from robot_r1_jax.model import config as config_lib
-from robot_r1_jax.model import hf_names, sharding, text
+from robot_r1_jax.model import hf_names, sharding, text, vision
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 
 # (language-model prefix, vision prefix) of the two on-disk name layouts.
@@ -57,8 +57,9 @@ class _Checkpoint:
 
 def _components(cfg: config_lib.ModelConfig, model: Qwen25VL, layout: tuple[str, str]):
   """(module, its rules, layer count, name prefix) for each component of the model."""
-  text_prefix, _ = layout
-  groups = [(model.text, text.hf_rules(cfg.text), cfg.text.num_layers, text_prefix)]
+  text_prefix, vision_prefix = layout
+  groups = [(model.text, text.hf_rules(cfg.text), cfg.text.num_layers, text_prefix),
+            (model.vision, vision.hf_rules(cfg.vision), cfg.vision.depth, vision_prefix)]
   if not cfg.text.tie_word_embeddings:
     groups.append((model, [hf_names.dense(LM_HEAD, ("lm_head",), (cfg.text.hidden_size,),
                                           (cfg.text.vocab_size,))], 0, ""))
@@ -106,7 +107,6 @@ def load_hf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32,
   if cfg.text.tie_word_embeddings and LM_HEAD in ckpt.where:
     consumed.add(LM_HEAD)
   unexpected = sorted(set(ckpt.where) - consumed)
-  unexpected = [k for k in unexpected if not k.startswith(layout[1])]  # vision: issue 3
   if unexpected:
     problems.append("unexpected: " + ", ".join(unexpected))
   if problems:

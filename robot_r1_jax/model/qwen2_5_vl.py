@@ -12,6 +12,7 @@ from flax import nnx
 from robot_r1_jax.model import layers, rope
 from robot_r1_jax.model.config import ModelConfig
 from robot_r1_jax.model.text import KVCache, TextModel
+from robot_r1_jax.model.vision import VisionTower
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Qwen25VL(nnx.Module):
                rngs: nnx.Rngs | None = None):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.cfg, self.dtype = cfg, dtype
+    self.vision = VisionTower(cfg.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.text = TextModel(cfg.text, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
     if not cfg.text.tie_word_embeddings:
       self.lm_head = layers.param(rngs, (cfg.text.hidden_size, cfg.text.vocab_size),
@@ -62,9 +64,12 @@ class Qwen25VL(nnx.Module):
     """
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    if pixel_values is not None:
-      raise NotImplementedError("image inputs arrive with the vision tower (issue 3)")
     x = self.text.embed(input_ids)
+    if pixel_values is not None:
+      if image_grid_thw is None:
+        raise ValueError("pixel_values were given without image_grid_thw")
+      image_grid_thw = tuple(tuple(int(v) for v in g) for g in np.asarray(image_grid_thw))
+      x = self.merge_image_features(input_ids, x, self.vision(pixel_values, image_grid_thw))
     if positions is None:
       index = rope.get_rope_index(input_ids, attention_mask, image_grid_thw,
                                   image_token_id=self.cfg.image_token_id,
@@ -74,6 +79,24 @@ class Qwen25VL(nnx.Module):
       rope_deltas = jnp.zeros(input_ids.shape[:1], jnp.int32)
     hidden, cache = self.text(x, positions, attention_mask, cache)
     return Output(logits=self.logits(hidden), cache=cache, rope_deltas=rope_deltas)
+
+  def merge_image_features(self, input_ids: jax.Array, x: jax.Array,
+                           features: jax.Array) -> jax.Array:
+    """Writes image features [P', D] over the `<|image_pad|>` embeddings of x [B, T, D], in order.
+
+    Counts are checked when the ids are concrete; under jit the i-th pad token takes feature i.
+    """
+    is_image = input_ids == self.cfg.image_token_id
+    if not isinstance(input_ids, jax.core.Tracer):
+      count = int(np.asarray(is_image).sum())
+      if count != features.shape[0]:
+        raise ValueError(f"image features and image tokens do not match: {count} "
+                         f"<|image_pad|> tokens in input_ids, {features.shape[0]} features "
+                         "from pixel_values/image_grid_thw")
+    ordinal = jnp.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
+    gathered = jnp.take(features.astype(x.dtype), jnp.clip(ordinal, 0, features.shape[0] - 1),
+                        axis=0)
+    return jnp.where(is_image[..., None], gathered, x)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """[B, T, D] final hidden states → [B, T, V] in the compute dtype."""

@@ -88,8 +88,11 @@ def test_round_trip_through_transformers(tmp_path, tie):
 
 
 def _in_memory(hub_name: str) -> str:
-  return hub_name.replace("model.", "model.language_model.", 1) if hub_name.startswith(
-      "model.") else hub_name
+  """Hub checkpoint name → transformers 5's in-memory state_dict name."""
+  for hub, mem in (("model.", "model.language_model."), ("visual.", "model.visual.")):
+    if hub_name.startswith(hub):
+      return mem + hub_name[len(hub):]
+  return hub_name
 
 
 def test_bad_checkpoint_names_every_offending_key(tmp_path):

@@ -45,14 +45,23 @@ def test_prefill_then_decode_equals_full_forward():
   assert int(cache.index) == prompt_len + steps
 
 
+@pytest.mark.parametrize("preset, want", [("qwen2_5_vl_3b", 3_754_622_976),
+                                          ("qwen2_5_vl_7b", 8_292_166_656)])
+def test_parameter_count_of_real_presets(preset, want):
+  cfg = config_lib.PRESETS[preset]()
+  model = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
+  assert _param_count(model) == want
+
+
 @pytest.mark.parametrize("preset", ["qwen2_5_vl_3b", "qwen2_5_vl_7b"])
-def test_text_parameter_count_matches_hf(preset):
+def test_parameter_count_matches_hf_per_component(preset):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   cfg = config_lib.PRESETS[preset]()
   with torch.device("meta"):
     hf = transformers.Qwen2_5_VLForConditionalGeneration(
         transformers.Qwen2_5_VLConfig(**config_lib.to_hf_config(cfg)))
-  want = sum(p.numel() for n, p in hf.named_parameters() if ".visual." not in n)
   model = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
-  assert _param_count(model) == want
+  hf_vision = sum(p.numel() for n, p in hf.named_parameters() if ".visual." in n)
+  assert _param_count(model.vision) == hf_vision
+  assert _param_count(model) == sum(p.numel() for p in hf.parameters())

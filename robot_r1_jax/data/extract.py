@@ -1,4 +1,4 @@
-"""Offline extractor: an RLBench demo tree -> Robot-R1 question shards (ArrayRecord) + manifest.json.
+"""Offline extractor: RLBench demo tree -> Robot-R1 question shards (ArrayRecord) + manifest.json.
 
     python -m robot_r1_jax.data.extract --demos DIR --out DIR [--tasks a,b] [--camera front]
         [--frame_interval 10] [--image_size 224] [--val_fraction 0.1] [--seed 0]
@@ -107,18 +107,23 @@ class Manifest:
 
   @classmethod
   def load(cls, out_dir: str | pathlib.Path) -> Manifest:
+    """Reads `<out_dir>/manifest.json`; errors name the file."""
     path = pathlib.Path(out_dir) / MANIFEST
-    data = json.loads(path.read_text())
-    if data.get("schema_version") != records.SCHEMA_VERSION:
-      raise ValueError(f"{path}: schema_version={data.get('schema_version')}, this code reads "
-                       f"{records.SCHEMA_VERSION}")
-    splits = {name: SplitInfo(**dict(split, shards=tuple(ShardInfo(**s) for s in split["shards"]),
-                                     episodes=tuple(split["episodes"])))
-              for name, split in data["splits"].items()}
-    return cls(**dict(data, splits=splits,
-                      skipped=tuple(SkippedEpisode(**s) for s in data["skipped"])))
+    try:
+      data = json.loads(path.read_text())
+      version = data.get("schema_version")
+      if version != records.SCHEMA_VERSION:
+        raise ValueError(f"schema_version={version}, this code reads {records.SCHEMA_VERSION}")
+      splits = {name: SplitInfo(**dict(split, episodes=tuple(split["episodes"]),
+                                       shards=tuple(ShardInfo(**s) for s in split["shards"])))
+                for name, split in data["splits"].items()}
+      return cls(**dict(data, splits=splits,
+                        skipped=tuple(SkippedEpisode(**s) for s in data["skipped"])))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f"{path}: not a usable manifest ({type(e).__name__}: {e})") from e
 
   def shard_paths(self, out_dir: str | pathlib.Path, split: str) -> list[pathlib.Path]:
+    """The shard files of `split` ("train" or "val") under `out_dir`, in record order."""
     return [pathlib.Path(out_dir) / shard.path for shard in self.splits[split].shards]
 
 
@@ -270,7 +275,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Seed for option shuffles, distractors and the split.")
   flags.DEFINE_integer("shard_size", 1024, "Records per ArrayRecord shard.")
   flags.DEFINE_enum("answer_format", "mcqa", ["mcqa", "xyz"],
-                    "mcqa: options [[A]]..[[D]]; xyz: open-ended positions (no movement questions).")
+                    "mcqa: options [[A]]..[[D]]; xyz: open-ended positions (then no movement "
+                    "questions).")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 

@@ -7,10 +7,10 @@ equal over frames i-2 … i+1, i not the second-to-last frame, and a stopped-buf
 keyframes are adjacent frames, the earlier one is dropped.
 
 At i = 0 and 1 the rule reads frames i-1 and i-2, which Python's negative indexing turns into the
-episode's last frames. That is ARM's behaviour and it is reproduced on purpose: published keyframes
-(and the Robot-R1 questions cut at them) depend on it, e.g. frame 0 counts as "stopped" only when the
-episode ends with the same gripper state it starts with, and that stop arms the buffer that then
-suppresses stops at frames 1-4.
+episode's last frames. That is ARM's behaviour and it is reproduced on purpose: published
+keyframes (and the Robot-R1 questions cut at them) depend on it. E.g. frame 0 counts as "stopped"
+only when the episode ends with the same gripper state it starts with, and that stop arms the
+buffer, which then suppresses stops at frames 1-4.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def discover_keyframes(demo: Demo | Sequence[Observation], *, stopping_delta: fl
   keyframes = []
   buffer = 0
   for i in range(n):
-    # gripper[i - 1] and gripper[i - 2] wrap to the episode end at i = 0, 1: see the module docstring.
+    # gripper[i - 1] and gripper[i - 2] wrap to the episode end at i = 0, 1 (module docstring).
     gripper_steady = (i < n - 2 and gripper[i] == gripper[i + 1] and gripper[i] == gripper[i - 1]
                       and gripper[i - 2] == gripper[i - 1])
     stopped = buffer <= 0 and still[i] and i != n - 2 and gripper_steady

@@ -155,6 +155,7 @@ def episode_questions(demo: Demo, keyframes: Sequence[int], *, task: str, episod
 
 
 def gripper_xyz(demo: Demo, i: int) -> XYZ3:
+  """The end-effector position (gripper_pose[:3]) of step i."""
   pose = demo[i].gripper_pose
   if pose is None or np.shape(pose) != (7,) or not np.all(np.isfinite(pose)):
     raise DemoError(f"observation {i} has no finite 7-d gripper_pose (got {pose!r})")
@@ -163,8 +164,11 @@ def gripper_xyz(demo: Demo, i: int) -> XYZ3:
 
 def build_question(question_type: str, ctx: FrameContext, *, seed: int,
                    config: McqaConfig) -> Question | None:
-  """One question; None when it does not exist (no movement to describe, or movement asked
-  open-ended)."""
+  """One question of `question_type` about `ctx`, or None when there is none to ask.
+
+  None is returned for a movement question when the gripper does not move (every |Δ_axis| below
+  `min_axis_move`) or when the answer format is open-ended (movement has no position answer).
+  """
   if question_type == MOVEMENT:
     truth = movement_label(np.subtract(ctx.next_xyz, ctx.state_xyz), config.min_axis_move)
     if not truth or config.answer_format != MCQA:
@@ -263,7 +267,7 @@ def _position_distractors(truth: Sequence[float], rng: np.random.Generator,
 
 
 def discretize(xyz: Sequence[float], workspace: Workspace, bins: int = 256) -> tuple[int, int, int]:
-  """RT-2 style tokens: each axis's [low, high] split into `bins` equal bins (clipped at the ends)."""
+  """RT-2 style tokens: each axis's [low, high] in `bins` equal bins (clipped at the ends)."""
   low, high = np.asarray(workspace.low), np.asarray(workspace.high)
   index = np.floor((np.asarray(xyz, np.float64) - low) / (high - low) * bins)
   return tuple(int(v) for v in np.clip(index, 0, bins - 1))

@@ -173,7 +173,7 @@ class EpisodeRef:
   variation_dir: pathlib.Path  # .../<task>/variation<N> or .../<task>/all_variations
   episode_dir: pathlib.Path
   episode: int  # K of episode<K>
-  variation: int | None  # N; None under all_variations (it is in the episode's variation_number.pkl)
+  variation: int | None  # N; None under all_variations (see the episode's variation_number.pkl).
 
   @property
   def name(self) -> str:

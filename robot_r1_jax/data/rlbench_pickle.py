@@ -4,8 +4,8 @@ RLBench stores each episode's low-dimensional data as a pickled `rlbench.demo.De
 `rlbench.backend.observation.Observation` objects. Unpickling runs whatever callables the stream
 names, so reading untrusted demo folders with `pickle.load` is arbitrary code execution. Here every
 global the stream names is looked up in a short allow-list (RLBench's two classes, mapped onto
-stand-ins that only collect attributes, and numpy's array/scalar/dtype reconstruction); anything else
-raises `UnsafePickleError` naming the global and the file before it is ever called. The real
+stand-ins that only collect attributes, and numpy's array/scalar/dtype reconstruction); anything
+else raises `UnsafePickleError` naming the global and the file before it is ever called. The real
 `rlbench` package is never imported, even when it is installed.
 
 Writing produces a stream that names RLBench's classes, so RLBench's own tools can load our demos.
@@ -73,8 +73,8 @@ def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
   return codecs.encode(text, "latin1")
 
 
-# numpy's reconstruction helpers moved from numpy.core to numpy._core in numpy 2; asking numpy for its
-# own reducers finds them under either version without importing the deprecated numpy.core.
+# numpy's reconstruction helpers moved from numpy.core to numpy._core in numpy 2; asking numpy for
+# its own reducers finds them under either version without importing the deprecated numpy.core.
 _RECONSTRUCT = np.zeros(1).__reduce__()[0]
 _SCALAR = np.float64(0).__reduce__()[0]
 _FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
@@ -91,8 +91,8 @@ for _package in ("numpy.core", "numpy._core"):
   _ALLOWED[(f"{_package}.multiarray", "scalar")] = _SCALAR
   _ALLOWED[(f"{_package}.numeric", "_frombuffer")] = _FROMBUFFER
 
-# What the writer names: RLBench's classes, and numpy's helpers under numpy 1.x's module names, which
-# numpy 2 keeps importable for old pickles, so that readers on either numpy major version can load.
+# What the writer names: RLBench's classes, and numpy's helpers under numpy 1.x's module names,
+# which numpy 2 keeps importable for old pickles, so readers on either numpy major version can load.
 _WRITE_NAMES: dict[Any, tuple[str, str]] = {
     _PickledDemo: _PickledDemo.rlbench_name,
     _PickledObservation: _PickledObservation.rlbench_name,
@@ -125,7 +125,7 @@ def load_pickle(path: pathlib.Path) -> Any:
   with open(path, "rb") as f:
     try:
       return _SafeUnpickler(f, path).load()
-    except DemoError:
+    except UnsafePickleError:
       raise
     except Exception as e:  # Untrusted bytes can fail inside pickle or numpy in almost any way.
       raise DemoError(f"{path}: corrupt pickle ({type(e).__name__}: {e})") from e

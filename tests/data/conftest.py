@@ -65,7 +65,8 @@ def synthetic_demo(num_frames: int = 60, seed: int = 0, image_size: int = 32,
   """A pick-like episode: the gripper moves between random waypoints, pausing at each, closing
   half way; plus one small front image per step (a square that follows the gripper)."""
   rng = np.random.default_rng(seed)
-  waypoints = rng.uniform([0.0, -0.3, 0.8], [0.5, 0.3, 1.3], size=(num_frames // pause_every + 2, 3))
+  waypoints = rng.uniform([0.0, -0.3, 0.8], [0.5, 0.3, 1.3],
+                          size=(num_frames // pause_every + 2, 3))
   observations, images = [], []
   for i in range(num_frames):
     segment, offset = divmod(i, pause_every)
@@ -82,7 +83,8 @@ def synthetic_demo(num_frames: int = 60, seed: int = 0, image_size: int = 32,
     row, col = (np.clip((xyz[:2] + [0.0, 0.3]) / 0.6, 0, 0.9) * image_size).astype(int)
     image[row:row + 4, col:col + 4] = (255, 128, i % 256)
     images.append(image)
-  return Demo(observations, random_seed=np.random.default_rng(seed).integers(0, 2**31, size=3)), images
+  seed_state = np.random.default_rng(seed).integers(0, 2**31, size=3)
+  return Demo(observations, random_seed=seed_state), images
 
 
 def write_episode(root: pathlib.Path, task: str, episode: int, *, seed: int,

@@ -1,4 +1,4 @@
-"""Extractor: planted faults are reported and skipped, output is deterministic, splits don't leak."""
+"""Extractor: planted faults are reported and skipped; output is deterministic; no split leaks."""
 
 from __future__ import annotations
 
@@ -92,6 +92,9 @@ def test_faults_are_reported_and_output_is_deterministic(tmp_path, faulty_tree):
 
   # Shards hold what the manifest says; splits share no episode; images are resized.
   assert extract.Manifest.load(tmp_path / "out") == manifest
+  (tmp_path / "again" / "manifest.json").write_text('{"schema_version": 2}')
+  with pytest.raises(ValueError, match="manifest.json: not a usable manifest .*schema_version=2"):
+    extract.Manifest.load(tmp_path / "again")
   episodes_by_split = {}
   for split, info in manifest.splits.items():
     questions = [r.question for path in manifest.shard_paths(tmp_path / "out", split)
@@ -119,8 +122,9 @@ def test_records_match_the_demo(tmp_path, make_episode):
   got = [r for p in manifest.shard_paths(tmp_path / "out", "train")
          for r in records.read_records(p)]
   expected = mcqa.episode_questions(
-      demo, discover_keyframes(demo), task="push_button", episode="push_button/variation0/episode0", description="push button",
-      seed=0, config=mcqa.McqaConfig())
+      demo, discover_keyframes(demo), task="push_button",
+      episode="push_button/variation0/episode0", description="push button", seed=0,
+      config=mcqa.McqaConfig())
   assert [r.question for r in got] == expected
   assert all(r.variation == 0 for r in got)
   for r in got[:3]:

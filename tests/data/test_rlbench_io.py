@@ -74,7 +74,8 @@ def test_bytes_depend_only_on_values(tmp_path):
   rlbench_io.save_demo(a, tmp_path / "a", images)
   rlbench_io.save_demo(b, tmp_path / "b", {"front": [x.copy() for x in images["front"]]})
   files_a, files_b = _tree_files(tmp_path / "a"), _tree_files(tmp_path / "b")
-  assert set(files_a) == {"low_dim_obs.pkl", "front_rgb/0.png", "front_rgb/1.png", "front_rgb/2.png"}
+  assert set(files_a) == {"low_dim_obs.pkl", "front_rgb/0.png", "front_rgb/1.png",
+                          "front_rgb/2.png"}
   assert files_a == files_b
 
 

@@ -93,7 +93,8 @@ def test_reads_pickles_written_by_rlbench_old_and_new_fields_all_protocols(tmp_p
       new = dict(front_rgb=None, overhead_rgb=None, overhead_point_cloud=None,
                  joint_velocities=np.arange(7.0), gripper_open=1.0,
                  gripper_pose=np.arange(7, dtype=np.float32), ignore_collisions=np.array(1.0),
-                 misc={{"front_camera_near": np.float64(0.5), "front_camera_extrinsics": np.eye(4)}})
+                 misc={{"front_camera_near": np.float64(0.5),
+                       "front_camera_extrinsics": np.eye(4)}})
       # RLBench 2020: no overhead camera / point clouds / misc; had wrist_camera_matrix.
       old = dict(left_shoulder_rgb=None, front_mask=None, joint_velocities=np.zeros(7),
                  gripper_open=0.0, gripper_pose=np.ones(7), wrist_camera_matrix=np.eye(4),
@@ -146,6 +147,8 @@ def test_rlbench_can_read_what_we_write(tmp_path, run_with_rlbench, make_demo):
     (b"\x80\x04garbage", "corrupt pickle"),
     (pickle.dumps([1, 2, 3]), "expected rlbench.demo.Demo"),
     (dump_pickle({"_observations": []}), "expected rlbench.demo.Demo"),
+    # A Demo whose state is not an attribute dict (BUILD with a list).
+    (b"\x80\x04\x8c\x0crlbench.demo\x8c\x04Demo\x93)\x81]b.", "Demo state is list"),
 ])
 def test_malformed_pickles_raise_demo_error_naming_the_file(tmp_path, data, message):
   (tmp_path / "low_dim_obs.pkl").write_bytes(data)

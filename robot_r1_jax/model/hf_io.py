@@ -122,17 +122,47 @@ def iter_hf_tensors(cfg: config_lib.ModelConfig, model: Qwen25VL,
 
 
 def save_hf(cfg: config_lib.ModelConfig, model: Qwen25VL, path: str | os.PathLike,
-            dtype: np.dtype | None = None) -> None:
-  """Writes a directory that `Qwen2_5_VLForConditionalGeneration.from_pretrained` loads."""
+            dtype: np.dtype | None = None, max_shard_bytes: int = 2 << 30) -> None:
+  """Writes a directory that `Qwen2_5_VLForConditionalGeneration.from_pretrained` loads.
+
+  Tensors are fetched from devices one at a time and written in shards of at most
+  `max_shard_bytes` (with `model.safetensors.index.json` when there is more than one), so host
+  memory holds one shard, never the whole model. Files appear atomically (temp + rename).
+  """
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  tensors = {}
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size, written = 0, []
+
+  def flush():
+    index = len(written)
+    tmp = path / f".shard-{index}.tmp"
+    save_file(shards[-1], str(tmp), metadata={"format": "pt"})
+    written.append((tmp, list(shards[-1])))
+    shards[-1] = {}
+
+  out_dtype = None
   for name, array in iter_hf_tensors(cfg, model):
     array = np.ascontiguousarray(array if dtype is None else array.astype(dtype))
-    tensors[name] = array
-  tmp = path / "model.safetensors.tmp"
-  save_file(tensors, str(tmp), metadata={"format": "pt"})
-  os.replace(tmp, path / "model.safetensors")
+    out_dtype = out_dtype or array.dtype
+    if shards[-1] and size + array.nbytes > max_shard_bytes:
+      flush()
+      size = 0
+    shards[-1][name] = array
+    size += array.nbytes
+  flush()
+
+  if len(written) == 1:
+    os.replace(written[0][0], path / "model.safetensors")
+  else:
+    weight_map = {}
+    for i, (tmp, names) in enumerate(written):
+      final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+      os.replace(tmp, path / final)
+      weight_map.update(dict.fromkeys(names, final))
+    total = sum((path / f).stat().st_size for f in set(weight_map.values()))
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
   hf_config = config_lib.to_hf_config(cfg)
-  hf_config["dtype"] = str(np.dtype(dtype or next(iter(tensors.values())).dtype))
+  hf_config["dtype"] = str(out_dtype)
   (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -121,3 +121,31 @@ def test_bad_config_names_the_field(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(hf_cfg))
   with pytest.raises(config_lib.ConfigError, match="mrope_section"):
     hf_io.load_hf(tmp_path)
+
+
+def test_sharded_save_and_mesh_placed_load(tmp_path):
+  import jax
+  from flax import nnx
+  from jax.sharding import Mesh
+  from robot_r1_jax.model import sharding
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 fake devices")
+  cfg = tiny_config(tie=False)
+  hf = build_hf(cfg, seed=4)
+  hf.save_pretrained(tmp_path / "a")
+  _, model = hf_io.load_hf(tmp_path / "a")
+  hf_io.save_hf(cfg, model, tmp_path / "b", max_shard_bytes=100_000)
+  index = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) > 3
+  again = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+      tmp_path / "b", attn_implementation="eager").eval()
+  ids, mask = _batch()
+  np.testing.assert_allclose(hf_logits(again, ids, mask), hf_logits(hf, ids, mask), atol=0)
+
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), sharding.MESH_AXES)
+  _, placed = hf_io.load_hf(tmp_path / "b", mesh=mesh)
+  state = nnx.state(placed, nnx.Param)
+  want = sharding.param_shardings(state, mesh)
+  for (path, var), (_, sh) in zip(nnx.to_flat_state(state), nnx.to_flat_state(want)):
+    assert var.get_value().sharding.is_equivalent_to(sh, var.get_value().ndim), path
+  assert state["text"]["layers"]["mlp"]["gate"].get_value().sharding.spec[2] == "tensor"

@@ -1,0 +1,338 @@
+"""Batched generation for RL rollouts: one prefill per prompt, G samples each, one compiled loop.
+
+One call (`Sampler.__call__`):
+  1. host: left-pad the prompts to the prompt bucket T and pick the new-token bucket N (the
+     smallest declared buckets that fit), so that a training run compiles once per (T, N);
+  2. `prefill` (jit): one forward over the B prompts (and their images) into an empty cache of
+     S = T + N slots; the cache, the next-token logits and the M-RoPE deltas are then repeated G
+     times, giving B·G rows (row b·G + g is sample g of prompt b);
+  3. decode (jit, cache donated): the first token comes from the prefill logits, then a
+     `lax.while_loop` feeds back one token per step, at position `real tokens so far + delta` of its
+     row, until every row has emitted a stop token or `max_new_tokens` tokens are out;
+  4. host: detokenise.
+
+With a mesh, rows are sharded over (data, fsdp) and parameters as in training (`sharding.RULES`).
+
+Dimensions: B prompts · G samples per prompt · T prompt bucket · N new-token bucket · S = T + N ·
+V vocab · P vision patches.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import enum
+import functools
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from robot_r1_jax.model import processor, rope, sharding
+from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
+from robot_r1_jax.model.text import KVCache
+from robot_r1_jax.rl import sampling
+
+if TYPE_CHECKING:
+  from transformers import PreTrainedTokenizerBase
+
+Grid = tuple[tuple[int, int, int], ...]
+
+
+class FinishReason(enum.IntEnum):
+  STOP = 0  # emitted a stop token (kept as the completion's last token)
+  LENGTH = 1  # reached max_new_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """What to generate. Static: changing a field compiles a new program.
+
+  stop_tokens: ids that end a completion (for Qwen: `<|im_end|>` and `<|endoftext|>`).
+  sampling: temperature / top-p / top-k / greedy.
+  num_samples: G completions per prompt.
+  prompt_buckets, new_token_buckets: increasing lengths that prompts and `max_new_tokens` are
+    rounded up to.
+  pad_id: fills the completion after its end (masked out everywhere).
+  """
+
+  stop_tokens: tuple[int, ...]
+  sampling: sampling.SamplingParams = sampling.SamplingParams()
+  num_samples: int = 1
+  prompt_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)
+  new_token_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.num_samples < 1:
+      raise ValueError(f"num_samples={self.num_samples} must be >= 1")
+    for name in ("prompt_buckets", "new_token_buckets"):
+      buckets = getattr(self, name)
+      if not buckets or buckets[0] < 1 or list(buckets) != sorted(set(buckets)):
+        raise ValueError(f"{name}={buckets} must be a non-empty, strictly increasing tuple of "
+                         "positive lengths")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+  """What the prefill hands to the decode loop: B·G rows, row b·G + g sampling prompt b."""
+
+  cache: KVCache  # B·G rows of S slots; the prompt fills slots [0, T)
+  logits: jax.Array  # [B·G, V] f32: next-token logits after the prompt
+  rope_deltas: jax.Array  # [B·G] int32
+  prompt_tokens: jax.Array  # [B·G, T] int32, left-padded
+  prompt_mask: jax.Array  # [B·G, T] bool
+
+
+jax.tree_util.register_dataclass(
+    DecodeState, data_fields=["cache", "logits", "rope_deltas", "prompt_tokens", "prompt_mask"],
+    meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+  """B·G completions; row b·G + g is sample g of prompt b.
+
+  `prompt_tokens`/`prompt_mask` followed by `tokens`/`mask` is the full sequence the trainer scores:
+  a fresh forward over it gives, at each completion token, `log_probs` (see `sampling`).
+  """
+
+  tokens: jax.Array  # [B·G, N] int32; `pad_id` after the end
+  mask: jax.Array  # [B·G, N] bool: the first `lengths` tokens (the stop token included)
+  log_probs: jax.Array  # [B·G, N] f32 sampling log-probs of `tokens`; 0 where not `mask`
+  lengths: jax.Array  # [B·G] int32
+  finish_reasons: jax.Array  # [B·G] int32 `FinishReason` values
+  prompt_tokens: jax.Array  # [B·G, T] int32, left-padded to the prompt bucket
+  prompt_mask: jax.Array  # [B·G, T] bool
+  text: tuple[str, ...] = ()  # B·G detokenised completions when the sampler has a tokenizer
+
+
+jax.tree_util.register_dataclass(
+    SamplerOutput, data_fields=["tokens", "mask", "log_probs", "lengths", "finish_reasons",
+                                "prompt_tokens", "prompt_mask"], meta_fields=["text"])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Loop:
+  """The decode loop's carry."""
+
+  step: jax.Array  # [] int32: the completion position chosen next
+  cache: KVCache
+  tokens: jax.Array  # [B·G, N] int32
+  log_probs: jax.Array  # [B·G, N] f32
+  lengths: jax.Array  # [B·G] int32
+  done: jax.Array  # [B·G] bool: the row has emitted a stop token
+
+
+jax.tree_util.register_dataclass(
+    _Loop, data_fields=["step", "cache", "tokens", "log_probs", "lengths", "done"], meta_fields=[])
+
+
+class TraceCounter:
+  """Counts how often wrapped functions are traced; under jit a trace is a compilation.
+
+  Tests use it to prove that repeated calls in one bucket never recompile.
+  """
+
+  def __init__(self):
+    self.counts: collections.Counter[str] = collections.Counter()
+
+  def wrap(self, name: str, fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def counted(*args, **kwargs):
+      self.counts[name] += 1  # Runs only while jax traces; cached calls skip the Python body.
+      return fn(*args, **kwargs)
+
+    return counted
+
+
+def bucket(length: int, buckets: Sequence[int], what: str) -> int:
+  """The smallest of the increasing `buckets` ≥ `length`; ValueError naming `what` if none."""
+  i = bisect.bisect_left(buckets, length)
+  if i == len(buckets):
+    raise ValueError(f"{what}={length} exceeds the largest bucket {buckets[-1]} of {tuple(buckets)}")
+  return buckets[i]
+
+
+def left_pad(prompt_ids: np.ndarray, prompt_mask: np.ndarray, length: int,
+             pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded [B, T'] prompts → [B, length] int32 ids and bool mask (more padding on the left).
+
+  Raises ValueError if a row is right-padded or empty: decoding continues every row at its last
+  slot, which must hold the prompt's last real token.
+  """
+  ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
+  if ids.ndim != 2 or ids.shape != mask.shape:
+    raise ValueError(f"prompt_ids {list(ids.shape)} and prompt_mask {list(mask.shape)} must be "
+                     "the same [B, T] shape")
+  bad = np.flatnonzero(~mask[:, -1] | (np.diff(mask.astype(np.int8), axis=1) < 0).any(axis=1))
+  if bad.size:
+    raise ValueError(f"prompt rows {bad.tolist()} are empty or not left-padded (prompt_mask must "
+                     "be 0…0 1…1 with a real last token)")
+  extra = length - ids.shape[1]
+  return (np.pad(ids.astype(np.int32), ((0, 0), (extra, 0)), constant_values=pad_id),
+          np.pad(mask, ((0, 0), (extra, 0))))
+
+
+class Sampler:
+  """Generates G completions per prompt with a Qwen2.5-VL model (see the module docstring).
+
+  The model's current parameters are read at every call, so a trainer that updates the model in
+  place samples from the latest policy without recompiling.
+  """
+
+  def __init__(self, model: Qwen25VL, config: SamplerConfig, *, mesh: Mesh | None = None,
+               tokenizer: PreTrainedTokenizerBase | None = None):
+    self.model, self.config, self.mesh, self.tokenizer = model, config, mesh, tokenizer
+    self.traces = TraceCounter()
+    self._graphdef = nnx.graphdef(model)
+    self._prefill = jax.jit(self.traces.wrap("prefill", self._prefill_impl),
+                            static_argnames=("grid", "new_bucket"))
+    self._decode = jax.jit(self.traces.wrap("decode", self._decode_impl),
+                           donate_argnames=("cache",))
+
+  # -------------------------------------------------------------------------------------------
+  # Host side.
+
+  def __call__(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, key: jax.Array, *,
+               max_new_tokens: int, pixel_values: jax.Array | np.ndarray | None = None,
+               image_grid_thw: Sequence[Sequence[int]] | np.ndarray | None = None
+               ) -> SamplerOutput:
+    """Samples `num_samples` completions of up to `max_new_tokens` tokens for every prompt.
+
+    Args:
+      prompt_ids: [B, T'] left-padded prompt ids (images as runs of `<|image_pad|>`).
+      prompt_mask: [B, T'] 1 for real tokens.
+      key: PRNG key; equal keys and inputs give equal completions.
+      max_new_tokens: completion budget; rounded up to a new-token bucket for shapes only.
+      pixel_values: [P, patch_dim] patches of every image in prompt order (processor output).
+      image_grid_thw: the images' (t, h, w) grids, in the same order.
+    """
+    state = self.prefill(prompt_ids, prompt_mask, pixel_values, image_grid_thw,
+                         max_new_tokens=max_new_tokens)
+    out = self.decode(state, key, max_new_tokens)
+    if self.tokenizer is None:
+      return out
+    end = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+           else self.tokenizer.eos_token_id)
+    # Past each row's end the ids are padding; mapping them to the tokenizer's own end id makes
+    # `decode_completions` cut there even when `pad_id` is an ordinary token.
+    tokens = np.where(np.asarray(out.mask), np.asarray(out.tokens), end)
+    return dataclasses.replace(out, text=tuple(processor.decode_completions(self.tokenizer,
+                                                                            tokens)))
+
+  def prefill(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray,
+              pixel_values: jax.Array | np.ndarray | None = None,
+              image_grid_thw: Sequence[Sequence[int]] | np.ndarray | None = None, *,
+              max_new_tokens: int) -> DecodeState:
+    """Buckets and places the prompts, then runs the compiled prefill (one forward per prompt)."""
+    cfg = self.config
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    new_bucket = bucket(max_new_tokens, cfg.new_token_buckets, "max_new_tokens")
+    length = bucket(np.shape(prompt_ids)[-1], cfg.prompt_buckets, "prompt length")
+    ids, mask = left_pad(prompt_ids, prompt_mask, length, cfg.pad_id)
+    grid = None if image_grid_thw is None else tuple(
+        tuple(int(x) for x in g) for g in np.asarray(image_grid_thw).reshape(-1, 3))
+    if self.mesh is not None:
+      rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+      if ids.shape[0] % rows:
+        raise ValueError(f"{ids.shape[0]} prompts do not split over the mesh's data×fsdp = {rows} "
+                         "devices; use a multiple")
+      ids, mask = (jax.device_put(x, sharding.batch_sharding(self.mesh, 2)) for x in (ids, mask))
+    return self._prefill(self._params(), ids, mask, pixel_values, grid=grid,
+                         new_bucket=new_bucket)
+
+  def decode(self, state: DecodeState, key: jax.Array, max_new_tokens: int) -> SamplerOutput:
+    """Runs the compiled decode loop on a prefill's state (whose cache is donated)."""
+    rest = dataclasses.replace(state, cache=None)
+    out, _ = self._decode(self._params(), state.cache, rest, key, jnp.int32(max_new_tokens))
+    return out
+
+  def _params(self) -> nnx.State:
+    params = nnx.state(self.model)
+    if self.mesh is None:
+      return params
+    # A no-op when the trainer already keeps the parameters in this layout.
+    return jax.device_put(params, sharding.param_shardings(params, self.mesh))
+
+  def _rows(self, x: jax.Array, axis: int = 0) -> jax.Array:
+    """Pins the B·G axis of `x` to (data, fsdp) when sampling on a mesh."""
+    if self.mesh is None:
+      return x
+    names = [None] * x.ndim
+    names[axis] = "batch"
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(self.mesh, sharding.logical_to_spec(names)))
+
+  # -------------------------------------------------------------------------------------------
+  # Compiled side.
+
+  def _prefill_impl(self, params: nnx.State, ids: jax.Array, mask: jax.Array,
+                    pixel_values: jax.Array | None, *, grid: Grid | None,
+                    new_bucket: int) -> DecodeState:
+    model = nnx.merge(self._graphdef, params)
+    b, t = ids.shape
+    out = model.forward(ids, mask, pixel_values, grid,
+                        cache=model.init_cache(b, t + new_bucket))
+    g = self.config.num_samples
+    # One prefill per prompt; the G samples share it. jnp.repeat keeps a prompt's copies adjacent.
+    rep = lambda x, axis=0: self._rows(jnp.repeat(x, g, axis=axis), axis)
+    cache = out.cache
+    cache = KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1), valid=rep(cache.valid),
+                    index=cache.index)
+    # Left padding puts every prompt's last real token in the last slot.
+    return DecodeState(cache=cache, logits=rep(out.logits[:, -1].astype(jnp.float32)),
+                       rope_deltas=rep(out.rope_deltas), prompt_tokens=rep(ids),
+                       prompt_mask=rep(mask))
+
+  def _decode_impl(self, params: nnx.State, cache: KVCache, state: DecodeState, key: jax.Array,
+                   max_new_tokens: jax.Array) -> tuple[SamplerOutput, KVCache]:
+    model = nnx.merge(self._graphdef, params)
+    cfg = self.config
+    rows = state.logits.shape[0]
+    new_bucket = cache.length - state.prompt_tokens.shape[1]
+    stop_tokens = jnp.asarray(cfg.stop_tokens, jnp.int32)
+    num_real = state.prompt_mask.sum(axis=1, dtype=jnp.int32)
+
+    def record(loop: _Loop, logits: jax.Array) -> _Loop:
+      """Chooses token `loop.step` of every row from its next-token logits [B·G, V]."""
+      choice = sampling.choose(logits, jax.random.fold_in(key, loop.step), cfg.sampling)
+      active = ~loop.done
+      token = jnp.where(active, choice.tokens, cfg.pad_id)
+      log_prob = jnp.where(active, choice.log_probs, 0.0)
+      put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], loop.step, axis=1)
+      return _Loop(step=loop.step + 1, cache=loop.cache, tokens=put(loop.tokens, token),
+                   log_probs=put(loop.log_probs, log_prob),
+                   lengths=loop.lengths + active.astype(jnp.int32),
+                   done=loop.done | (active & jnp.isin(token, stop_tokens)))
+
+    def keep_going(loop: _Loop) -> jax.Array:
+      return (loop.step < max_new_tokens) & ~jnp.all(loop.done)
+
+    def step(loop: _Loop) -> _Loop:
+      # Feed back the previous token: it is real token `num_real + step - 1` of its row.
+      previous = jax.lax.dynamic_slice_in_dim(loop.tokens, loop.step - 1, 1, axis=1)
+      out = model.forward(previous, cache=loop.cache,
+                          positions=rope.decode_positions(num_real + loop.step - 1,
+                                                          state.rope_deltas),
+                          rope_deltas=state.rope_deltas)
+      return record(dataclasses.replace(loop, cache=out.cache), out.logits[:, 0])
+
+    start = _Loop(step=jnp.zeros((), jnp.int32), cache=cache,
+                  tokens=self._rows(jnp.full((rows, new_bucket), cfg.pad_id, jnp.int32)),
+                  log_probs=self._rows(jnp.zeros((rows, new_bucket), jnp.float32)),
+                  lengths=self._rows(jnp.zeros((rows,), jnp.int32)),
+                  done=self._rows(jnp.zeros((rows,), bool)))
+    loop = jax.lax.while_loop(keep_going, step, record(start, state.logits))
+    mask = jnp.arange(new_bucket)[None, :] < loop.lengths[:, None]
+    reasons = jnp.where(loop.done, FinishReason.STOP, FinishReason.LENGTH).astype(jnp.int32)
+    out = SamplerOutput(tokens=loop.tokens, mask=mask, log_probs=loop.log_probs,
+                        lengths=loop.lengths, finish_reasons=reasons,
+                        prompt_tokens=state.prompt_tokens, prompt_mask=state.prompt_mask)
+    # Returning the cache lets XLA alias it to the donated input buffer.
+    return out, loop.cache

@@ -1,0 +1,326 @@
+"""The rollout sampler: HF-greedy parity, log-probs, sampling statistics, G samples, sharding, traces."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh
+
+from robot_r1_jax.model import hf_io, sharding
+from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
+from robot_r1_jax.rl import sampling
+from robot_r1_jax.rl.sampler import FinishReason, Sampler, SamplerConfig
+
+from hf_reference import build_hf, left_padded_batch, tiny_config
+
+EOS = 1002  # <|im_end|> of the tiny tokenizer, the tiny config's eos
+PAD = 1000  # <|endoftext|>
+BUCKETS = dict(prompt_buckets=(16, 32), new_token_buckets=(24, 48))
+
+
+def _prompts(lengths=(13, 7, 10, 4), total=13, seed=0):
+  return left_padded_batch(np.random.default_rng(seed), list(lengths), total)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Qwen25VL(tiny_config(), rngs=nnx.Rngs(3))
+
+
+@pytest.fixture(scope="module")
+def sampler(model):
+  """Temperature 1 with top-p 0.9 (the rollout setting, truncated a little more), G = 3."""
+  cfg = SamplerConfig(stop_tokens=(EOS,), sampling=sampling.SamplingParams(top_p=0.9),
+                      num_samples=3, **BUCKETS)
+  return Sampler(model, cfg)
+
+
+def _np(out):
+  return jax.tree.map(np.asarray, out)
+
+
+def _check_layout(out, pad_id=0):
+  """Mask is a prefix of `lengths`; padding carries pad_id and zero log-probs; reasons agree."""
+  n = out.tokens.shape[1]
+  np.testing.assert_array_equal(out.mask, np.arange(n)[None] < out.lengths[:, None])
+  assert (out.tokens[~out.mask] == pad_id).all()
+  assert (out.log_probs[~out.mask] == 0).all()
+  assert (out.log_probs[out.mask] <= 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy decoding equals transformers' generate.
+
+
+def _hf_generate(hf, ids, mask, max_new_tokens, stops):
+  import torch
+  with torch.no_grad():
+    seq = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                      mm_token_type_ids=torch.zeros_like(torch.from_numpy(ids)),
+                      do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(stops),
+                      pad_token_id=PAD)
+  new = seq[:, ids.shape[1]:].numpy()
+  lengths = []
+  for row in new:
+    ends = np.flatnonzero(np.isin(row, stops))
+    lengths.append(ends[0] + 1 if ends.size else new.shape[1])
+  return new, np.array(lengths)
+
+
+def test_greedy_equals_hf_generate_left_padded(tmp_path):
+  pytest.importorskip("torch")
+  from robot_r1_jax.model import processor
+  cfg = tiny_config()
+  new_tokens = 40
+  ids, mask = _prompts()
+  hf = build_hf(cfg, seed=5)
+  hf.save_pretrained(tmp_path)
+  _, ours = hf_io.load_hf(tmp_path)
+  # Stop on a token that greedy decoding really emits mid-way, so per-row stopping is exercised.
+  free, _ = _hf_generate(hf, ids, mask, new_tokens, [EOS])
+  stop = int(free[1, 12])
+  stops = (EOS, stop)
+  want, want_lengths = _hf_generate(hf, ids, mask, new_tokens, stops)
+  assert want_lengths.min() < new_tokens == want_lengths.max()
+
+  tokenizer = processor.load_tokenizer()
+  greedy = Sampler(ours, SamplerConfig(stop_tokens=stops, sampling=sampling.SamplingParams(0.0),
+                                       **BUCKETS), tokenizer=tokenizer)
+  out = greedy(ids, mask, jax.random.key(0), max_new_tokens=new_tokens)
+  got = _np(out)
+  np.testing.assert_array_equal(got.lengths, want_lengths)
+  for row, n in enumerate(want_lengths):
+    np.testing.assert_array_equal(got.tokens[row, :n], want[row, :n], err_msg=f"row {row}")
+  stopped = want_lengths < new_tokens
+  np.testing.assert_array_equal(got.finish_reasons,
+                                np.where(stopped, FinishReason.STOP, FinishReason.LENGTH))
+  _check_layout(got)
+  # Text: the completion up to its end with special tokens dropped; an ordinary stop token stays.
+  for row, n in enumerate(want_lengths):
+    assert out.text[row] == tokenizer.decode(want[row, :n].tolist(), skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs equal a fresh forward over prompt + completion.
+
+
+def _fresh_log_probs(model, out, temperature):
+  ids = np.concatenate([out.prompt_tokens, out.tokens], axis=1)
+  mask = np.concatenate([out.prompt_mask, out.mask], axis=1).astype(np.int32)
+  logits = np.asarray(model(ids, mask), np.float64) / temperature
+  t = out.prompt_tokens.shape[1]
+  # Position t - 1 + k predicts completion token k.
+  logits = logits[:, t - 1:-1]
+  log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  picked = np.take_along_axis(logits, out.tokens[..., None], axis=-1)[..., 0]
+  return picked - log_z
+
+
+def test_log_probs_equal_fresh_forward_at_temperature_one(model, sampler):
+  ids, mask = _prompts()
+  out = _np(sampler(ids, mask, jax.random.key(1), max_new_tokens=20))
+  assert out.tokens.shape == (12, 24) and out.prompt_tokens.shape == (12, 16)
+  _check_layout(out)
+  want = _fresh_log_probs(model, out, 1.0)
+  np.testing.assert_allclose(out.log_probs[out.mask], want[out.mask], atol=1e-4, rtol=0)
+
+
+def test_log_probs_are_tempered_untruncated(model):
+  """τ ≠ 1: log softmax(logits / τ) over the whole vocabulary, whatever top-k/top-p kept."""
+  params = sampling.SamplingParams(temperature=0.7, top_k=50, top_p=0.95)
+  tempered = Sampler(model, SamplerConfig(stop_tokens=(EOS,), sampling=params, num_samples=2,
+                                          **BUCKETS))
+  ids, mask = _prompts(seed=1)
+  out = _np(tempered(ids, mask, jax.random.key(2), max_new_tokens=24))
+  want = _fresh_log_probs(model, out, 0.7)
+  np.testing.assert_allclose(out.log_probs[out.mask], want[out.mask], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling statistics on controlled distributions.
+
+PROBS = np.array([0.35, 0.25, 0.15, 0.12, 0.08, 0.05])  # over tokens 0..5; token 6, 7 impossible
+LOGITS = np.concatenate([np.log(PROBS), [-np.inf, -np.inf]])
+
+
+def _assert_frequencies(tokens, expected, vocab):
+  """Each token's count within 5σ of its binomial expectation; tokens of probability 0 never drawn.
+
+  Draws are deterministic given the key; 5σ on ≤ 8 categories makes a false alarm ≈ 5e-6.
+  """
+  n = tokens.size
+  counts = np.bincount(tokens.ravel(), minlength=vocab)
+  for tok, p in enumerate(expected):
+    if p == 0:
+      assert counts[tok] == 0, (tok, counts)
+    else:
+      assert abs(counts[tok] - n * p) <= 5 * np.sqrt(n * p * (1 - p)), (tok, counts[tok], n * p)
+
+
+def _tempered(temperature):
+  q = PROBS ** (1 / temperature)
+  return q / q.sum()
+
+
+def _renormalised(probs, kept):
+  out = np.zeros(len(LOGITS))
+  out[:kept] = probs[:kept] / probs[:kept].sum()
+  return out
+
+
+@pytest.mark.parametrize("params, expected", [
+    (sampling.SamplingParams(), _renormalised(PROBS, 6)),
+    (sampling.SamplingParams(temperature=1.6), _renormalised(_tempered(1.6), 6)),
+    (sampling.SamplingParams(top_k=3), _renormalised(PROBS, 3)),
+    # Masses before each token: 0, .35, .60, .75, .87 → tokens 0..3 are below 0.8.
+    (sampling.SamplingParams(top_p=0.8), _renormalised(PROBS, 4)),
+    # A top-p that the top token alone reaches keeps only it.
+    (sampling.SamplingParams(top_p=0.3), _renormalised(PROBS, 1)),
+], ids=["plain", "temperature", "top_k", "top_p", "top_p_single"])
+def test_choose_frequencies(params, expected):
+  n = 40_000
+  logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (n, len(LOGITS)))
+  choice = jax.jit(sampling.choose, static_argnums=2)(logits, jax.random.key(7), params)
+  _assert_frequencies(np.asarray(choice.tokens), expected, len(LOGITS))
+  tempered = LOGITS / params.temperature
+  want = tempered - np.log(np.exp(tempered[:6]).sum())
+  np.testing.assert_allclose(np.asarray(choice.log_probs), want[np.asarray(choice.tokens)],
+                             rtol=1e-6)
+
+
+def test_choose_greedy():
+  logits = jnp.asarray([[0.1, 2.0, -1.0], [3.0, 2.9, 0.0]], jnp.float32)
+  choice = sampling.choose(logits, jax.random.key(0), sampling.SamplingParams(temperature=0.0))
+  np.testing.assert_array_equal(np.asarray(choice.tokens), [1, 0])
+  want = jax.nn.log_softmax(logits)[jnp.arange(2), choice.tokens]
+  np.testing.assert_allclose(np.asarray(choice.log_probs), np.asarray(want), rtol=1e-6)
+
+
+def _forced_model(target_logits: np.ndarray) -> Qwen25VL:
+  """A tiny model whose next-token logits are `target_logits` whatever the context.
+
+  Zero attention/MLP outputs leave the residual stream at the embedding; every embedding row is
+  all-ones, so the final norm gives ones·(1 + 1e-6)^-½ and the untied head column v gives
+  target_v·(1 − 5e-7) — far below the statistical resolution of the test.
+  """
+  cfg = tiny_config(tie=False)
+  model = Qwen25VL(cfg, rngs=nnx.Rngs(0))
+  layers = model.text.layers
+  layers.attn.o[...] = jnp.zeros_like(layers.attn.o[...])
+  layers.mlp.down[...] = jnp.zeros_like(layers.mlp.down[...])
+  model.text.embedding[...] = jnp.ones_like(model.text.embedding[...])
+  d = cfg.text.hidden_size
+  model.lm_head[...] = jnp.broadcast_to(jnp.asarray(target_logits / d, jnp.float32),
+                                        (d, cfg.text.vocab_size))
+  return model
+
+
+def test_sampler_frequencies_on_forced_logits():
+  """The whole loop (temperature → top-k → top-p) against exact expected frequencies."""
+  vocab = tiny_config().text.vocab_size
+  target = np.full(vocab, -30.0)  # ≈ e-30 each: never drawn in 16K samples
+  tokens = np.array([11, 22, 33, 44, 55, 66])
+  target[tokens] = np.log(PROBS)
+  params = sampling.SamplingParams(temperature=0.7, top_k=4, top_p=0.8)
+  forced = Sampler(_forced_model(target),
+                   SamplerConfig(stop_tokens=(EOS,), sampling=params, num_samples=512,
+                                 prompt_buckets=(8,), new_token_buckets=(32,)))
+  ids, mask = _prompts(lengths=[5], total=5)
+  out = _np(forced(ids, mask, jax.random.key(3), max_new_tokens=32))
+  assert out.mask.all()
+  # τ = 0.7: q ∝ p^(1/0.7) = (.432, .267, .128, .094, .052, .027); top-4 renormalised: masses
+  # before each kept token 0, .469, .759, .898 → top-p 0.8 keeps the first three.
+  q = _tempered(0.7)
+  expected = q[:3] / q[:3].sum()
+  remapped = np.searchsorted(tokens, out.tokens)  # token id → its index in `tokens` (or beyond)
+  assert np.isin(out.tokens, tokens).all()
+  _assert_frequencies(remapped, np.concatenate([expected, np.zeros(3)]), len(tokens))
+
+
+# ---------------------------------------------------------------------------------------------
+# G samples from one prefill; determinism.
+
+
+def test_g_samples_share_one_prefill_and_follow_the_key(sampler):
+  ids, mask = _prompts()
+  state = sampler.prefill(ids, mask, max_new_tokens=20)
+  g = sampler.config.num_samples
+  assert state.cache.k.shape[1] == state.logits.shape[0] == ids.shape[0] * g
+  k = np.asarray(state.cache.k).reshape(state.cache.k.shape[0], ids.shape[0], g,
+                                        *state.cache.k.shape[2:])
+  # The G copies of a prompt are one prefill, repeated: bit-identical.
+  assert (k == k[:, :, :1]).all()
+
+  first = _np(sampler(ids, mask, jax.random.key(10), max_new_tokens=20))
+  again = _np(sampler(ids, mask, jax.random.key(10), max_new_tokens=20))
+  other = _np(sampler(ids, mask, jax.random.key(11), max_new_tokens=20))
+  np.testing.assert_array_equal(first.tokens, again.tokens)
+  np.testing.assert_array_equal(first.log_probs, again.log_probs)
+  assert (first.tokens != other.tokens).any(axis=1).all()
+  groups = first.tokens.reshape(ids.shape[0], g, -1)
+  for b in range(ids.shape[0]):
+    assert len({row.tobytes() for row in groups[b]}) == g, f"prompt {b}: identical samples"
+  np.testing.assert_array_equal(first.prompt_tokens[::g][:, -13:], ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding and compilation.
+
+
+def test_sharded_sampling_equals_single_device(model, sampler):
+  if jax.device_count() < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), sharding.MESH_AXES)
+  sharded = Sampler(model, sampler.config, mesh=mesh)
+  ids, mask = _prompts()
+  want = _np(sampler(ids, mask, jax.random.key(4), max_new_tokens=24))
+  out = sharded(ids, mask, jax.random.key(4), max_new_tokens=24)
+  assert len(out.tokens.sharding.device_set) == 8
+  assert out.tokens.sharding.spec[0] == ("data", "fsdp")
+  got = _np(out)
+  # Random bits do not depend on sharding; logits differ by summation order only (~1e-6).
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.lengths, want.lengths)
+  np.testing.assert_allclose(got.log_probs, want.log_probs, atol=2e-5)
+  with pytest.raises(ValueError, match="data×fsdp"):
+    sharded(ids[:3], mask[:3], jax.random.key(4), max_new_tokens=24)
+
+
+def test_no_recompilation_within_a_bucket(model, sampler):
+  sampler(*_prompts(), jax.random.key(0), max_new_tokens=24)
+  before = dict(sampler.traces.counts)
+  ids, mask = _prompts(lengths=[9, 3, 9, 6], total=9, seed=4)
+  first = _np(sampler(ids, mask, jax.random.key(1), max_new_tokens=5))
+  sampler(*_prompts(), jax.random.key(2), max_new_tokens=24)
+  # New parameters (a trainer's update, in place) are read without recompiling.
+  scale = model.text.final_norm.scale[...]
+  model.text.final_norm.scale[...] = scale * 1.5
+  try:
+    updated = _np(sampler(ids, mask, jax.random.key(1), max_new_tokens=5))
+  finally:
+    model.text.final_norm.scale[...] = scale
+  assert dict(sampler.traces.counts) == before
+  assert first.lengths.max() == 5
+  assert not np.array_equal(first.log_probs, updated.log_probs)
+  # A longer prompt lands in the next bucket: exactly one more compilation of each stage.
+  sampler(*_prompts(lengths=[20, 3, 9, 6], total=20), jax.random.key(0), max_new_tokens=24)
+  assert dict(sampler.traces.counts) == {k: v + 1 for k, v in before.items()}
+
+
+def test_bad_inputs_are_named(sampler):
+  ids, mask = _prompts()
+  with pytest.raises(ValueError, match="not left-padded"):
+    sampler(ids[:, ::-1], mask[:, ::-1], jax.random.key(0), max_new_tokens=8)
+  with pytest.raises(ValueError, match="max_new_tokens=49 exceeds"):
+    sampler(ids, mask, jax.random.key(0), max_new_tokens=49)
+  with pytest.raises(ValueError, match="prompt length=40 exceeds"):
+    sampler(*_prompts(total=40), jax.random.key(0), max_new_tokens=8)
+  with pytest.raises(ValueError, match="top_p"):
+    sampling.SamplingParams(top_p=0.0)
+  with pytest.raises(ValueError, match="strictly increasing"):
+    dataclasses.replace(sampler.config, new_token_buckets=(64, 32))

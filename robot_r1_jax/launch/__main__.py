@@ -26,7 +26,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for weights and inputs.")
 def main(argv):
   del argv
   cfg = model_lib.PRESETS[_PRESET.value]()
-  model = model_lib.Qwen25VL(cfg, rngs=nnx.Rngs(_SEED.value))
+  model = model_lib.init_model(cfg, seed=_SEED.value)
   rng = np.random.default_rng(_SEED.value)
   batch, length = _BATCH.value, 16
   lengths = rng.integers(4, length + 1, size=batch)

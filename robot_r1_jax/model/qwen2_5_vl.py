@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from robot_r1_jax.model import layers, rope
+from robot_r1_jax.model import layers, rope, sharding
 from robot_r1_jax.model.config import ModelConfig
 from robot_r1_jax.model.text import KVCache, TextModel
 from robot_r1_jax.model.vision import VisionTower
@@ -106,3 +106,20 @@ class Qwen25VL(nnx.Module):
 
   def init_cache(self, batch: int, length: int) -> KVCache:
     return KVCache.zeros(self.cfg.text, batch, length, self.dtype)
+
+
+def init_model(cfg: ModelConfig, *, seed: int = 0, dtype: jnp.dtype = jnp.float32,
+               param_dtype: jnp.dtype = jnp.float32, remat: bool = False,
+               mesh: jax.sharding.Mesh | None = None) -> Qwen25VL:
+  """A randomly initialised model, built abstractly and filled on the host (no RNG compiles).
+
+  With a mesh, every parameter is placed directly on its `sharding.RULES` placement.
+  """
+  model = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                          rngs=nnx.Rngs(0)))
+  if mesh is None:
+    layers.materialize(model, seed)
+  else:
+    layers.materialize(model, seed,
+                       lambda var, a: jax.device_put(a, sharding.variable_sharding(var, mesh)))
+  return model

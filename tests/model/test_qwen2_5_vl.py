@@ -10,7 +10,7 @@ from flax import nnx
 
 from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model import rope
-from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
+from robot_r1_jax.model.qwen2_5_vl import Qwen25VL, init_model
 
 from hf_reference import left_padded_batch
 
@@ -21,7 +21,7 @@ def _param_count(model: nnx.Module) -> int:
 
 def test_prefill_then_decode_equals_full_forward():
   cfg = config_lib.tiny()
-  model = Qwen25VL(cfg, rngs=nnx.Rngs(7))
+  model = init_model(cfg, seed=7)
   steps, prompt_len = 5, 9
   ids, mask = left_padded_batch(np.random.default_rng(0), [9, 4, 6], prompt_len + steps)
   # Rows are left-padded prompts followed by `steps` generated tokens (all real).
@@ -65,3 +65,15 @@ def test_parameter_count_matches_hf_per_component(preset):
   hf_vision = sum(p.numel() for n, p in hf.named_parameters() if ".visual." in n)
   assert _param_count(model.vision) == hf_vision
   assert _param_count(model) == sum(p.numel() for p in hf.parameters())
+
+
+def test_init_model_is_seeded_host_random_with_hf_init_scales():
+  cfg = config_lib.tiny()
+  a, b, c = init_model(cfg, seed=1), init_model(cfg, seed=1), init_model(cfg, seed=2)
+  q = np.asarray(a.text.layers.attn.q[...])
+  np.testing.assert_array_equal(q, np.asarray(b.text.layers.attn.q[...]))
+  assert not np.array_equal(q, np.asarray(c.text.layers.attn.q[...]))
+  assert abs(q.std() - 0.02) < 1e-3
+  assert not np.array_equal(q[0], q[1])  # stacked layers are drawn independently
+  np.testing.assert_array_equal(np.asarray(a.text.final_norm.scale[...]), 1.0)
+  np.testing.assert_array_equal(np.asarray(a.text.layers.attn.k_bias[...]), 0.0)

@@ -10,7 +10,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model import sharding
-from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
+from robot_r1_jax.model.qwen2_5_vl import init_model
 
 from hf_reference import left_padded_batch
 
@@ -23,7 +23,7 @@ def mesh():
 
 
 def test_rules_cover_every_parameter_and_are_applied(mesh):
-  model = Qwen25VL(config_lib.tiny(), rngs=nnx.Rngs(0))
+  model = init_model(config_lib.tiny())
   state = nnx.state(model, nnx.Param)
   shardings = sharding.param_shardings(state, mesh)
   seen = set()
@@ -42,7 +42,7 @@ def test_rules_cover_every_parameter_and_are_applied(mesh):
 
 
 def test_sharded_forward_equals_unsharded(mesh):
-  model = Qwen25VL(config_lib.tiny(), rngs=nnx.Rngs(0))
+  model = init_model(config_lib.tiny())
   ids, mask = left_padded_batch(np.random.default_rng(2), [11, 5, 8, 11], 11)
   want = np.asarray(model(ids, mask))
 

@@ -1,0 +1,282 @@
+"""Training metrics: TensorBoard events + JSONL files, a console progress bar and phase timers.
+
+    writer = MetricsWriter(workdir)            # writes on process 0 only
+    writer.truncate_after(resumed_step)        # after a restore (or 0 on a fresh start)
+    bar = ProgressBar(total_steps, initial=resumed_step)
+    timer = StepTimer()
+    for step in range(resumed_step + 1, total_steps + 1):
+      timer.reset()
+      with timer("rollout"):
+        ...  # block on the results inside the block (jax dispatches asynchronously)
+      metrics = {**train_metrics, **timer.summary(),
+                 "tokens_per_second": timer.per_second(num_tokens, "rollout")}
+      writer.scalars(step, metrics)
+      writer.rollouts(step, [{"prompt_id": ..., "question_type": ..., "completion": ...,
+                              "reward": ...}])  # every K steps
+      bar.update(step, {"reward": ..., "acc": ..., "kl": ...})
+    writer.close(); bar.close()
+
+Files under `workdir`:
+
+    tb/               TensorBoard event files (`tensorboard --logdir workdir/tb`).
+    metrics.jsonl     one JSON object per `scalars` call: {"step": 3, "loss": 0.25, ...}.
+    rollouts.jsonl    one JSON object per sampled rollout: {"step": 3, "prompt_id": ..., ...}.
+
+JSON has no NaN or infinity, so non-finite floats are written as the strings "nan", "inf" and "-inf"
+(`float(...)` reads them back). Both JSONL files are append-only; a resumed run first calls
+`truncate_after(step)` so that lines written after the restored checkpoint (which the resumed run
+writes again) do not appear twice, and TensorBoard is told to hide its events after that step too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+import tensorboardX
+import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+ROLLOUTS_FILE = "rollouts.jsonl"
+TENSORBOARD_DIR = "tb"
+
+
+class MetricsWriter:
+  """Writes per-step scalars to TensorBoard and `metrics.jsonl`, and rollouts to `rollouts.jsonl`.
+
+  Flushes files every `flush_every` calls to `scalars` and on `flush`/`close`. Killing the process
+  loses at most the unflushed calls, so call `flush()` whenever a checkpoint is saved: then every
+  step up to the checkpoint is on disk when a resumed run truncates after it.
+  """
+
+  def __init__(self, workdir: str | os.PathLike[str], *, enabled: bool | None = None,
+               flush_every: int = 1):
+    """Prepares `workdir` (created if absent) for metric files.
+
+    Args:
+      workdir: the run's directory.
+      enabled: write anything at all; None means on process 0 only (every process may call every
+        method, the others do nothing).
+      flush_every: flush after this many `scalars` calls.
+    """
+    if flush_every < 1:
+      raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+    self.workdir = Path(workdir)
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._flush_every = flush_every
+    self._unflushed = 0
+    self._files: dict[str, IO[str]] = {}
+    self._tb: tensorboardX.SummaryWriter | None = None
+    self._purge_step: int | None = None
+    if self.enabled:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+
+  def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+    """Writes one step's scalars (Python, NumPy or single-element JAX numbers).
+
+    Raises:
+      ValueError: a value is not a single number; the message names its key.
+    """
+    if not self.enabled:
+      return
+    step = int(step)
+    numbers = {str(name): _scalar(name, value) for name, value in values.items()}
+    tb = self._tensorboard()
+    for name, value in numbers.items():
+      tb.add_scalar(name, value, global_step=step)
+    self._append(METRICS_FILE, {"step": step, **_jsonable("metrics", numbers)})
+    self._unflushed += 1
+    if self._unflushed >= self._flush_every:
+      self.flush()
+
+  def rollouts(self, step: int, records: Sequence[Mapping[str, Any]]) -> None:
+    """Appends one JSON line per rollout (e.g. prompt id, question type, completion, reward).
+
+    Values may be nested dicts/lists of JSON types, NumPy or JAX values (arrays become lists).
+
+    Raises:
+      ValueError: a record has its own "step" key or a value that has no JSON form.
+    """
+    if not self.enabled:
+      return
+    step = int(step)
+    for i, record in enumerate(records):
+      if "step" in record:
+        raise ValueError(f"rollout {i} of step {step} has its own 'step' key; the writer adds it")
+      self._append(ROLLOUTS_FILE, {"step": step, **_jsonable(f"rollout {i}", dict(record))})
+
+  def truncate_after(self, step: int) -> None:
+    """Drops lines with a step after `step` from both JSONL files, and hides later TB events.
+
+    A line torn by a kill in the middle of a write (only possible as the last line) is dropped too.
+
+    Raises:
+      ValueError: a line before the last one is not a JSON object with a "step"; names the file.
+    """
+    if not self.enabled:
+      return
+    self.close()
+    # TensorBoard hides the older files' events at steps >= purge_step when it reads the next file.
+    self._purge_step = step + 1
+    for name in (METRICS_FILE, ROLLOUTS_FILE):
+      path = self.workdir / name
+      if not path.exists():
+        continue
+      lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+      kept = []
+      for number, line in enumerate(lines, start=1):
+        try:
+          line_step = json.loads(line)["step"]
+        except (ValueError, TypeError, KeyError) as e:
+          if number == len(lines):
+            break
+          raise ValueError(f"{path}:{number} is not a JSON object with a 'step': {e}") from e
+        if line_step <= step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+      tmp = path.with_name(path.name + ".tmp")
+      tmp.write_text("".join(kept), encoding="utf-8")
+      os.replace(tmp, path)  # atomic: a kill here leaves the old or the new file, never half
+
+  def flush(self) -> None:
+    """Pushes buffered lines and events to the files."""
+    for f in self._files.values():
+      f.flush()
+    if self._tb is not None:
+      self._tb.flush()
+    self._unflushed = 0
+
+  def close(self) -> None:
+    """Flushes and closes the files; later writes reopen them in append mode."""
+    self.flush()
+    for f in self._files.values():
+      f.close()
+    self._files.clear()
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self) -> MetricsWriter:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  def _tensorboard(self) -> tensorboardX.SummaryWriter:
+    if self._tb is None:
+      # tensorboardX names files by the second and opens them with "wb": without a unique suffix
+      # a writer opened in the same second as the last one (a quick resume) would erase its file.
+      # Nanoseconds keep the names unique and sorted by creation, the order TensorBoard reads in.
+      # flush_secs is a backstop; `flush` controls when events reach the disk.
+      self._tb = tensorboardX.SummaryWriter(
+          str(self.workdir / TENSORBOARD_DIR), purge_step=self._purge_step, flush_secs=30,
+          filename_suffix=f".{time.time_ns()}")
+      self._purge_step = None
+    return self._tb
+
+  def _append(self, name: str, record: dict[str, Any]) -> None:
+    if name not in self._files:
+      # Kept open between calls; `close` closes it.
+      self._files[name] = open(  # pylint: disable=consider-using-with
+          self.workdir / name, "a", encoding="utf-8")
+    # allow_nan=False: `_jsonable` already turned non-finite floats into strings.
+    self._files[name].write(json.dumps(record, allow_nan=False) + "\n")
+
+
+def _scalar(name: str, value: Any) -> float | int:
+  """A JSON- and TensorBoard-ready number from a Python/NumPy/JAX scalar or 1-element array."""
+  array = np.asarray(value)
+  if array.size != 1 or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+    raise ValueError(f"metric {name!r} must be a single number, got {type(value).__name__} "
+                     f"of shape {array.shape} and dtype {array.dtype}")
+  item = array.reshape(()).item()
+  return int(item) if isinstance(item, (bool, int)) else float(item)
+
+
+def _jsonable(where: str, value: Any) -> Any:
+  """`value` as JSON types, non-finite floats as "nan"/"inf"/"-inf"; `where` names it in errors."""
+  if value is None or isinstance(value, (str, bool, int)):
+    return value
+  if isinstance(value, float):
+    return value if math.isfinite(value) else str(value)
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(f"{where}[{k!r}]", v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(f"{where}[{i}]", v) for i, v in enumerate(value)]
+  if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    return _jsonable(where, np.asarray(value).tolist())
+  raise ValueError(f"{where} is a {type(value).__name__}, which has no JSON form")
+
+
+class ProgressBar:
+  """A tqdm bar on stderr: steps done, rate, ETA and the latest key metrics as a postfix."""
+
+  def __init__(self, total_steps: int, initial: int = 0, enabled: bool | None = None,
+               desc: str = "train"):
+    """`enabled`: None means on process 0 only; a disabled bar prints nothing."""
+    enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._bar = tqdm.tqdm(total=total_steps, initial=initial, disable=not enabled,
+                          file=sys.stderr, desc=desc, unit="step", dynamic_ncols=True)
+
+  def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+    """Moves the bar to `step` (steps done) and shows `metrics` with 4 significant digits."""
+    if metrics:
+      self._bar.set_postfix({k: f"{_scalar(k, v):.4g}" for k, v in metrics.items()},
+                            refresh=False)
+    self._bar.update(step - self._bar.n)
+
+  def close(self) -> None:
+    self._bar.close()
+
+  def __enter__(self) -> ProgressBar:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+class StepTimer:
+  """Wall-clock seconds per labelled phase, accumulated until `reset`.
+
+  JAX dispatches asynchronously: a phase that launches device work must wait for its results
+  (`jax.block_until_ready`, or a host transfer) inside the block, or its time lands in a later
+  phase.
+  """
+
+  def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    """`clock`: seconds from an arbitrary origin (tests pass a fake one)."""
+    self._clock = clock
+    self._seconds: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, label: str) -> Iterator[None]:
+    """Times the block under `label` (repeated blocks with one label add up)."""
+    start = self._clock()
+    try:
+      yield
+    finally:
+      self._seconds[label] = self._seconds.get(label, 0.0) + self._clock() - start
+
+  def summary(self) -> dict[str, float]:
+    """{"time/<label>": seconds} for every phase timed since the last `reset`."""
+    return {f"time/{label}": seconds for label, seconds in self._seconds.items()}
+
+  def per_second(self, count: float, *labels: str) -> float:
+    """`count` (e.g. generated tokens) divided by the seconds of `labels` (all phases if none)."""
+    unknown = [label for label in labels if label not in self._seconds]
+    if unknown:
+      raise KeyError(f"phases {unknown} were not timed; timed: {sorted(self._seconds)}")
+    seconds = sum(self._seconds[label] for label in labels or self._seconds)
+    if seconds <= 0:
+      raise ValueError(f"no time recorded for phases {list(labels or self._seconds)}")
+    return count / seconds
+
+  def reset(self) -> None:
+    self._seconds.clear()

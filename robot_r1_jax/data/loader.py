@@ -156,19 +156,24 @@ def make_loader(data_dir: str | pathlib.Path, split: str, config: LoaderConfig =
       `config.drop_remainder` decides what happens to a remainder (see the module docstring).
 
   Raises:
-    ValueError: a bad manifest, split or shard file, or a split too small for one batch.
-    FileNotFoundError: `config.tokenizer_path` is not a directory.
+    ValueError: a bad manifest or split, shards that disagree with it, or a split too small for
+      one batch.
+    FileNotFoundError: no manifest.json, a missing shard, or `config.tokenizer_path` is not a
+      directory.
   """
   data_dir = pathlib.Path(data_dir)
   manifest = Manifest.load(data_dir)
   if split not in manifest.splits:
     raise ValueError(f"{data_dir / 'manifest.json'} has no split {split!r}; it has "
                      f"{sorted(manifest.splits)}")
+  num_records = manifest.splits[split].num_records
+  if num_records == 0:
+    raise ValueError(f"split {split!r} of {data_dir} has no records (see manifest.json)")
   paths = manifest.shard_paths(data_dir, split)
   for path in paths:
     if not path.is_file():
-      raise ValueError(f"shard {path} listed in {data_dir / 'manifest.json'} does not exist")
-  num_records = manifest.splits[split].num_records
+      raise FileNotFoundError(f"shard {path} listed in {data_dir / 'manifest.json'} does not "
+                              "exist")
   source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
   if len(source) != num_records:
     raise ValueError(f"the {split!r} shards under {data_dir} hold {len(source)} records but "

@@ -206,7 +206,12 @@ def test_bad_inputs_are_clear_errors(data_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="tokenizer path '/nonexistent'"):
     loader.make_loader(data_dir, "val", _config(tokenizer_path="/nonexistent"))
   (data_dir / "val-00000.array_record").unlink()
-  with pytest.raises(ValueError, match="val-00000.array_record listed in .* does not exist"):
+  with pytest.raises(FileNotFoundError, match="val-00000.array_record listed in .* does not exist"):
+    loader.make_loader(data_dir, "val", _config())
+  manifest = json.loads((data_dir / "manifest.json").read_text())
+  manifest["splits"]["val"].update(num_records=0, shards=[])
+  (data_dir / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(ValueError, match="split 'val' of .* has no records"):
     loader.make_loader(data_dir, "val", _config())
   for field, value in [("batch_size", 0), ("seed", -1), ("num_epochs", 0),
                        ("length_buckets", (512, 256)), ("length_buckets", ()),

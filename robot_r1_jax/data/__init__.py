@@ -8,6 +8,10 @@ Public API (see each module for details):
               ExtractConfig(...)) -> Manifest. Not imported here: `python -m` would then find the
               module already imported by this package and warn.
   records:    Record, decode_record, read_records (the shard record schema)
+  loader:     make_loader(data_dir, split, LoaderConfig(...)) -> Loader of Batch (grain: shuffle,
+              patches, tokenize, bucket-pad, per-process shard, checkpointable iterator). Not
+              imported here: it imports extract (see above), grain and the model package (flax),
+              which the extractor and the reader do not need.
 """
 
 from robot_r1_jax.data.demo import Demo, DemoError, MissingFileError, Observation

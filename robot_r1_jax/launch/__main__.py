@@ -1,63 +1,87 @@
-"""`python -m robot_r1_jax.launch`: the main job.
+"""`python -m robot_r1_jax.launch`: RL training of Qwen2.5-VL on Robot-R1 questions.
 
-Until the trainer lands (issue 8) this runs the model half of the pipeline on its embedded default:
-the tiny Qwen2.5-VL preset, a random left-padded batch, one full forward and a KV-cache prefill plus
-greedy decode, and prints shapes and logit statistics. It downloads nothing.
+With no flags it runs the embedded default on this machine: simulated demos → extracted questions →
+the tiny model → a few GRPO steps → checkpoint → TensorBoard events, all under ./workdir. Every flag
+is listed by --help; `--flagfile=robot_r1_jax/launch/configs/robot_r1_paper.cfg` is the paper recipe.
 """
 
 from __future__ import annotations
 
-import time
+import dataclasses
+import logging
+import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
-from flax import nnx
 
-from robot_r1_jax import model as model_lib
+from robot_r1_jax.data import loader as loader_lib
+from robot_r1_jax.launch import flags as F
+from robot_r1_jax.launch import mesh as mesh_lib
+from robot_r1_jax.launch import pipeline
+from robot_r1_jax.rl import losses, rewards, sampling
+from robot_r1_jax.rl.learner import Learner, LearnerConfig
+from robot_r1_jax.rl.sampler import Sampler, SamplerConfig
+from robot_r1_jax.train import rl_loop
 
-_PRESET = flags.DEFINE_enum("model", "tiny", sorted(model_lib.PRESETS), "Model preset to build.")
-_BATCH = flags.DEFINE_integer("batch_size", 4, "Prompts in the demo batch.")
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 8, "Greedy tokens to decode with the KV cache.")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for weights and inputs.")
 
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  mesh_lib.initialize_distributed(F.COORDINATOR.value, F.NUM_PROCESSES.value, F.PROCESS_ID.value)
+  mesh = mesh_lib.make_mesh(F.MESH.value)
+  workdir = pathlib.Path(F.WORKDIR.value)
+  seed = F.SEED.value
+  rollout_rows = F.ROLLOUT_BATCH.value * F.NUM_GENERATIONS.value
+  mesh_lib.batch_rows_per_process(F.ROLLOUT_BATCH.value, mesh)  # fail fast with a clear message
 
-def main(argv):
-  del argv
-  cfg = model_lib.PRESETS[_PRESET.value]()
-  model = model_lib.init_model(cfg, seed=_SEED.value)
-  rng = np.random.default_rng(_SEED.value)
-  batch, length = _BATCH.value, 16
-  lengths = rng.integers(4, length + 1, size=batch)
-  mask = (np.arange(length)[None] >= length - lengths[:, None]).astype(np.int32)
-  ids = np.where(mask, rng.integers(0, cfg.image_token_id, size=(batch, length)), 0)
+  data_dir = pathlib.Path(F.DATA.value) if F.DATA.value else pipeline.ensure_default_data(
+      workdir / "data", tasks=F.SIM_TASKS.value, episodes=F.SIM_EPISODES.value,
+      image_size=F.IMAGE_SIZE.value, seed=seed)
+  dtype = jnp.bfloat16 if F.COMPUTE_DTYPE.value == "bfloat16" else jnp.float32
+  cfg, model, model_dir = pipeline.build_model(F.MODEL.value, dtype=dtype, mesh=mesh, seed=seed,
+                                               remat=F.REMAT.value)
+  tokenizer, tokenizer_path = pipeline.load_tokenizer(F.TOKENIZER.value, model_dir)
 
-  start = time.perf_counter()
-  logits = jax.block_until_ready(nnx.jit(lambda m, i, a: m(i, a))(model, ids, mask))
-  print(f"model={_PRESET.value} devices={jax.device_count()} logits {logits.shape} "
-        f"{logits.dtype} mean={float(logits.mean()):+.4f} std={float(logits.std()):.4f} "
-        f"({time.perf_counter() - start:.1f}s incl. compile)")
+  loader = loader_lib.make_loader(data_dir, "train", loader_lib.LoaderConfig(
+      batch_size=F.ROLLOUT_BATCH.value // jax.process_count(), seed=seed,
+      num_epochs=F.EPOCHS.value, tokenizer_path=tokenizer_path))
+  total = rl_loop.total_steps(F.MAX_STEPS.value, loader.steps_per_epoch, F.EPOCHS.value)
+  updates_per_step = (rollout_rows // (F.TRAIN_BATCH.value * F.NUM_GENERATIONS.value)
+                      * F.UPDATES_PER_ROLLOUT.value)
+  optimizer, schedule = pipeline.build_optimizer(
+      learning_rate=F.LEARNING_RATE.value, schedule=F.LR_SCHEDULE.value,
+      warmup_steps=F.WARMUP_STEPS.value, total_steps=total * max(updates_per_step, 1),
+      weight_decay=F.WEIGHT_DECAY.value, grad_clip=F.GRAD_CLIP.value)
 
-  @nnx.jit
-  def prefill(m, i, a, cache):
-    return m.forward(i, a, cache=cache)
+  stop = tuple(t for t in (cfg.eos_token_id, tokenizer.pad_token_id) if t is not None)
+  sampler = Sampler(model, SamplerConfig(
+      stop_tokens=stop, num_samples=F.NUM_GENERATIONS.value, pad_id=tokenizer.pad_token_id,
+      sampling=sampling.SamplingParams(temperature=F.TEMPERATURE.value, top_p=F.TOP_P.value,
+                                       top_k=F.TOP_K.value)), mesh=mesh, tokenizer=tokenizer)
+  learner = Learner(model, optimizer, sampler, LearnerConfig(
+      algo=F.ALGO.value, num_generations=F.NUM_GENERATIONS.value,
+      train_batch_size=F.TRAIN_BATCH.value, micro_batch_size=F.MICRO_BATCH.value,
+      num_updates_per_rollout=F.UPDATES_PER_ROLLOUT.value, max_new_tokens=F.MAX_NEW_TOKENS.value,
+      kl_in_reward=F.KL_IN_REWARD.value, reward_kl_estimator=F.KL_ESTIMATOR.value,
+      loss=losses.PolicyLossConfig(clip_low=F.CLIP_LOW.value, clip_high=F.CLIP_HIGH.value,
+                                   dual_clip=F.DUAL_CLIP.value, kl_coef=F.KL_COEF.value,
+                                   kl_estimator=F.KL_ESTIMATOR.value,
+                                   aggregation=F.LOSS_AGG.value),
+      advantage=dataclasses.replace(LearnerConfig().advantage, kl_coef=F.KL_COEF.value),
+      reward_weights=rewards.RewardWeights(),
+      max_consecutive_bad_steps=F.MAX_BAD_STEPS.value), mesh, lr_schedule=schedule)
 
-  @nnx.jit
-  def step(m, token, cache, num_real, deltas):
-    out = m.forward(token, cache=cache, positions=model_lib.decode_positions(num_real, deltas),
-                    rope_deltas=deltas)
-    return out, jnp.argmax(out.logits[:, -1], axis=-1)
-
-  out = prefill(model, ids, mask, model.init_cache(batch, length + _NEW_TOKENS.value))
-  token, num_real, generated = jnp.argmax(out.logits[:, -1], -1), jnp.asarray(mask.sum(1)), []
-  for _ in range(_NEW_TOKENS.value):
-    generated.append(np.asarray(token))
-    out, token = step(model, token[:, None], out.cache, num_real, out.rope_deltas)
-    num_real = num_real + 1
-  print("greedy continuation token ids (random weights):")
-  for b, row in enumerate(np.stack(generated, 1)):
-    print(f"  prompt {b} ({lengths[b]} tokens): {row.tolist()}")
+  logging.info("model=%s mesh=%s data=%s steps=%d", F.MODEL.value, dict(mesh.shape), data_dir,
+               total)
+  history = rl_loop.run(learner, iter(loader), rl_loop.RunConfig(
+      workdir=workdir, total_steps=total, seed=seed, checkpoint_every=F.CHECKPOINT_EVERY.value,
+      keep_checkpoints=F.KEEP_CHECKPOINTS.value, log_rollouts_every=F.ROLLOUTS_EVERY.value,
+      meta={f.name: f.value for f in flags.FLAGS.get_flags_for_module(F.__name__)}))
+  if jax.process_index() == 0 and history:
+    last = history[-1]
+    print(f"done: step {last['step']} reward {last['reward/total']:.3f} "
+          f"accuracy {last['accuracy/all']:.3f}; workdir {workdir.resolve()}")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ class Qwen25VL(nnx.Module):
               pixel_values: jax.Array | None = None,
               image_grid_thw: np.ndarray | tuple | None = None, *,
               cache: KVCache | None = None, positions: jax.Array | None = None,
-              rope_deltas: jax.Array | None = None) -> Output:
+              rope_deltas: jax.Array | None = None, logits_from: int = 0,
+              image_mask: jax.Array | None = None) -> Output:
     """Full forward, prefill (empty `cache`) or decode step (`positions` from `rope.decode_positions`).
 
     Args:
@@ -61,6 +62,9 @@ class Qwen25VL(nnx.Module):
       cache: a KV cache to extend at its index.
       positions: [3, B, T] M-RoPE positions; computed from the ids when None.
       rope_deltas: [B], returned unchanged when `positions` is given (decode steps).
+      logits_from: return logits only for positions [logits_from, T) (a trainer scoring the
+        completion after a fixed-length prompt skips the [B, T_prompt, V] head output).
+      image_mask: [B, T] image slots; default: the `<|image_pad|>` tokens.
     """
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -69,7 +73,8 @@ class Qwen25VL(nnx.Module):
       if image_grid_thw is None:
         raise ValueError("pixel_values were given without image_grid_thw")
       image_grid_thw = tuple(tuple(int(v) for v in g) for g in np.asarray(image_grid_thw))
-      x = self.merge_image_features(input_ids, x, self.vision(pixel_values, image_grid_thw))
+      x = self.merge_image_features(input_ids, x, self.vision(pixel_values, image_grid_thw),
+                                    image_mask)
     if positions is None:
       index = rope.get_rope_index(input_ids, attention_mask, image_grid_thw,
                                   image_token_id=self.cfg.image_token_id,
@@ -78,15 +83,18 @@ class Qwen25VL(nnx.Module):
     elif rope_deltas is None:
       rope_deltas = jnp.zeros(input_ids.shape[:1], jnp.int32)
     hidden, cache = self.text(x, positions, attention_mask, cache)
-    return Output(logits=self.logits(hidden), cache=cache, rope_deltas=rope_deltas)
+    return Output(logits=self.logits(hidden[:, logits_from:]), cache=cache,
+                  rope_deltas=rope_deltas)
 
-  def merge_image_features(self, input_ids: jax.Array, x: jax.Array,
-                           features: jax.Array) -> jax.Array:
+  def merge_image_features(self, input_ids: jax.Array, x: jax.Array, features: jax.Array,
+                           image_mask: jax.Array | None = None) -> jax.Array:
     """Writes image features [P', D] over the `<|image_pad|>` embeddings of x [B, T, D], in order.
 
     Counts are checked when the ids are concrete; under jit the i-th pad token takes feature i.
+    `image_mask` [B, T] overrides which tokens are image slots (a trainer scoring a completion
+    that happens to emit the pad id keeps that token text, as the sampler embedded it).
     """
-    is_image = input_ids == self.cfg.image_token_id
+    is_image = input_ids == self.cfg.image_token_id if image_mask is None else image_mask
     if not isinstance(input_ids, jax.core.Tracer):
       count = int(np.asarray(is_image).sum())
       if count != features.shape[0]:

@@ -1,0 +1,87 @@
+"""Command-line flags of `python -m robot_r1_jax.launch` (use `--flagfile` for recipes)."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from robot_r1_jax.model import config as model_config
+from robot_r1_jax.rl import advantages, losses
+
+# Where and what.
+WORKDIR = flags.DEFINE_string("workdir", "workdir", "Run directory: checkpoints (resumed "
+                              "automatically), TensorBoard events, metrics.jsonl, rollouts.jsonl, "
+                              "generated data.")
+MODEL = flags.DEFINE_string("model", "tiny", f"A preset ({', '.join(sorted(model_config.PRESETS))}"
+                            ") initialised at random, or a local Hugging Face Qwen2.5-VL "
+                            "directory (config.json + safetensors).")
+TOKENIZER = flags.DEFINE_string("tokenizer", None, "Local tokenizer directory. Default: the "
+                                "--model directory when it holds one, else the packaged tiny "
+                                "tokenizer.")
+DATA = flags.DEFINE_string("data", None, "Extracted shards (python -m robot_r1_jax.data.extract). "
+                           "Default: simulate demos and extract them into WORKDIR/data once.")
+SIM_TASKS = flags.DEFINE_list("sim_tasks", ["pick_up_cup", "push_button"], "Simulator tasks for "
+                              "the default data.")
+SIM_EPISODES = flags.DEFINE_integer("sim_episodes", 3, "Simulated episodes per task for the "
+                                    "default data.")
+IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, "Rendered and extracted image size (pixels) "
+                                  "for the default data; the paper uses 224.")
+
+# Devices.
+MESH = flags.DEFINE_string("mesh", "data=1,fsdp=-1,tensor=1", "Device mesh over axes data, fsdp "
+                           "and tensor; -1 takes the remaining devices.")
+COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for "
+                                  "multi-process runs; without it jax.distributed auto-detects "
+                                  "TPU pods and SLURM when --num_processes > 1.")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                                  "Activation dtype; parameters stay float32.")
+REMAT = flags.DEFINE_bool("remat", False, "Recompute decoder layers in the backward pass.")
+
+# Algorithm.
+ALGO = flags.DEFINE_enum("algo", "grpo", sorted(advantages.ESTIMATORS), "Advantage estimator.")
+KL_ESTIMATOR = flags.DEFINE_enum("kl_estimator", "k3", sorted(losses.KL_ESTIMATORS),
+                                 "KL estimator (in the loss, or in the reward with "
+                                 "--kl_in_reward).")
+KL_COEF = flags.DEFINE_float("kl_coef", 1e-2, "KL coefficient β (0 skips the reference model).")
+KL_IN_REWARD = flags.DEFINE_bool("kl_in_reward", False, "Put β·KL in the reward (REINFORCE++ "
+                                 "style) instead of the loss.")
+NUM_GENERATIONS = flags.DEFINE_integer("num_generations", 5, "Completions per prompt (G).")
+ROLLOUT_BATCH = flags.DEFINE_integer("rollout_batch_size", 4, "Prompts per rollout.")
+TRAIN_BATCH = flags.DEFINE_integer("train_batch_size", 4, "Prompts per optimizer update.")
+MICRO_BATCH = flags.DEFINE_integer("micro_batch_size", 4, "Sequences per forward/backward.")
+UPDATES_PER_ROLLOUT = flags.DEFINE_integer("num_updates_per_rollout", 1, "Passes (μ) over each "
+                                           "rollout's mini-batches.")
+CLIP_LOW = flags.DEFINE_float("clip_low", 0.2, "PPO ε_low.")
+CLIP_HIGH = flags.DEFINE_float("clip_high", 0.3, "PPO ε_high.")
+DUAL_CLIP = flags.DEFINE_float("dual_clip", 3.0, "Dual-clip c for negative advantages.")
+LOSS_AGG = flags.DEFINE_enum("loss_aggregation", "token_mean", sorted(losses.AGGREGATIONS),
+                             "How token losses become the batch loss.")
+
+# Optimisation.
+LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-6, "Peak learning rate.")
+LR_SCHEDULE = flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine", "linear"],
+                                "Decay after warm-up.")
+WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps.")
+WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1e-2, "AdamW weight decay.")
+GRAD_CLIP = flags.DEFINE_float("grad_clip", 1.0, "Global gradient-norm clip.")
+EPOCHS = flags.DEFINE_integer("epochs", 5, "Passes over the training questions.")
+MAX_STEPS = flags.DEFINE_integer("max_steps", 3, "Stop after this many RL steps (0: run all "
+                                 "epochs).")
+MAX_BAD_STEPS = flags.DEFINE_integer("max_bad_steps", 3, "Stop after this many consecutive "
+                                     "steps with a skipped non-finite update.")
+
+# Generation.
+TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+TOP_P = flags.DEFINE_float("top_p", 0.99, "Nucleus sampling mass.")
+TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k sampling (0: off).")
+MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Completion budget.")
+
+# Bookkeeping.
+SEED = flags.DEFINE_integer("seed", 0, "Seed for initialisation, data order and sampling.")
+CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 10, "Steps between checkpoints "
+                                        "(and one at the end).")
+KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
+EVAL_EVERY = flags.DEFINE_integer("eval_every", 0, "Steps between evaluations (0: off).")
+ROLLOUTS_EVERY = flags.DEFINE_integer("log_rollouts_every", 1, "Steps between rollout dumps to "
+                                      "rollouts.jsonl.")

@@ -1,0 +1,335 @@
+"""One RL step: rollout → rewards → reference/old log-probs → advantages → μ passes of updates.
+
+The pieces that touch parameters are jitted once per shape bucket: `sequence_log_probs` (old and
+reference log-probs) and `train_step` (micro-batch gradient accumulation with `lax.scan`, clipping,
+AdamW, non-finite guard), with the parameters and optimizer state donated. The host only moves
+batches and turns completions into rewards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from robot_r1_jax.model import rope, sharding
+from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
+from robot_r1_jax.rl import advantages as adv_lib
+from robot_r1_jax.rl import losses, rewards
+from robot_r1_jax.rl.sampler import Sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+  """How a rollout becomes updates. Batch sizes count prompts unless they say sequences."""
+
+  algo: str = "grpo"
+  num_generations: int = 5  # G
+  train_batch_size: int = 128  # prompts per optimizer update (a mini-batch of G·this sequences)
+  micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate exactly
+  num_updates_per_rollout: int = 1  # μ passes over the rollout's mini-batches
+  max_new_tokens: int = 256
+  kl_in_reward: bool = False  # KL in the reward (through the estimator) instead of the loss
+  reward_kl_estimator: str = "k1"
+  loss: losses.PolicyLossConfig = losses.PolicyLossConfig()
+  advantage: adv_lib.AdvantageOptions = adv_lib.AdvantageOptions()
+  reward_weights: rewards.RewardWeights = rewards.RewardWeights()
+  max_consecutive_bad_steps: int = 3
+
+  def __post_init__(self):
+    adv_lib.get_estimator(self.algo)  # raises naming the valid estimators
+    if self.reward_kl_estimator not in losses.KL_ESTIMATORS:
+      raise ValueError(f"reward_kl_estimator={self.reward_kl_estimator!r} is not one of "
+                       f"{sorted(losses.KL_ESTIMATORS)}")
+    rows = self.train_batch_size * self.num_generations
+    if rows % self.micro_batch_size:
+      raise ValueError(f"train_batch_size × num_generations = {rows} sequences is not a multiple "
+                       f"of micro_batch_size={self.micro_batch_size}")
+
+  @property
+  def needs_reference(self) -> bool:
+    return (self.loss.kl_coef > 0 and not self.kl_in_reward) or (
+        self.kl_in_reward and self.advantage.kl_coef > 0)
+
+  @property
+  def loss_config(self) -> losses.PolicyLossConfig:
+    """The KL leaves the loss when it is in the reward."""
+    return dataclasses.replace(self.loss, kl_coef=0.0) if self.kl_in_reward else self.loss
+
+
+@struct.dataclass
+class Sequences:
+  """Prompt + completion rows scored by a forward pass (row-major over B·G)."""
+
+  prompt_ids: jax.Array  # [B, T] int32, left-padded
+  prompt_mask: jax.Array  # [B, T] int32
+  completion: jax.Array  # [B, N] int32
+  completion_mask: jax.Array  # [B, N] int32 (a prefix of each row)
+  pixel_values: jax.Array | None  # [B, P, patch_dim] f32: each row's image, or None
+
+
+@struct.dataclass
+class TrainRows:
+  """What one optimizer update consumes, stacked as [M micro-batches, rows, …]."""
+
+  seqs: Sequences
+  old_logp: jax.Array  # [M, R, N] f32 (unused when on-policy)
+  ref_logp: jax.Array  # [M, R, N] f32 (zeros when no KL in the loss)
+  advantages: jax.Array  # [M, R, N] f32
+
+
+def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] | None
+                       ) -> tuple[jax.Array, jax.Array]:
+  """(log-probs [B, N] f32 of the completion tokens, entropy [B, N] f32) under `model`.
+
+  Positions are the ones the sampler decoded with: the prompt's M-RoPE index, then one step per
+  completion token. A generated `<|image_pad|>` id is therefore never mistaken for an image.
+  """
+  prompt_len, n = seqs.prompt_ids.shape[1], seqs.completion.shape[1]
+  cfg = model.cfg
+  grids = None if image_grid is None else (image_grid,) * seqs.prompt_ids.shape[0]
+  index = rope.get_rope_index(seqs.prompt_ids, seqs.prompt_mask, grids,
+                              image_token_id=cfg.image_token_id,
+                              spatial_merge_size=cfg.vision.spatial_merge_size)
+  completion_pos = rope.decode_positions(seqs.prompt_mask.sum(1).astype(jnp.int32), index.deltas,
+                                         n)
+  positions = jnp.concatenate([index.positions, completion_pos], axis=2)
+  ids = jnp.concatenate([seqs.prompt_ids, seqs.completion], axis=1)
+  mask = jnp.concatenate([seqs.prompt_mask, seqs.completion_mask], axis=1)
+  pixels = None if seqs.pixel_values is None else seqs.pixel_values.reshape(
+      -1, seqs.pixel_values.shape[-1])
+  # Logits at position t predict token t+1: the completion is predicted from [T−1, T+N−1).
+  image_mask = jnp.concatenate([seqs.prompt_ids == cfg.image_token_id,
+                                jnp.zeros(seqs.completion.shape, bool)], axis=1)
+  out = model.forward(ids[:, :-1], mask[:, :-1], pixels, grids, positions=positions[:, :, :-1],
+                      logits_from=prompt_len - 1, image_mask=image_mask[:, :-1])
+  return (losses.token_log_probs(out.logits, seqs.completion),
+          jax.lax.stop_gradient(losses.token_entropy(out.logits)))
+
+
+class Learner:
+  """Owns the policy parameters, the frozen reference, the optimizer and the compiled steps."""
+
+  def __init__(self, model: Qwen25VL, optimizer: optax.GradientTransformation,
+               sampler: Sampler, config: LearnerConfig, mesh: Mesh,
+               lr_schedule: optax.Schedule | None = None):
+    self.model, self.sampler, self.config, self.mesh = model, sampler, config, mesh
+    self.lr_schedule = lr_schedule
+    self.graphdef, params = nnx.split(model, nnx.Param)
+    self.optimizer = optimizer
+    self.params = params
+    # Scalars such as Adam's step count come out of init on one device; replicate them on the mesh
+    # so that they keep one placement across steps.
+    replicated = NamedSharding(mesh, PartitionSpec())
+    self.opt_state = jax.tree.map(
+        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+        jax.jit(optimizer.init)(params))
+    # A frozen copy of the initial policy, sharded like it (copies, so donation cannot alias).
+    self.ref_params = (jax.tree.map(jnp.copy, params) if config.needs_reference else None)
+    self._log_probs = jax.jit(self._log_probs_impl, static_argnames=("image_grid",))
+    # Outputs keep the inputs' placements, so step 2 sees the same shardings as step 1 and reuses
+    # its executable.
+    placement = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+    self._train_step = jax.jit(self._train_step_impl, donate_argnums=(0, 1),
+                               static_argnames=("image_grid", "on_policy"),
+                               out_shardings=(placement(params), placement(self.opt_state), None))
+    self.bad_steps = 0
+
+  # ---------------------------------------------------------------------------- compiled pieces
+
+  def _model(self, params) -> Qwen25VL:
+    return nnx.merge(self.graphdef, params)
+
+  def _log_probs_impl(self, params, seqs: Sequences, image_grid):
+    return sequence_log_probs(self._model(params), seqs, image_grid)[0]
+
+  def _train_step_impl(self, params, opt_state, rows: TrainRows, *, image_grid, on_policy: bool):
+    cfg = self.config.loss_config
+
+    def micro(carry, mb: TrainRows):
+      grads_acc, out_acc = carry
+
+      def loss_sum(p):
+        logp, entropy = sequence_log_probs(self._model(p), mb.seqs, image_grid)
+        old = jax.lax.stop_gradient(logp) if on_policy else mb.old_logp
+        out = losses.policy_loss(logp, old, mb.advantages, mb.seqs.completion_mask, cfg,
+                                 ref_logp=mb.ref_logp if cfg.kl_coef > 0 else None,
+                                 entropy=entropy)
+        return out.loss_sum, out
+
+      grads, out = jax.grad(loss_sum, has_aux=True)(params)
+      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+      return (grads_acc, out if out_acc is None else out_acc.merge(out)), None
+
+    first = jax.tree.map(lambda x: x[0], rows)
+    (grads, out), _ = micro((jax.tree.map(jnp.zeros_like, params), None), first)
+    rest = jax.tree.map(lambda x: x[1:], rows)
+    (grads, out), _ = jax.lax.scan(micro, (grads, out), rest)
+    grads = losses.finalize_grads(grads, out)
+    grad_norm = optax.global_norm(grads)
+    loss = losses.finalize(out)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = self.optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    # A non-finite step leaves parameters and optimizer state untouched (the host counts it).
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    metrics = {**losses.loss_metrics(out), "loss": loss, "grad_norm": grad_norm,
+               "finite": finite}
+    return keep(new_params, params), keep(new_opt, opt_state), metrics
+
+  # ------------------------------------------------------------------------------- host side
+
+  def log_probs(self, params, seqs: Sequences, image_grid) -> jax.Array:
+    """Log-probs [B, N] computed micro-batch by micro-batch (bounded activation memory)."""
+    mb = self.config.micro_batch_size
+    rows = seqs.prompt_ids.shape[0]
+    parts = [self._log_probs(params, jax.tree.map(lambda x: x[i:i + mb], seqs),
+                             image_grid=image_grid) for i in range(0, rows, mb)]
+    return jnp.concatenate(parts, axis=0)
+
+  def step(self, batch: Any, key: jax.Array) -> StepResult:
+    """One RL step on a loader batch (prompts with `input_ids`, `attention_mask`, `pixel_values`,
+    `image_grid_thw`, `answers`, `question_types`): returns metrics and the sampled rollouts."""
+    cfg, g = self.config, self.config.num_generations
+    timer: dict[str, float] = {}
+    tic = time.perf_counter()
+
+    # Rollout: G completions per prompt from one prefill.
+    grids = np.asarray(batch.image_grid_thw) if batch.pixel_values is not None else None
+    out = self.sampler(batch.input_ids, batch.attention_mask, jax.random.fold_in(key, 0),
+                       max_new_tokens=cfg.max_new_tokens, pixel_values=batch.pixel_values,
+                       image_grid_thw=grids)
+    completion_mask = np.asarray(out.mask).astype(np.int32)
+    timer["rollout"] = time.perf_counter() - tic
+
+    # Reward: rule-based, on the detokenised completions.
+    tic = time.perf_counter()
+    answers = np.repeat(np.asarray(batch.answers), g)
+    reward = rewards.compute_rewards(list(out.text), list(answers), cfg.reward_weights)
+    timer["reward"] = time.perf_counter() - tic
+
+    # Reference and old log-probs, then advantages.
+    tic = time.perf_counter()
+    image_grid = None if grids is None else _single_grid(grids)
+    pixels = None
+    if batch.pixel_values is not None:
+      pv = np.asarray(batch.pixel_values)
+      pixels = repeat_rows(pv.reshape(len(batch.input_ids), -1, pv.shape[-1]), g)
+    seqs = Sequences(prompt_ids=jnp.asarray(out.prompt_tokens, jnp.int32),
+                     prompt_mask=jnp.asarray(out.prompt_mask, jnp.int32),
+                     completion=jnp.asarray(out.tokens, jnp.int32),
+                     completion_mask=jnp.asarray(completion_mask),
+                     pixel_values=None if pixels is None else jnp.asarray(pixels))
+    rows = completion_mask.shape[0]
+    per_update = cfg.train_batch_size * g
+    if rows % per_update:
+      raise ValueError(f"a rollout of {rows} sequences does not split into updates of "
+                       f"train_batch_size × G = {per_update}")
+    updates = rows // per_update * cfg.num_updates_per_rollout
+    on_policy = updates == 1
+    zeros = jnp.zeros(completion_mask.shape, jnp.float32)
+    ref_logp = (self.log_probs(self.ref_params, seqs, image_grid) if cfg.needs_reference
+                else zeros)
+    old_logp = zeros if on_policy else self.log_probs(self.params, seqs, image_grid)
+    behaviour = out.log_probs if on_policy else old_logp
+    kl = losses.kl_divergence(behaviour, ref_logp, cfg.reward_kl_estimator) * completion_mask
+    advantages = adv_lib.get_estimator(cfg.algo)(
+        jnp.asarray(reward.total, jnp.float32), jnp.asarray(completion_mask), g,
+        kl if cfg.kl_in_reward else None, options=cfg.advantage)
+    timer["advantage"] = time.perf_counter() - tic
+
+    # μ passes of mini-batch updates, each accumulating micro-batch gradients.
+    tic = time.perf_counter()
+    everything = TrainRows(seqs=seqs, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+    step_metrics = []
+    for _ in range(cfg.num_updates_per_rollout):
+      order = rng.permutation(rows)
+      for start in range(0, rows, per_update):
+        mb = stack_micro_batches(everything, order[start:start + per_update],
+                                 cfg.micro_batch_size)
+        mb = jax.device_put(mb, jax.tree.map(lambda x: micro_batch_sharding(self.mesh, x.ndim), mb))
+        self.params, self.opt_state, m = self._train_step(
+            self.params, self.opt_state, mb, image_grid=image_grid, on_policy=on_policy)
+        step_metrics.append(m)
+    self.commit()
+    timer["update"] = time.perf_counter() - tic
+
+    update_metrics = {k: float(np.mean([float(m[k]) for m in step_metrics]))
+                      for k in step_metrics[0]}
+    skipped = sum(1 - int(m["finite"]) for m in step_metrics)
+    self.bad_steps = self.bad_steps + 1 if skipped else 0
+    valid = completion_mask.astype(bool)
+    adv_np = np.asarray(advantages)[valid]
+    metrics = {
+        **reward.summary(),
+        **_accuracy_by_type(reward.answer, np.repeat(np.asarray(batch.question_types), g)),
+        "kl/policy_ref": float(np.asarray(kl).sum() / max(valid.sum(), 1)),
+        "response_length/mean": float(completion_mask.sum(1).mean()),
+        "response_length/clipped_fraction": float(np.mean(np.asarray(out.finish_reasons) == 1)),
+        "advantage/mean": float(adv_np.mean()) if adv_np.size else 0.0,
+        "advantage/std": float(adv_np.std()) if adv_np.size else 0.0,
+        "updates/skipped_non_finite": float(skipped),
+        **({"update/learning_rate": float(self.lr_schedule(
+            _update_count(self.opt_state)))} if self.lr_schedule else {}),
+        "tokens/generated": float(completion_mask.sum()),
+        **{f"update/{k}": v for k, v in update_metrics.items() if k != "finite"},
+        **{f"time/{k}": v for k, v in timer.items()},
+    }
+    rollouts = [dict(completion=t, answer=str(a), reward=float(r), question_type=str(q))
+                for t, a, r, q in zip(out.text, answers, reward.total,
+                                      np.repeat(np.asarray(batch.question_types), g))]
+    return StepResult(metrics=metrics, rollouts=rollouts)
+
+  def commit(self) -> None:
+    """Makes the model (and hence the sampler) see the current parameters."""
+    nnx.update(self.model, self.params)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+  metrics: dict[str, float]
+  rollouts: list[dict[str, Any]]
+
+
+def _single_grid(grids: np.ndarray) -> tuple[int, int, int]:
+  """The one image grid shared by every prompt (the loader resizes images to one size)."""
+  unique = {tuple(int(v) for v in g) for g in np.asarray(grids).reshape(-1, 3)}
+  if len(unique) != 1:
+    raise ValueError(f"a batch mixes image grids {sorted(unique)}; extract with one --image_size")
+  return unique.pop()
+
+
+def _update_count(opt_state) -> jax.Array:
+  """Optimizer updates applied so far (the schedule's step), as stored by Adam's state."""
+  return optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
+
+
+def _accuracy_by_type(answer: np.ndarray, types: np.ndarray) -> dict[str, float]:
+  out = {"accuracy/all": float(np.mean(answer))}
+  for t in sorted(set(types.tolist())):
+    out[f"accuracy/{t}"] = float(np.mean(answer[types == t]))
+  return out
+
+
+def repeat_rows(x: np.ndarray | None, times: int) -> np.ndarray | None:
+  return None if x is None else np.repeat(x, times, axis=0)
+
+
+def stack_micro_batches(tree: Any, rows: Sequence[int] | np.ndarray, micro: int) -> Any:
+  """Selects `rows` of every leaf and reshapes them to [len(rows)/micro, micro, …]."""
+  idx = np.asarray(rows)
+  return jax.tree.map(lambda x: x[idx].reshape((len(idx) // micro, micro) + x.shape[1:]), tree)
+
+
+def micro_batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """[M, R, …] stacks: the micro-batch rows R over (data, fsdp)."""
+  return NamedSharding(mesh, PartitionSpec(None, sharding.logical_to_spec(("batch",))[0],
+                                           *([None] * (ndim - 2))))

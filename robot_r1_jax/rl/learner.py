@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -119,9 +119,11 @@ class Learner:
 
   def __init__(self, model: Qwen25VL, optimizer: optax.GradientTransformation,
                sampler: Sampler, config: LearnerConfig, mesh: Mesh,
-               lr_schedule: optax.Schedule | None = None):
+               lr_schedule: optax.Schedule | None = None, reward_fn: RewardFn | None = None):
     self.model, self.sampler, self.config, self.mesh = model, sampler, config, mesh
     self.lr_schedule = lr_schedule
+    self.reward_fn = reward_fn or (
+        lambda texts, answers: rewards.compute_rewards(texts, answers, config.reward_weights))
     self.graphdef, params = nnx.split(model, nnx.Param)
     self.optimizer = optimizer
     self.params = params
@@ -173,7 +175,7 @@ class Learner:
     rest = jax.tree.map(lambda x: x[1:], rows)
     (grads, out), _ = jax.lax.scan(micro, (grads, out), rest)
     grads = losses.finalize_grads(grads, out)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     loss = losses.finalize(out)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = self.optimizer.update(grads, opt_state, params)
@@ -212,7 +214,7 @@ class Learner:
     # Reward: rule-based, on the detokenised completions.
     tic = time.perf_counter()
     answers = np.repeat(np.asarray(batch.answers), g)
-    reward = rewards.compute_rewards(list(out.text), list(answers), cfg.reward_weights)
+    reward = self.reward_fn(list(out.text), [str(a) for a in answers])
     timer["reward"] = time.perf_counter() - tic
 
     # Reference and old log-probs, then advantages.
@@ -286,17 +288,24 @@ class Learner:
     rollouts = [dict(completion=t, answer=str(a), reward=float(r), question_type=str(q))
                 for t, a, r, q in zip(out.text, answers, reward.total,
                                       np.repeat(np.asarray(batch.question_types), g))]
-    return StepResult(metrics=metrics, rollouts=rollouts)
+    return StepResult(metrics=metrics, rollouts=rollouts, scores=np.asarray(reward.total),
+                      advantages=np.asarray(advantages), completion_mask=completion_mask)
 
   def commit(self) -> None:
     """Makes the model (and hence the sampler) see the current parameters."""
     nnx.update(self.model, self.params)
 
 
+RewardFn = Callable[[list[str], list[str]], rewards.RewardOutput]
+
+
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-  metrics: dict[str, float]
-  rollouts: list[dict[str, Any]]
+  metrics: dict[str, float]  # scalars for logging
+  rollouts: list[dict[str, Any]]  # one record per completion
+  scores: np.ndarray  # [B·G] total rewards
+  advantages: np.ndarray  # [B·G, N]
+  completion_mask: np.ndarray  # [B·G, N]
 
 
 def _single_grid(grids: np.ndarray) -> tuple[int, int, int]:

@@ -1,0 +1,140 @@
+"""The RL step end to end on the tiny model: estimator formulas, no recompilation, non-finite guard."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from robot_r1_jax.data.loader import Batch
+from robot_r1_jax.launch import mesh as mesh_lib
+from robot_r1_jax.launch import pipeline
+from robot_r1_jax.model import config as config_lib
+from robot_r1_jax.model import processor
+from robot_r1_jax.model.qwen2_5_vl import init_model
+from robot_r1_jax.rl import losses, rewards, sampling
+from robot_r1_jax.rl.learner import Learner, LearnerConfig
+from robot_r1_jax.rl.sampler import Sampler, SamplerConfig
+
+G = 4
+PROMPTS = 2
+
+
+@pytest.fixture(scope="module")
+def setup():
+  tokenizer = processor.load_tokenizer()
+  rng = np.random.default_rng(0)
+  rows, pixels, grids = [], [], []
+  for text in ("Which way? [[A]] up [[B]] down", "Where next? [[A]] left [[B]] right [[C]] on"):
+    pv, grid = processor.preprocess_image(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8))
+    rows.append(processor.build_prompt_ids(tokenizer, text, grid))
+    pixels.append(pv)
+    grids.append(grid)
+  length = 64
+  ids = np.full((PROMPTS, length), tokenizer.pad_token_id, np.int32)
+  mask = np.zeros((PROMPTS, length), np.int32)
+  for b, row in enumerate(rows):
+    ids[b, length - len(row):], mask[b, length - len(row):] = row, 1
+  arr = lambda *v: np.array(v)
+  batch = Batch(input_ids=ids, attention_mask=mask, pixel_values=np.concatenate(pixels),
+                image_grid_thw=np.array(grids, np.int32), answers=arr("[[A]]", "[[C]]"),
+                question_types=arr("movement", "waypoint"), tasks=arr("t", "t"),
+                episodes=arr("e0", "e1"), frames=arr(0, 10), record_indices=arr(0, 1),
+                epochs=arr(0, 0), valid=arr(True, True))
+  mesh = mesh_lib.make_mesh("data=1,fsdp=1,tensor=1", devices=jax.devices()[:1])
+  return tokenizer, batch, mesh
+
+
+def _learner(setup, reward_fn=None, **overrides):
+  tokenizer, _, mesh = setup
+  model = init_model(config_lib.tiny(), seed=0, mesh=mesh)
+  sampler = Sampler(model, SamplerConfig(
+      stop_tokens=(1002, 1000), num_samples=G, pad_id=tokenizer.pad_token_id,
+      prompt_buckets=(64,), new_token_buckets=(16,),
+      sampling=sampling.SamplingParams(temperature=1.0, top_p=1.0, top_k=0)),
+      mesh=mesh, tokenizer=tokenizer)
+  optimizer, schedule = pipeline.build_optimizer(learning_rate=1e-3, schedule="constant",
+                                                 warmup_steps=0, total_steps=10,
+                                                 weight_decay=0.0, grad_clip=1.0)
+  cfg = LearnerConfig(num_generations=G, train_batch_size=PROMPTS, micro_batch_size=4,
+                      max_new_tokens=16, **overrides)
+  return Learner(model, optimizer, sampler, cfg, mesh, lr_schedule=schedule,
+                 reward_fn=reward_fn)
+
+
+def _parity_reward(texts, answers):
+  """A non-degenerate reward on random text: 1 when the completion has an even length."""
+  del answers
+  total = np.array([float(len(t) % 2 == 0) for t in texts], np.float32)
+  zeros = np.zeros_like(total)
+  return rewards.RewardOutput(format=zeros, answer=total, xyz=zeros,
+                              open_ended=np.zeros(len(texts), bool), total=total)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "rloo", "reinforce_pp"])
+def test_advantages_follow_each_estimator(setup, algo):
+  learner = _learner(setup, _parity_reward, algo=algo)
+  result = learner.step(setup[1], jax.random.key(1))
+  scores = result.scores.reshape(PROMPTS, G)
+  assert 0 < scores.mean() < 1, "the test reward should not be degenerate"
+  mask = result.completion_mask.astype(bool)
+  first = result.advantages[:, 0].reshape(PROMPTS, G)  # every completion has >= 1 token
+  mean = scores.mean(1, keepdims=True)
+  if algo == "grpo":
+    want = (scores - mean) / (scores.std(1, ddof=1, keepdims=True) + 1e-6)
+  elif algo == "dr_grpo":
+    want = scores - mean
+  elif algo == "rloo":
+    want = scores - (scores.sum(1, keepdims=True) - scores) / (G - 1)
+  if algo == "reinforce_pp":
+    valid = result.advantages[mask]
+    np.testing.assert_allclose(valid.mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(valid.var(ddof=1), 1.0, rtol=1e-4)
+  else:
+    np.testing.assert_allclose(first, want, rtol=1e-5, atol=1e-6)
+    # Outcome estimators give every response token the sequence's advantage.
+    rows = np.repeat(first.reshape(-1, 1), mask.shape[1], 1)
+    np.testing.assert_allclose(result.advantages[mask], rows[mask], rtol=1e-6)
+  assert np.all(result.advantages[~mask] == 0)
+  assert np.isfinite(result.metrics["update/loss"])
+
+
+def test_second_step_reuses_every_executable_and_moves_parameters(setup):
+  learner = _learner(setup, _parity_reward, num_updates_per_rollout=2)
+  before = np.asarray(learner.params["text"]["layers"]["mlp"]["up"].get_value()).copy()
+  results = [learner.step(setup[1], jax.random.key(s)) for s in range(3)]
+  assert learner._train_step._cache_size() == 1
+  assert learner._log_probs._cache_size() == 1
+  assert learner.sampler.traces.counts == {"prefill": 1, "decode": 1}
+  after = np.asarray(learner.model.text.layers.mlp.up.get_value())
+  assert not np.allclose(before, after), "the model the sampler reads was not updated"
+  # Two passes over the rollout: the second sees the first's update, so ratios move off 1.
+  assert all(r.metrics["update/ratio_max"] > 1.0 for r in results)
+  assert all(r.metrics["update/learning_rate"] == pytest.approx(1e-3) for r in results)
+
+
+def test_non_finite_rewards_skip_the_update(setup):
+  def nan_reward(texts, answers):
+    out = _parity_reward(texts, answers)
+    return rewards.RewardOutput(format=out.format, answer=out.answer, xyz=out.xyz,
+                                open_ended=out.open_ended, total=out.total * np.nan)
+
+  learner = _learner(setup, nan_reward)
+  before = jax.tree.map(np.asarray, nnx.to_pure_dict(learner.params))
+  result = learner.step(setup[1], jax.random.key(0))
+  assert result.metrics["updates/skipped_non_finite"] == 1.0
+  assert learner.bad_steps == 1
+  after = jax.tree.map(np.asarray, nnx.to_pure_dict(learner.params))
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def test_kl_in_reward_moves_the_kl_out_of_the_loss():
+  cfg = LearnerConfig(kl_in_reward=True, loss=losses.PolicyLossConfig(kl_coef=0.05),
+                      micro_batch_size=5)
+  assert cfg.loss_config.kl_coef == 0.0 and cfg.needs_reference
+  assert not LearnerConfig(loss=losses.PolicyLossConfig(kl_coef=0.0)).needs_reference
+  with pytest.raises(ValueError, match="micro_batch_size"):
+    LearnerConfig(train_batch_size=3, num_generations=5, micro_batch_size=4)
+  with pytest.raises(ValueError, match="grpo"):
+    LearnerConfig(algo="ppo")

@@ -277,8 +277,9 @@ class Sampler:
                     new_bucket: int) -> DecodeState:
     model = nnx.merge(self._graphdef, params)
     b, t = ids.shape
-    out = model.forward(ids, mask, pixel_values, grid,
-                        cache=model.init_cache(b, t + new_bucket))
+    # Only the last position's logits are needed: skips a [B, T, V] head output.
+    out = model.forward(ids, mask, pixel_values, grid, cache=model.init_cache(b, t + new_bucket),
+                        logits_from=t - 1)
     g = self.config.num_samples
     # One prefill per prompt; the G samples share it. jnp.repeat keeps a prompt's copies adjacent.
     rep = lambda x, axis=0: self._rows(jnp.repeat(x, g, axis=axis), axis)
@@ -286,7 +287,7 @@ class Sampler:
     cache = KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1), valid=rep(cache.valid),
                     index=cache.index)
     # Left padding puts every prompt's last real token in the last slot.
-    return DecodeState(cache=cache, logits=rep(out.logits[:, -1].astype(jnp.float32)),
+    return DecodeState(cache=cache, logits=rep(out.logits[:, 0].astype(jnp.float32)),
                        rope_deltas=rep(out.rope_deltas), prompt_tokens=rep(ids),
                        prompt_mask=rep(mask))
 

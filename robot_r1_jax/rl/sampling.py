@@ -60,30 +60,63 @@ def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
   return jnp.where(logits >= kth, logits, -jnp.inf)
 
 
+def _ordered_bits(x: jax.Array) -> jax.Array:
+  """f32 → int32 keys in the same order (IEEE-754 sign-magnitude → two's complement)."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
 def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
   """[B, V] logits keeping, per row, the most likely tokens until their mass first reaches p.
 
-  A token is kept when the mass of the strictly more likely tokens is below p (so the top token is
-  always kept), as Hugging Face's TopPLogitsWarper. −inf entries (from top-k) carry no mass.
+  A token is kept when the mass of the strictly more likely tokens is below p, as Hugging Face's
+  TopPLogitsWarper does (so the top token is always kept; ties are kept together). −inf entries
+  (from top-k) carry no mass.
+
+  Instead of sorting the vocabulary (≈0.45 s per step for 40 × 32K logits on a CPU), the smallest
+  kept logit is found by bisection over the logits' order-preserving int32 keys: the predicate
+  "mass strictly above key k < p" is monotone in k, and 32 halvings of the 2^32 keys reach the
+  exact threshold, each costing one masked sum over [B, V].
   """
-  ordered = -jnp.sort(-logits, axis=-1)  # descending
-  probs = jax.nn.softmax(ordered, axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  num_kept = jnp.sum(mass_before < p, axis=-1, keepdims=True)
-  threshold = jnp.take_along_axis(ordered, num_kept - 1, axis=-1)
-  return jnp.where(logits >= threshold, logits, -jnp.inf)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  keys = _ordered_bits(logits)
+
+  def halve(_, bounds):
+    # Invariant: the predicate is false at lo and true at hi.
+    lo, hi = bounds
+    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int32 overflow
+    above = jnp.sum(jnp.where(keys > mid, probs, 0.0), axis=-1, keepdims=True)
+    return jnp.where(above < p, lo, mid), jnp.where(above < p, mid, hi)
+
+  # lo: below every token (all mass above it, ≥ p); hi: the top token (no mass above it).
+  lo = keys.min(axis=-1, keepdims=True) - 1
+  hi = keys.max(axis=-1, keepdims=True)
+  _, threshold = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+  return jnp.where(keys >= threshold, logits, -jnp.inf)
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+  """[B, V] → [B] int32 index of each row's first maximum, as jnp.argmax.
+
+  Written as a max and a min over indices: XLA:CPU runs jnp.argmax's (value, index) reduction
+  about 5× slower than these two plain reductions (6 ms vs 1.2 ms for 40 × 32K).
+  """
+  top = x.max(axis=-1, keepdims=True)
+  index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
 
 
 def choose(logits: jax.Array, key: jax.Array, params: SamplingParams) -> Choice:
   """One token per row of [B, V] logits, with its f32 log-probability.
 
-  Rows draw independently from one key (jax.random.categorical splits it over the batch), so the
-  result depends only on the key and the logits, never on how the batch is sharded.
+  Sampling is the Gumbel-max trick, as jax.random.categorical (same key → same tokens); one key
+  covers the batch, so a row's draw depends only on the key, its logits and the batch shape, never
+  on how the batch is sharded.
   """
   # f32 whatever the compute dtype: a bf16 log-softmax over a 150K vocabulary loses ~2 digits.
   logits = logits.astype(jnp.float32)
   if params.greedy:
-    tokens = jnp.argmax(logits, axis=-1)
+    tokens = first_argmax(logits)
   else:
     logits = logits / params.temperature
     truncated = logits
@@ -91,7 +124,6 @@ def choose(logits: jax.Array, key: jax.Array, params: SamplingParams) -> Choice:
       truncated = top_k_mask(truncated, params.top_k)
     if params.top_p < 1:
       truncated = top_p_mask(truncated, params.top_p)
-    tokens = jax.random.categorical(key, truncated, axis=-1)
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  picked = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
-  return Choice(tokens=tokens.astype(jnp.int32), log_probs=picked)
+    tokens = first_argmax(truncated + jax.random.gumbel(key, truncated.shape))
+  picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+  return Choice(tokens=tokens, log_probs=picked - jax.nn.logsumexp(logits, axis=-1))

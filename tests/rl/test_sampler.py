@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import Mesh
 
-from robot_r1_jax.model import hf_io, sharding
-from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
+from robot_r1_jax.model import hf_io, processor, sharding
+from robot_r1_jax.model.qwen2_5_vl import Qwen25VL, init_model
 from robot_r1_jax.rl import sampling
 from robot_r1_jax.rl.sampler import FinishReason, Sampler, SamplerConfig
 
@@ -20,7 +19,7 @@ from hf_reference import build_hf, left_padded_batch, tiny_config
 
 EOS = 1002  # <|im_end|> of the tiny tokenizer, the tiny config's eos
 PAD = 1000  # <|endoftext|>
-BUCKETS = dict(prompt_buckets=(16, 32), new_token_buckets=(24, 48))
+BUCKETS = dict(prompt_buckets=(16, 32, 64), new_token_buckets=(24, 48))
 
 
 def _prompts(lengths=(13, 7, 10, 4), total=13, seed=0):
@@ -29,7 +28,32 @@ def _prompts(lengths=(13, 7, 10, 4), total=13, seed=0):
 
 @pytest.fixture(scope="module")
 def model():
-  return Qwen25VL(tiny_config(), rngs=nnx.Rngs(3))
+  return init_model(tiny_config(), seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  pytest.importorskip("transformers")
+  return processor.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def image_prompts(tokenizer):
+  """Three left-padded chat prompts of different lengths, each with a differently sized image."""
+  rng = np.random.default_rng(6)
+  rows, pixels, grids = [], [], []
+  for text, (h, w) in [("Where is the cup?", (56, 56)),
+                       ("Move the gripper to the red block, then describe the path.", (84, 112)),
+                       ("Push the button.", (112, 112))]:
+    pv, grid = processor.preprocess_image(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+    rows.append(processor.build_prompt_ids(tokenizer, text, grid))
+    pixels.append(pv)
+    grids.append(grid)
+  ids = np.zeros((len(rows), max(map(len, rows))), np.int64)
+  mask = np.zeros_like(ids)
+  for b, row in enumerate(rows):
+    ids[b, ids.shape[1] - len(row):], mask[b, ids.shape[1] - len(row):] = row, 1
+  return ids, mask, pixels, tuple(grids)
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +81,16 @@ def _check_layout(out, pad_id=0):
 # Greedy decoding equals transformers' generate.
 
 
-def _hf_generate(hf, ids, mask, max_new_tokens, stops):
+def _hf_generate(hf, ids, mask, max_new_tokens, stops, pixel_values=None, grids=None):
+  """transformers' greedy generate → (new tokens [B, max_new_tokens], lengths up to the stop)."""
   import torch
+  t_ids = torch.from_numpy(ids)
+  images = {} if pixel_values is None else dict(
+      pixel_values=torch.from_numpy(pixel_values), image_grid_thw=torch.tensor(grids))
   with torch.no_grad():
-    seq = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                      mm_token_type_ids=torch.zeros_like(torch.from_numpy(ids)),
+    # mm_token_type_ids: without it transformers silently falls back to 1-D positions.
+    seq = hf.generate(input_ids=t_ids, attention_mask=torch.from_numpy(mask),
+                      mm_token_type_ids=(t_ids == hf.config.image_token_id).int(), **images,
                       do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(stops),
                       pad_token_id=PAD)
   new = seq[:, ids.shape[1]:].numpy()
@@ -72,26 +101,49 @@ def _hf_generate(hf, ids, mask, max_new_tokens, stops):
   return new, np.array(lengths)
 
 
-def test_greedy_equals_hf_generate_left_padded(tmp_path):
-  pytest.importorskip("torch")
-  from robot_r1_jax.model import processor
-  cfg = tiny_config()
-  new_tokens = 40
-  ids, mask = _prompts()
+def _sharp_hf(cfg, path):
+  """Saves a random HF model with its text weights ×5 to `path`; returns a loader of fresh copies.
+
+  With transformers' 0.02-std init the decoder is nearly a bigram model and greedy decoding after a
+  chat prompt repeats one token; sharper weights give varied continuations, so every step is a
+  different decision. transformers caches rope_deltas on the module: each generate gets a fresh one.
+  """
+  import torch
+  transformers = pytest.importorskip("transformers")
   hf = build_hf(cfg, seed=5)
-  hf.save_pretrained(tmp_path)
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      if p.ndim == 2 and "language_model" in name:
+        p.mul_(5.0)
+  hf.save_pretrained(path)
+  return lambda: transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+      path, attn_implementation="eager").eval()
+
+
+def _mid_way_stop(free: np.ndarray) -> int:
+  """A token that first appears in row 1 at step ≥ 8 and never in some other row."""
+  for k in range(8, free.shape[1]):
+    token = free[1, k]
+    if token not in free[1, :k] and any(token not in row for row in free):
+      return int(token)
+  raise AssertionError(f"no mid-way stop token in {free}")
+
+
+def _assert_greedy_matches_hf(tmp_path, cfg, tokenizer, ids, mask, pixel_values=None,
+                              grids=None, new_tokens=40):
+  """Greedy sampler == transformers' generate, with a stop token hit mid-way by some rows."""
+  fresh_hf = _sharp_hf(cfg, tmp_path)
   _, ours = hf_io.load_hf(tmp_path)
-  # Stop on a token that greedy decoding really emits mid-way, so per-row stopping is exercised.
-  free, _ = _hf_generate(hf, ids, mask, new_tokens, [EOS])
-  stop = int(free[1, 12])
-  stops = (EOS, stop)
-  want, want_lengths = _hf_generate(hf, ids, mask, new_tokens, stops)
+  free, _ = _hf_generate(fresh_hf(), ids, mask, new_tokens, [EOS], pixel_values, grids)
+  stops = (EOS, _mid_way_stop(free))
+  want, want_lengths = _hf_generate(fresh_hf(), ids, mask, new_tokens, stops, pixel_values,
+                                    grids)
   assert want_lengths.min() < new_tokens == want_lengths.max()
 
-  tokenizer = processor.load_tokenizer()
   greedy = Sampler(ours, SamplerConfig(stop_tokens=stops, sampling=sampling.SamplingParams(0.0),
                                        **BUCKETS), tokenizer=tokenizer)
-  out = greedy(ids, mask, jax.random.key(0), max_new_tokens=new_tokens)
+  out = greedy(ids, mask, jax.random.key(0), max_new_tokens=new_tokens,
+               pixel_values=pixel_values, image_grid_thw=grids)
   got = _np(out)
   np.testing.assert_array_equal(got.lengths, want_lengths)
   for row, n in enumerate(want_lengths):
@@ -105,14 +157,33 @@ def test_greedy_equals_hf_generate_left_padded(tmp_path):
     assert out.text[row] == tokenizer.decode(want[row, :n].tolist(), skip_special_tokens=True)
 
 
+def test_greedy_equals_hf_generate_left_padded(tmp_path, tokenizer):
+  pytest.importorskip("torch")
+  ids, mask = _prompts()
+  _assert_greedy_matches_hf(tmp_path, tiny_config(), tokenizer, ids, mask)
+
+
+def test_greedy_equals_hf_generate_with_images(tmp_path, tokenizer, image_prompts):
+  pytest.importorskip("torch")
+  ids, mask, pixels, grids = image_prompts
+  assert len(set(mask.sum(1))) == 3 and len(set(grids)) == 3
+  _assert_greedy_matches_hf(tmp_path, tiny_config(tie=False), tokenizer, ids, mask,
+                            np.concatenate(pixels), grids)
+
+
 # ---------------------------------------------------------------------------------------------
 # Log-probs equal a fresh forward over prompt + completion.
 
 
-def _fresh_log_probs(model, out, temperature):
+def _fresh_log_probs(model, out, temperature, pixel_values=None, grids=None):
+  """log softmax(logits / τ) of each completion token from one forward over prompt + completion,
+  with positions from the token ids (and image grids) alone, as any trainer would compute them."""
   ids = np.concatenate([out.prompt_tokens, out.tokens], axis=1)
   mask = np.concatenate([out.prompt_mask, out.mask], axis=1).astype(np.int32)
-  logits = np.asarray(model(ids, mask), np.float64) / temperature
+  if grids is not None:
+    # A sampled <|image_pad|> id would read as an image slot here (the sampler embedded it as text).
+    assert not (out.tokens[out.mask] == model.cfg.image_token_id).any()
+  logits = np.asarray(model(ids, mask, pixel_values, grids), np.float64) / temperature
   t = out.prompt_tokens.shape[1]
   # Position t - 1 + k predicts completion token k.
   logits = logits[:, t - 1:-1]
@@ -127,6 +198,22 @@ def test_log_probs_equal_fresh_forward_at_temperature_one(model, sampler):
   assert out.tokens.shape == (12, 24) and out.prompt_tokens.shape == (12, 16)
   _check_layout(out)
   want = _fresh_log_probs(model, out, 1.0)
+  np.testing.assert_allclose(out.log_probs[out.mask], want[out.mask], atol=1e-4, rtol=0)
+
+
+def test_log_probs_equal_fresh_forward_with_images(image_prompts):
+  ids, mask, pixels, grids = image_prompts
+  model = init_model(tiny_config(tie=False), seed=8)
+  g = 2
+  images = Sampler(model, SamplerConfig(stop_tokens=(EOS,), sampling=sampling.SamplingParams(
+      top_p=0.9), num_samples=g, **BUCKETS))
+  out = _np(images(ids, mask, jax.random.key(5), max_new_tokens=24,
+                   pixel_values=np.concatenate(pixels), image_grid_thw=grids))
+  _check_layout(out)
+  # Row b·G + g samples prompt b: its image, repeated G times, in row order.
+  row_pixels = np.concatenate([pv for pv in pixels for _ in range(g)])
+  row_grids = tuple(grid for grid in grids for _ in range(g))
+  want = _fresh_log_probs(model, out, 1.0, row_pixels, row_grids)
   np.testing.assert_allclose(out.log_probs[out.mask], want[out.mask], atol=1e-4, rtol=0)
 
 
@@ -201,6 +288,17 @@ def test_choose_greedy():
   np.testing.assert_allclose(np.asarray(choice.log_probs), np.asarray(want), rtol=1e-6)
 
 
+def test_choose_draws_what_categorical_draws():
+  """Gumbel-max with the two-reduction argmax: jax.random.categorical's tokens, ties included."""
+  logits = jax.random.normal(jax.random.key(1), (64, 300)).at[:, 7].set(-jnp.inf)
+  key = jax.random.key(9)
+  choice = jax.jit(sampling.choose, static_argnums=2)(logits, key, sampling.SamplingParams())
+  np.testing.assert_array_equal(np.asarray(choice.tokens),
+                                np.asarray(jax.random.categorical(key, logits)))
+  ties = jnp.asarray([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+  np.testing.assert_array_equal(np.asarray(sampling.first_argmax(ties)), [1, 0])
+
+
 def _forced_model(target_logits: np.ndarray) -> Qwen25VL:
   """A tiny model whose next-token logits are `target_logits` whatever the context.
 
@@ -209,7 +307,7 @@ def _forced_model(target_logits: np.ndarray) -> Qwen25VL:
   target_v·(1 − 5e-7) — far below the statistical resolution of the test.
   """
   cfg = tiny_config(tie=False)
-  model = Qwen25VL(cfg, rngs=nnx.Rngs(0))
+  model = init_model(cfg)
   layers = model.text.layers
   layers.attn.o[...] = jnp.zeros_like(layers.attn.o[...])
   layers.mlp.down[...] = jnp.zeros_like(layers.mlp.down[...])
@@ -318,8 +416,8 @@ def test_bad_inputs_are_named(sampler):
     sampler(ids[:, ::-1], mask[:, ::-1], jax.random.key(0), max_new_tokens=8)
   with pytest.raises(ValueError, match="max_new_tokens=49 exceeds"):
     sampler(ids, mask, jax.random.key(0), max_new_tokens=49)
-  with pytest.raises(ValueError, match="prompt length=40 exceeds"):
-    sampler(*_prompts(total=40), jax.random.key(0), max_new_tokens=8)
+  with pytest.raises(ValueError, match="prompt length=70 exceeds"):
+    sampler(*_prompts(total=70), jax.random.key(0), max_new_tokens=8)
   with pytest.raises(ValueError, match="top_p"):
     sampling.SamplingParams(top_p=0.0)
   with pytest.raises(ValueError, match="strictly increasing"):

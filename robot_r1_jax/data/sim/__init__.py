@@ -22,8 +22,7 @@ CLI: `python -m robot_r1_jax.data.sim --out DIR --tasks a,b --episodes N --image
 
 from robot_r1_jax.data.sim.camera import (FRONT_CAMERA, WRIST_CAMERA, CameraSpec, intrinsics,
                                           project, render)
-from robot_r1_jax.data.sim.episode import (CAMERAS, Episode, RenderConfig, Simulator, descriptions,
-                                           task_names)
+from robot_r1_jax.data.sim.episode import CAMERAS, Episode, RenderConfig, Simulator, task_names
 from robot_r1_jax.data.sim.expert import Waypoint
 from robot_r1_jax.data.sim.generate import (Summary, episode_dir, episode_seed, generate,
                                             record_successful)

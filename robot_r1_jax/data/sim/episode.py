@@ -116,13 +116,6 @@ class Simulator:
     self.close()
 
 
-def descriptions(task: str) -> list[str]:
-  """The task's natural-language variation descriptions (variation 0)."""
-  if task not in TASKS:
-    raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted(TASKS))}")
-  return list(TASKS[task].descriptions)
-
-
 def task_names(held_out: bool | None = None) -> list[str]:
   """All task names (sorted), or only the training (held_out=False) / held-out (True) ones."""
   return sorted(name for name, cls in TASKS.items() if held_out is None or cls.held_out == held_out)

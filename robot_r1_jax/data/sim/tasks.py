@@ -95,22 +95,22 @@ class PickUpCup(Task):
   descriptions = ("pick up the red cup", "lift the red cup off the table",
                   "grasp the red cup and raise it")
 
-  def build(self, rng):
+  def build(self, rng: np.random.Generator) -> None:
     (x, y, yaw), (dx, dy, dyaw) = _place(rng, [0.06, 0.06])
     self.bodies["cup"] = objects.cup(self.scene, x, y, yaw, "red")
     self.bodies["distractor"] = objects.cup(self.scene, dx, dy, dyaw,
                                             _other_colours(rng, ["red"], 1)[0])
 
-  def waypoints(self):
+  def waypoints(self) -> list[Waypoint]:
     cup = self.bodies["cup"]
     # At the cup's own yaw the fingers close along its y axis, clear of the handle on its x axis.
     yaw = objects.grasp_yaw(objects.body_yaw(self.scene, cup))
     return _pick(objects.xy(self.scene, cup), yaw, TABLE_TOP_Z + objects.CUP_HEIGHT * 0.6)
 
-  def graspable(self):
+  def graspable(self) -> tuple[int, ...]:
     return (self.bodies["cup"],)
 
-  def success(self, panda):
+  def success(self, panda: Panda) -> bool:
     cup = self.bodies["cup"]
     return panda.grasped == cup and self.scene.pose(cup)[0][2] > TABLE_TOP_Z + 0.1
 
@@ -120,14 +120,14 @@ class PushButton(Task):
   descriptions = ("push the red button", "press the red button", "press down the red button")
   gripper_open_at_start = False  # The closed fingers make a pad that fits on the cap.
 
-  def build(self, rng):
+  def build(self, rng: np.random.Generator) -> None:
     ((x, y, yaw),) = _place(rng, [0.08])
     self.bodies["button"] = objects.button(self.scene, x, y, "red",
                                            _other_colours(rng, ["red"], 1)[0])
     self._yaw = objects.grasp_yaw(yaw)
     self.deepest = 0.0
 
-  def waypoints(self):
+  def waypoints(self) -> list[Waypoint]:
     x, y = objects.xy(self.scene, self.bodies["button"])
     cap_top = TABLE_TOP_Z + objects.BUTTON_BASE_HEIGHT + objects.BUTTON_CAP_HEIGHT
     touch = cap_top + FINGERTIP_DEPTH
@@ -135,13 +135,13 @@ class PushButton(Task):
             Waypoint((x, y, touch - 0.01), self._yaw, ignore_collisions=True),
             Waypoint((x, y, touch + LIFT), self._yaw)]
 
-  def observe(self):
+  def observe(self) -> None:
     self.deepest = max(self.deepest, objects.button_depth(self.scene, self.bodies["button"]))
 
-  def success(self, panda):
+  def success(self, panda: Panda) -> bool:
     return self.deepest > 0.006
 
-  def low_dim_state(self):
+  def low_dim_state(self) -> np.ndarray:
     depth = objects.button_depth(self.scene, self.bodies["button"])
     return np.concatenate([super().low_dim_state(), [depth]])
 
@@ -160,7 +160,7 @@ class PutRubbishInBin(Task):
                   "pick up the rubbish and leave it in the bin",
                   "throw away the rubbish, leaving it in the bin")
 
-  def build(self, rng):
+  def build(self, rng: np.random.Generator) -> None:
     (bx, by, byaw), (rx, ry, ryaw), *tomatoes = _place(rng, [0.13, 0.03, 0.035, 0.035])
     self.bodies["bin"] = objects.bin_(self.scene, bx, by, byaw, _other_colours(rng, ["red"], 1)[0])
     rubbish_colour = str(rng.choice(["white", "grey", "yellow", "cyan"]))
@@ -168,7 +168,7 @@ class PutRubbishInBin(Task):
     for i, (tx, ty, _) in enumerate(tomatoes):
       self.bodies[f"tomato{i}"] = objects.ball(self.scene, tx, ty, 0.025, "red")
 
-  def waypoints(self):
+  def waypoints(self) -> list[Waypoint]:
     scene, rubbish, bin_ = self.scene, self.bodies["rubbish"], self.bodies["bin"]
     grasp_z = TABLE_TOP_Z + 0.02
     pick = _pick(objects.xy(scene, rubbish),
@@ -180,10 +180,10 @@ class PutRubbishInBin(Task):
     return pick + [Waypoint((float(x), float(y), top + 0.12), yaw, gripper="open"),
                    Waypoint((float(x), float(y), top + 0.12 + APPROACH), yaw)]
 
-  def graspable(self):
+  def graspable(self) -> tuple[int, ...]:
     return (self.bodies["rubbish"],)
 
-  def success(self, panda):
+  def success(self, panda: Panda) -> bool:
     local = objects.in_frame(self.scene, self.bodies["bin"], self.scene.pose(
         self.bodies["rubbish"])[0])
     inner = objects.BIN_HALF - objects.BIN_WALL
@@ -196,13 +196,13 @@ class PhoneOnBase(Task):
   descriptions = ("put the phone on the base", "place the phone on its base",
                   "grasp the phone and put it on the base", "put the phone back on the base")
 
-  def build(self, rng):
+  def build(self, rng: np.random.Generator) -> None:
     (px, py, pyaw), (dx, dy, dyaw) = _place(rng, [0.07, 0.1])
     colours = _other_colours(rng, [], 2)
     self.bodies["phone"] = objects.phone(self.scene, px, py, pyaw, colours[0])
     self.bodies["base"] = objects.dock(self.scene, dx, dy, dyaw, colours[1])
 
-  def waypoints(self):
+  def waypoints(self) -> list[Waypoint]:
     scene, phone, dock = self.scene, self.bodies["phone"], self.bodies["base"]
     thickness = 2 * objects.PHONE_HALF[2]
     grasp_above_bottom = thickness - 0.012
@@ -214,10 +214,10 @@ class PhoneOnBase(Task):
     return pick + _place_on(objects.xy(scene, dock), yaw, dock_top + grasp_above_bottom + 0.006,
                             pick[-1].position[2])
 
-  def graspable(self):
+  def graspable(self) -> tuple[int, ...]:
     return (self.bodies["phone"],)
 
-  def success(self, panda):
+  def success(self, panda: Panda) -> bool:
     position = self.scene.pose(self.bodies["phone"])[0]
     local = objects.in_frame(self.scene, self.bodies["base"], position)
     lx, ly, lz = objects.DOCK_HALF
@@ -230,7 +230,7 @@ class TakeLidOffSaucepan(Task):
   descriptions = ("take the lid off the saucepan", "lift the lid off the pan by its handle",
                   "remove the lid from the saucepan", "uncover the saucepan")
 
-  def build(self, rng):
+  def build(self, rng: np.random.Generator) -> None:
     # The pan and its handle are large: keep them well inside the region.
     ((x, y, yaw),) = _place(rng, [0.0], low=(0.1, -0.15), high=(0.25, 0.15))
     colours = _other_colours(rng, [], 2)
@@ -238,14 +238,14 @@ class TakeLidOffSaucepan(Task):
     self.bodies["lid"] = objects.lid(self.scene, x, y, colours[1])
     self._yaw = objects.grasp_yaw(float(rng.uniform(-np.pi, np.pi)))
 
-  def waypoints(self):
+  def waypoints(self) -> list[Waypoint]:
     knob_top = (TABLE_TOP_Z + objects.PAN_HEIGHT + objects.LID_THICKNESS + objects.KNOB_HEIGHT)
     return _pick(objects.xy(self.scene, self.bodies["lid"]), self._yaw, knob_top - 0.016)
 
-  def graspable(self):
+  def graspable(self) -> tuple[int, ...]:
     return (self.bodies["lid"],)
 
-  def success(self, panda):
+  def success(self, panda: Panda) -> bool:
     lid_z = self.scene.pose(self.bodies["lid"])[0][2]
     return panda.grasped == self.bodies["lid"] and lid_z > TABLE_TOP_Z + objects.PAN_HEIGHT + 0.1
 
@@ -256,14 +256,14 @@ class StackBlocks(Task):
                   "block", "place the red block onto the blue one")
   held_out = True
 
-  def build(self, rng):
+  def build(self, rng: np.random.Generator) -> None:
     (ax, ay, ayaw), (bx, by, byaw), (dx, dy, dyaw) = _place(rng, [0.045] * 3)
     self.bodies["red"] = objects.block(self.scene, ax, ay, ayaw, "red")
     self.bodies["blue"] = objects.block(self.scene, bx, by, byaw, "blue")
     self.bodies["distractor"] = objects.block(self.scene, dx, dy, dyaw,
                                               _other_colours(rng, ["red", "blue"], 1)[0])
 
-  def waypoints(self):
+  def waypoints(self) -> list[Waypoint]:
     scene, red, blue = self.scene, self.bodies["red"], self.bodies["blue"]
     side = 2 * objects.BLOCK_HALF
     grasp_above_bottom = side - 0.018
@@ -274,10 +274,10 @@ class StackBlocks(Task):
     return pick + _place_on(objects.xy(scene, blue), yaw,
                             TABLE_TOP_Z + side + grasp_above_bottom + 0.006, pick[-1].position[2])
 
-  def graspable(self):
+  def graspable(self) -> tuple[int, ...]:
     return (self.bodies["red"],)
 
-  def success(self, panda):
+  def success(self, panda: Panda) -> bool:
     red, blue = (self.scene.pose(self.bodies[k])[0] for k in ("red", "blue"))
     side = 2 * objects.BLOCK_HALF
     return (panda.grasped is None and np.linalg.norm(red[:2] - blue[:2]) < objects.BLOCK_HALF
@@ -290,7 +290,7 @@ class ReachTarget(Task):
                   "move the gripper to the red sphere")
   held_out = True
 
-  def build(self, rng):
+  def build(self, rng: np.random.Generator) -> None:
     spots = _place(rng, [0.05] * 3)
     colours = ["red"] + _other_colours(rng, ["red"], 2)
     for i, ((x, y, _), colour) in enumerate(zip(spots, colours)):
@@ -299,11 +299,11 @@ class ReachTarget(Task):
           self.scene, (x, y, z), colour)
     self._yaw = objects.grasp_yaw(float(rng.uniform(-np.pi, np.pi)))
 
-  def waypoints(self):
+  def waypoints(self) -> list[Waypoint]:
     position = self.scene.pose(self.bodies["target"])[0]
     return [Waypoint(tuple(float(v) for v in position), self._yaw)]
 
-  def success(self, panda):
+  def success(self, panda: Panda) -> bool:
     target = self.scene.pose(self.bodies["target"])[0]
     return float(np.linalg.norm(panda.state().gripper_pose[:3] - target)) < 0.02
 

@@ -29,11 +29,14 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   mesh_lib.initialize_distributed(F.COORDINATOR.value, F.NUM_PROCESSES.value, F.PROCESS_ID.value)
-  mesh = mesh_lib.make_mesh(F.MESH.value)
+  try:  # fail fast, before any data or model work, with what to change
+    mesh = mesh_lib.make_mesh(F.MESH.value)
+    mesh_lib.batch_rows_per_process(F.ROLLOUT_BATCH.value, mesh)
+  except mesh_lib.MeshSpecError as e:
+    raise app.UsageError(str(e)) from None
   workdir = pathlib.Path(F.WORKDIR.value)
   seed = F.SEED.value
   rollout_rows = F.ROLLOUT_BATCH.value * F.NUM_GENERATIONS.value
-  mesh_lib.batch_rows_per_process(F.ROLLOUT_BATCH.value, mesh)  # fail fast with a clear message
 
   data_dir = pathlib.Path(F.DATA.value) if F.DATA.value else pipeline.ensure_default_data(
       workdir / "data", tasks=F.SIM_TASKS.value, episodes=F.SIM_EPISODES.value,
@@ -85,4 +88,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  flags.adopt_module_key_flags(F)  # --help lists every training flag, not just this module's
   app.run(main)

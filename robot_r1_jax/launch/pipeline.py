@@ -26,7 +26,8 @@ def ensure_default_data(out_dir: pathlib.Path, *, tasks: list[str], episodes: in
   if jax.process_index() == 0:
     demos = out_dir / "demos"
     logging.info("simulating %d episodes of %s into %s", episodes, tasks, demos)
-    sim.generate(demos, tasks=tasks, episodes=episodes, image_size=image_size, seed=seed)
+    sim.generate(demos, tasks, episodes, seed=seed,
+                 config=sim.RenderConfig(image_size=image_size, cameras=("front",)))
     extract.extract(demos, out_dir / "extracted",
                     extract.ExtractConfig(image_size=image_size, seed=seed, val_fraction=0.2))
   if jax.process_count() > 1:

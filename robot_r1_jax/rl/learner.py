@@ -284,6 +284,10 @@ class Learner:
         "tokens/generated": float(completion_mask.sum()),
         **{f"update/{k}": v for k, v in update_metrics.items() if k != "finite"},
         **{f"time/{k}": v for k, v in timer.items()},
+        # Executables built so far; growth after the first steps means shapes escape the buckets.
+        "compiles/train_step": float(self._train_step._cache_size()),
+        "compiles/log_probs": float(self._log_probs._cache_size()),
+        **{f"compiles/sampler_{k}": float(v) for k, v in self.sampler.traces.counts.items()},
     }
     rollouts = [dict(completion=t, answer=str(a), reward=float(r), question_type=str(q))
                 for t, a, r, q in zip(out.text, answers, reward.total,

@@ -46,6 +46,20 @@ def hf_model():
     return transformers.Qwen2_5_VLModel(hf_cfg)
 
 
+def _fixed_shape(input_ids, mask, grids, rows=3, length=160, images=9):
+  """Pads a case to one shape (so the jitted index compiles once): extra rows fully masked,
+  extra columns masked on the padded side, extra images of size 0 after the real ones."""
+  ids = np.zeros((rows, length), np.int64)
+  pad_mask = np.zeros((rows, length), np.int64)
+  b, t = input_ids.shape
+  left = mask[:, 0].min() == 0 if b else False
+  cols = slice(length - t, length) if left else slice(0, t)
+  ids[:b, cols], pad_mask[:b, cols] = input_ids, mask
+  pad_grids = np.zeros((images, 3), np.int64)
+  pad_grids[:len(grids)] = grids
+  return ids, pad_mask, pad_grids, (slice(0, b), cols)
+
+
 def test_matches_hf_on_random_layouts(hf_model):
   import torch
   rng = np.random.default_rng(0)
@@ -57,10 +71,13 @@ def test_matches_hf_on_random_layouts(hf_model):
         t_ids, mm_token_type_ids=(t_ids == IMAGE).int(),
         image_grid_thw=torch.from_numpy(grids) if len(grids) else None,
         attention_mask=torch.from_numpy(mask))
-    got = index_fn(input_ids, mask, grids if len(grids) else None, image_token_id=IMAGE)
-    np.testing.assert_array_equal(np.asarray(got.positions), want_pos.numpy(), err_msg=f"case {case}")
-    np.testing.assert_array_equal(np.asarray(got.deltas), want_delta.numpy()[:, 0],
+    ids, pad_mask, pad_grids, (rows, cols) = _fixed_shape(input_ids, mask, grids)
+    got = index_fn(ids, pad_mask, pad_grids, image_token_id=IMAGE)
+    np.testing.assert_array_equal(np.asarray(got.positions)[:, rows, cols], want_pos.numpy(),
                                   err_msg=f"case {case}")
+    np.testing.assert_array_equal(np.asarray(got.deltas)[rows], want_delta.numpy()[:, 0],
+                                  err_msg=f"case {case}")
+  assert index_fn._cache_size() == 1
 
 
 def test_text_only_is_cumsum_and_zero_delta():

@@ -1,0 +1,109 @@
+"""`python -m robot_r1_jax.launch` end to end in subprocesses: default job, resume, SIGTERM, mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("pybullet")
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SMALL = ["--model=tiny", "--num_generations=2", "--rollout_batch_size=2", "--train_batch_size=1",
+         "--micro_batch_size=2", "--max_new_tokens=16", "--learning_rate=1e-3",
+         "--checkpoint_every=1", "--kl_coef=0.01"]
+
+
+def _env(devices: int = 1) -> dict[str, str]:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["PYTHONPATH"] = str(ROOT)
+  return env
+
+
+def _launch(*args: str, devices: int = 1, wait: bool = True, timeout: int = 600):
+  cmd = [sys.executable, "-m", "robot_r1_jax.launch", *args]
+  proc = subprocess.Popen(cmd, env=_env(devices), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  if not wait:
+    return proc
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-4000:]
+  return out
+
+
+def _metrics(workdir: pathlib.Path) -> dict[int, dict]:
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: {k: v for k, v in r.items() if not k.startswith(("time/", "compiles/"))}
+          for r in rows}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> pathlib.Path:
+  """The default data path (simulate → extract), shortened: one task, two episodes."""
+  workdir = tmp_path_factory.mktemp("default")
+  out = _launch(f"--workdir={workdir}", "--sim_tasks=push_button", "--sim_episodes=2",
+                "--image_size=64", "--max_steps=2", *SMALL)
+  assert "done: step 2" in out
+  assert (workdir / "checkpoints" / "2").is_dir()
+  assert list((workdir / "tb").glob("events.out.tfevents.*"))
+  assert sorted(_metrics(workdir)) == [1, 2]
+  rollouts = [json.loads(line) for line in (workdir / "rollouts.jsonl").read_text().splitlines()]
+  assert len(rollouts) == 2 * 2 * 2 and {"completion", "reward"} <= set(rollouts[0])
+  return workdir / "data" / "extracted"
+
+
+def test_default_main_job_writes_checkpoints_events_and_metrics(data):
+  assert (data / "manifest.json").exists()
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_run(data, tmp_path):
+  steps = ["--max_steps=4", f"--data={data}", *SMALL]
+  _launch(f"--workdir={tmp_path / 'straight'}", *steps)
+  killed = tmp_path / "killed"
+  proc = _launch(f"--workdir={killed}", *steps, wait=False)
+  deadline = time.time() + 600
+  while not (killed / "checkpoints" / "2").is_dir():
+    assert proc.poll() is None, proc.stdout.read()[-4000:]
+    assert time.time() < deadline
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  _launch(f"--workdir={killed}", *steps)
+  straight, resumed = _metrics(tmp_path / "straight"), _metrics(killed)
+  assert sorted(resumed) == [1, 2, 3, 4]
+  for step in (3, 4):
+    assert resumed[step] == straight[step], step
+
+
+def test_sigterm_saves_the_current_step(data, tmp_path):
+  proc = _launch(f"--workdir={tmp_path}", "--max_steps=50", f"--data={data}",
+                 *[a for a in SMALL if not a.startswith("--checkpoint_every")],
+                 "--checkpoint_every=1000", wait=False)
+  deadline = time.time() + 600
+  while not (tmp_path / "metrics.jsonl").exists() or not _metrics(tmp_path):
+    assert proc.poll() is None, proc.stdout.read()[-4000:]
+    assert time.time() < deadline
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-4000:]
+  last = max(_metrics(tmp_path))
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == [str(last)]
+
+
+def test_three_axis_mesh_runs_and_bad_mesh_fails_fast(data, tmp_path):
+  _launch(f"--workdir={tmp_path / 'ok'}", "--mesh=data=2,fsdp=2,tensor=2", f"--data={data}",
+          "--max_steps=1", "--model=tiny", "--num_generations=2", "--rollout_batch_size=4",
+          "--train_batch_size=2", "--micro_batch_size=4", "--max_new_tokens=16", devices=8)
+  proc = subprocess.run([sys.executable, "-m", "robot_r1_jax.launch", "--mesh=data=3,fsdp=-1",
+                         f"--workdir={tmp_path / 'bad'}", f"--data={data}"],
+                        env=_env(8), cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "does not divide the 8 devices" in proc.stderr

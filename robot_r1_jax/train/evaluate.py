@@ -1,0 +1,371 @@
+"""Evaluation: greedy completions on a split, scored with the training rewards, summarised.
+
+    sampler = Sampler(model, SamplerConfig(stop_tokens=..., sampling=SamplingParams(temperature=0)),
+                      tokenizer=tokenizer)               # greedy, one sample per prompt
+    result = evaluate_split(sampler, data_dir, "val", EvalConfig(max_new_tokens=256))
+    result.write(workdir / "eval.json")
+    writer.scalars(step, result.scalars())               # eval/accuracy/all, …/movement …
+    print(compare_table(before, result))                 # accuracy by question type, SFT vs RL
+
+Two layers, so the metric definitions can be checked on hand-written completions without a model:
+  * `score`: completions + their records' references → one `RecordScore` per completion (pure).
+  * `evaluate`: runs the sampler over loader batches, drops padding rows (`valid=False`) and scores
+    the rest; `EvalResult.from_records` aggregates overall, per question type and per task.
+
+Metric definitions (the same functions as the RL reward, `rl.rewards`, so "accuracy" here and the
+trainer's `accuracy/*` mean the same thing):
+  * accuracy: over multiple-choice records, the fraction whose single answer block is exactly the
+    right option (`answer_reward`). It does not require the format: the format rate is reported
+    beside it, and a model that answers right in a broken format shows up as high accuracy with a
+    low format rate rather than as a wrong answer.
+  * format rate: over all records, `format_reward` (one think block, then one answer block).
+  * response length: completion tokens, the stop token included (as the trainer counts them).
+  * open-ended records (reference "[x, y, z]"): the L1 distance in metres between the answer block's
+    position and the truth, averaged over the completions that hold a parsable position (how many
+    did is `num_parsed`), and the xyz reward clip(1 − L1, 0, 1) averaged over all of them (an
+    unparsable answer scores 0).
+
+Determinism: greedy decoding (checked), records in loader order (`shuffle=False`), one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+
+from robot_r1_jax.data import atomic
+from robot_r1_jax.data.loader import Batch, LoaderConfig, make_loader
+from robot_r1_jax.data.prompts import QUESTION_TYPES
+from robot_r1_jax.rl import rewards
+from robot_r1_jax.rl.sampler import Sampler
+from robot_r1_jax.train.metrics import ProgressBar
+
+_OVERALL = "all"  # The row/group name of all records together.
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """How to evaluate.
+
+  max_new_tokens: completion budget per question (rounded up to a sampler bucket for shapes).
+  batch_size: prompts per sampler call in `evaluate_split` (a multiple of the sampler mesh's
+    data×fsdp devices).
+  progress: show a progress bar (on process 0).
+  """
+
+  max_new_tokens: int = 256
+  batch_size: int = 8
+  progress: bool = True
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordScore:
+  """One scored completion."""
+
+  question_type: str
+  task: str
+  answer: str  # The reference: "[[B]]" or "[x, y, z]".
+  completion: str
+  length: int  # Completion tokens, the stop token included.
+  formatted: bool  # format_reward == 1.
+  open_ended: bool  # The reference is a position, not an option.
+  correct: bool | None  # Multiple choice: the answer block is the right option. None if open-ended.
+  l1: float | None  # Open-ended with a parsable answer position: L1 metres to the truth; else None.
+  xyz_reward: float | None  # Open-ended: clip(1 − L1, 0, 1), 0 if unparsable; else None.
+  record_index: int | None = None  # The record's index in its split, when known.
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupMetrics:
+  """Aggregates over one group of records; a mean over an empty subset is None."""
+
+  count: int
+  format_rate: float
+  mean_length: float  # Tokens.
+  num_choice: int  # Multiple-choice records.
+  accuracy: float | None  # Over the multiple-choice records.
+  num_open_ended: int
+  num_parsed: int  # Open-ended records whose answer block holds a parsable position.
+  mean_l1: float | None  # Metres, over the parsed open-ended records.
+  mean_xyz_reward: float | None  # Over all open-ended records.
+
+  @classmethod
+  def of(cls, records: Sequence[RecordScore]) -> GroupMetrics:
+    """Aggregates a non-empty group."""
+    if not records:
+      raise ValueError("cannot aggregate an empty group of records")
+    choice = [r for r in records if not r.open_ended]
+    open_ended = [r for r in records if r.open_ended]
+    parsed = [r.l1 for r in open_ended if r.l1 is not None]
+    return cls(count=len(records),
+               format_rate=_mean([r.formatted for r in records]),
+               mean_length=_mean([r.length for r in records]),
+               num_choice=len(choice), accuracy=_mean([r.correct for r in choice]),
+               num_open_ended=len(open_ended), num_parsed=len(parsed), mean_l1=_mean(parsed),
+               mean_xyz_reward=_mean([r.xyz_reward for r in open_ended]))
+
+  def scalars(self) -> dict[str, float]:
+    """The metrics as floats, named as in `EvalResult.scalars`; None means are left out."""
+    values = {"count": self.count, "format_rate": self.format_rate,
+              "response_length": self.mean_length, "accuracy": self.accuracy,
+              "l1": self.mean_l1, "xyz_reward": self.mean_xyz_reward}
+    return {name: float(value) for name, value in values.items() if value is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+  """Scores of every evaluated record and their aggregates (see the module docstring)."""
+
+  overall: GroupMetrics
+  by_type: dict[str, GroupMetrics]  # Question types in QUESTION_TYPES order (others after, sorted).
+  by_task: dict[str, GroupMetrics]  # Tasks sorted by name.
+  records: tuple[RecordScore, ...]  # In evaluation order.
+
+  @classmethod
+  def from_records(cls, records: Sequence[RecordScore]) -> EvalResult:
+    """Aggregates per-record scores; raises ValueError when there are none."""
+    if not records:
+      raise ValueError("no records were evaluated (an empty split, or every row was padding)")
+    return cls(overall=GroupMetrics.of(records), by_type=_groups(records, "question_type"),
+               by_task=_groups(records, "task"), records=tuple(records))
+
+  def to_json(self) -> str:
+    """The aggregates and every record as strict JSON (no NaN; missing means are null)."""
+    return json.dumps(dataclasses.asdict(self), indent=1, allow_nan=False) + "\n"
+
+  @classmethod
+  def from_json(cls, text: str) -> EvalResult:
+    """Reads `to_json` output. The aggregates are recomputed from the records."""
+    data = json.loads(text)
+    try:
+      return cls.from_records([RecordScore(**record) for record in data["records"]])
+    except (KeyError, TypeError) as e:
+      raise ValueError(f"not an evaluation result: {type(e).__name__}: {e}") from e
+
+  def write(self, path: str | pathlib.Path) -> pathlib.Path:
+    """Writes `to_json()` to `path` atomically (the old file or the new one, never half)."""
+    path = pathlib.Path(path)
+    atomic.write_bytes(path, self.to_json().encode())
+    return path
+
+  @classmethod
+  def read(cls, path: str | pathlib.Path) -> EvalResult:
+    path = pathlib.Path(path)
+    try:
+      return cls.from_json(path.read_text())
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from e
+
+  def scalars(self, prefix: str = "eval/") -> dict[str, float]:
+    """Flat metrics for `MetricsWriter.scalars` / TensorBoard.
+
+    Names are `{prefix}{metric}/all`, `{prefix}{metric}/{question type}` and
+    `{prefix}{metric}/task/{task}` for metric in count, format_rate, response_length, accuracy,
+    l1, xyz_reward (the last three only where defined). `accuracy/<type>` matches the trainer's.
+    """
+    groups = {_OVERALL: self.overall, **self.by_type,
+              **{f"task/{task}": metrics for task, metrics in self.by_task.items()}}
+    return {f"{prefix}{metric}/{group}": value for group, metrics in groups.items()
+            for metric, value in metrics.scalars().items()}
+
+  def table(self) -> str:
+    """Per question type (and all): count, accuracy, format rate, mean length (and L1, if any)."""
+    has_l1 = self.overall.num_open_ended > 0
+    header = ["question type", "count", "accuracy", "format", "length"]
+    header += ["L1"] if has_l1 else []
+    rows = []
+    for name, m in {**self.by_type, _OVERALL: self.overall}.items():
+      row = [name, str(m.count), _percent(m.accuracy), _percent(m.format_rate),
+             f"{m.mean_length:.1f}"]
+      rows.append(row + ([_metres(m.mean_l1)] if has_l1 else []))
+    return _render(header, rows)
+
+
+def compare_table(before: EvalResult, after: EvalResult,
+                  labels: tuple[str, str] = ("SFT", "SFT→GRPO")) -> str:
+  """Accuracy (and L1, if any open-ended records) per question type, before vs after.
+
+  Raises:
+    ValueError: the two results did not evaluate the same number of records of each type (they
+      would not be comparable).
+  """
+  counts = [{name: m.count for name, m in r.by_type.items()} for r in (before, after)]
+  if counts[0] != counts[1]:
+    raise ValueError(f"the results evaluated different records: {labels[0]} has {counts[0]}, "
+                     f"{labels[1]} has {counts[1]} per question type")
+  has_l1 = before.overall.num_open_ended > 0
+  header = ["question type", "count", f"accuracy {labels[0]}", f"accuracy {labels[1]}", "Δ"]
+  if has_l1:
+    header += [f"L1 {labels[0]}", f"L1 {labels[1]}"]
+  rows = []
+  for name, b in {**before.by_type, _OVERALL: before.overall}.items():
+    a = after.overall if name == _OVERALL else after.by_type[name]
+    delta = ("—" if a.accuracy is None or b.accuracy is None else
+             f"{100 * (a.accuracy - b.accuracy):+.1f}")
+    row = [name, str(b.count), _percent(b.accuracy), _percent(a.accuracy), delta]
+    rows.append(row + ([_metres(b.mean_l1), _metres(a.mean_l1)] if has_l1 else []))
+  return _render(header, rows)
+
+
+def score(completions: Sequence[str], *, answers: Sequence[str], question_types: Sequence[str],
+          tasks: Sequence[str], lengths: Sequence[int],
+          record_indices: Sequence[int] | None = None) -> tuple[RecordScore, ...]:
+  """Scores N completions against their records (see the module docstring for the metrics).
+
+  Args:
+    completions: N completion texts.
+    answers: N references, "[[B]]" (or "B") for multiple choice, "[x, y, z]" for open-ended.
+    question_types, tasks: N labels to group by.
+    lengths: N completion lengths in tokens.
+    record_indices: N indices of the records in their split, if known.
+
+  Raises:
+    ValueError: the sequences differ in length, or a reference is neither an option nor a
+      position (completions never raise).
+  """
+  fields = {"answers": answers, "question_types": question_types, "tasks": tasks,
+            "lengths": lengths}
+  if record_indices is not None:
+    fields["record_indices"] = record_indices
+  bad = {name: len(values) for name, values in fields.items() if len(values) != len(completions)}
+  if bad:
+    raise ValueError(f"{len(completions)} completions but {bad}")
+  answers = [str(a) for a in answers]
+  reward = rewards.compute_rewards(completions, answers)
+  scores = []
+  for i, (text, answer) in enumerate(zip(completions, answers)):
+    open_ended = bool(reward.open_ended[i])
+    scores.append(RecordScore(
+        question_type=str(question_types[i]), task=str(tasks[i]), answer=answer,
+        completion=str(text), length=int(lengths[i]), formatted=bool(reward.format[i] == 1),
+        open_ended=open_ended, correct=None if open_ended else bool(reward.answer[i] == 1),
+        l1=_answer_l1(text, answer) if open_ended else None,
+        xyz_reward=float(reward.xyz[i]) if open_ended else None,
+        record_index=None if record_indices is None else int(record_indices[i])))
+  return tuple(scores)
+
+
+def check_sampler(sampler: Sampler) -> None:
+  """Raises ValueError unless `sampler` decodes greedily, once per prompt, into text."""
+  cfg = sampler.config
+  problems = []
+  if not cfg.sampling.greedy:
+    problems.append(f"sampling={cfg.sampling} is not greedy (set temperature=0)")
+  if cfg.num_samples != 1:
+    problems.append(f"num_samples={cfg.num_samples} (set 1)")
+  if sampler.tokenizer is None:
+    problems.append("it has no tokenizer, so completions have no text")
+  if problems:
+    raise ValueError("evaluation needs a deterministic sampler: " + "; ".join(problems))
+
+
+def evaluate(sampler: Sampler, batches: Iterable[Batch], config: EvalConfig = EvalConfig(), *,
+             num_batches: int | None = None) -> EvalResult:
+  """Greedy completions for every valid row of `batches`, scored and aggregated.
+
+  Args:
+    sampler: a greedy, single-sample sampler with a tokenizer (see `check_sampler`); it reads the
+      model's current parameters.
+    batches: loader batches; rows with `valid=False` are decoded (shapes stay fixed) but not
+      scored.
+    config: see `EvalConfig` (`batch_size` is the loader's business, unused here).
+    num_batches: the number of batches, for the progress bar only.
+
+  Raises:
+    ValueError: a sampler that is not deterministic, or no valid row at all.
+  """
+  check_sampler(sampler)
+  # Greedy decoding never draws from the key; a fixed one keeps the call signature honest.
+  key = jax.random.key(0)
+  scores: list[RecordScore] = []
+  with ProgressBar(num_batches, enabled=None if config.progress else False,
+                   desc="eval") as bar:
+    for step, batch in enumerate(batches, start=1):
+      out = sampler(batch.input_ids, batch.attention_mask, key,
+                    max_new_tokens=config.max_new_tokens, pixel_values=batch.pixel_values,
+                    image_grid_thw=batch.image_grid_thw)
+      rows = np.flatnonzero(np.asarray(batch.valid, bool))
+      scores += score(_take(out.text, rows), answers=_take(batch.answers, rows),
+                      question_types=_take(batch.question_types, rows),
+                      tasks=_take(batch.tasks, rows), lengths=_take(np.asarray(out.lengths), rows),
+                      record_indices=_take(batch.record_indices, rows))
+      choice = [s.correct for s in scores if s.correct is not None]
+      bar.update(step, {"accuracy": _mean(choice)} if choice else None)
+  return EvalResult.from_records(scores)
+
+
+def evaluate_split(sampler: Sampler, data_dir: str | pathlib.Path, split: str,
+                   config: EvalConfig = EvalConfig(), *,
+                   loader_config: LoaderConfig = LoaderConfig()) -> EvalResult:
+  """`evaluate` on every record of `split` of an extractor output, once, in manifest order.
+
+  Args:
+    sampler, config: as for `evaluate`; `config.batch_size` sets the loader's batch size.
+    data_dir: the extractor's output folder.
+    split: "train" or "val" (a held-out-task extract's split works the same way).
+    loader_config: preprocessing settings (tokenizer_path, pixels, length_buckets, workers); pass
+      the training run's so prompts are built identically. Its order fields are overridden:
+      no shuffle, one epoch, the last batch padded, every process reading the whole split (each
+      process then holds the full result).
+  """
+  loader_config = dataclasses.replace(loader_config, batch_size=config.batch_size, shuffle=False,
+                                      num_epochs=1, drop_remainder=False, shard_by_process=False)
+  data = make_loader(data_dir, split, loader_config)
+  return evaluate(sampler, data, config, num_batches=data.num_steps)
+
+
+def _answer_l1(text: str, answer: str) -> float | None:
+  """L1 metres between the position in `text`'s answer block and `answer`; None if unparsable."""
+  content = rewards.answer_block(text)
+  if content is None:
+    return None
+  try:
+    pred = rewards.parse_xyz(content)
+  except ValueError:
+    return None
+  return float(sum(abs(p - t) for p, t in zip(pred, rewards.parse_xyz(answer))))
+
+
+def _take(values: Sequence[Any], rows: np.ndarray) -> list[Any]:
+  return [values[i] for i in rows]
+
+
+def _mean(values: Sequence[Any]) -> float | None:
+  return float(np.mean(values)) if values else None
+
+
+def _groups(records: Sequence[RecordScore], field: str) -> dict[str, GroupMetrics]:
+  members: dict[str, list[RecordScore]] = {}
+  for record in records:
+    members.setdefault(getattr(record, field), []).append(record)
+  known = [name for name in QUESTION_TYPES if name in members] if field == "question_type" else []
+  order = known + sorted(set(members) - set(known))
+  return {name: GroupMetrics.of(members[name]) for name in order}
+
+
+def _percent(value: float | None) -> str:
+  return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def _metres(value: float | None) -> str:
+  return "—" if value is None else f"{value:.3f}"
+
+
+def _render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  """A plain-text table: the first column left-aligned, the others right-aligned."""
+  widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
+  lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
+                     for c, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
+  lines.insert(1, "-" * len(lines[0]))
+  return "\n".join(lines)

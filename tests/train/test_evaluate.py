@@ -1,0 +1,242 @@
+"""Evaluation: metrics on hand-labelled completions, greedy determinism, padding, JSON, tables."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from robot_r1_jax.data import extract
+from robot_r1_jax.data.loader import Batch, LoaderConfig
+from robot_r1_jax.data.mcqa import McqaConfig
+from robot_r1_jax.model import config as config_lib
+from robot_r1_jax.model import processor
+from robot_r1_jax.model.qwen2_5_vl import init_model
+from robot_r1_jax.rl import sampling
+from robot_r1_jax.rl.sampler import Sampler, SamplerConfig
+from robot_r1_jax.train import evaluate as ev
+from robot_r1_jax.train.metrics import MetricsWriter
+
+from data.conftest import write_episode
+
+STOP = (1002, 1000)  # <|im_end|>, <|endoftext|> of the tiny tokenizer
+GREEDY = sampling.SamplingParams(temperature=0.0)
+
+# (question type, task, reference, completion, tokens, formatted, correct, L1, xyz reward).
+HAND_LABELLED = [
+    ("waypoint", "cup", "[[A]]", "<think>up</think> <answer>[[A]]</answer>", 10,
+     True, True, None, None),
+    # Two options in one answer block: not an answer.
+    ("waypoint", "button", "[[B]]", "<think>x</think><answer>[[A]] or [[B]]</answer>", 12,
+     True, False, None, None),
+    # Answer before think: right answer, broken format.
+    ("movement", "cup", "[[C]]", "<answer>[[C]]</answer><think>because</think>", 8,
+     False, True, None, None),
+    # Capitalised think tags are not the tags.
+    ("movement", "button", "[[D]]", "<Think>hm</Think> <answer> [[D]] </answer>", 9,
+     False, True, None, None),
+    # Two answer blocks, both right: neither format nor answer.
+    ("current_state", "cup", "[[A]]",
+     "<think>a</think><answer>[[A]]</answer><answer>[[A]]</answer>", 20, False, False, None, None),
+    ("current_state", "button", "[[B]]", "", 1, False, False, None, None),
+    # Open-ended: 5 cm off on x and z.
+    ("waypoint", "cup", "[0.1, 0.2, 0.3]", "<think>t</think><answer>[0.15, 0.2, 0.25]</answer>",
+     15, True, None, 0.1, 0.9),
+    # Two numbers, and an exponent: no position.
+    ("current_state", "cup", "[0.5, -0.1, 0.8]", "<think>t</think><answer>[0.5, -0.1]</answer>",
+     14, True, None, None, 0.0),
+    ("current_state", "button", "[0.0, 0.0, 1.0]",
+     "<think></think><answer>[1e-3, 0, 1]</answer>", 16, True, None, None, 0.0),
+    # No think block; far off: L1 1.5, reward clipped to 0.
+    ("waypoint", "button", "[0.0, 0.0, 1.0]", "<answer>[0.0, 0.5, 0.0]</answer>", 11,
+     False, None, 1.5, 0.0),
+]
+
+
+def _score(rows=HAND_LABELLED) -> tuple[ev.RecordScore, ...]:
+  types, tasks, answers, texts, lengths = ([row[i] for row in rows] for i in range(5))
+  return ev.score(texts, answers=answers, question_types=types, tasks=tasks, lengths=lengths,
+                  record_indices=list(range(len(rows))))
+
+
+def test_score_matches_hand_labels():
+  scores = _score()
+  assert [s.formatted for s in scores] == [row[5] for row in HAND_LABELLED]
+  assert [s.correct for s in scores] == [row[6] for row in HAND_LABELLED]
+  assert [s.l1 for s in scores] == pytest.approx([row[7] for row in HAND_LABELLED])
+  assert [s.xyz_reward for s in scores] == pytest.approx([row[8] for row in HAND_LABELLED])
+  assert [s.record_index for s in scores] == list(range(10))
+
+  result = ev.EvalResult.from_records(scores)
+  o = result.overall
+  assert (o.count, o.num_choice, o.num_open_ended, o.num_parsed) == (10, 6, 4, 2)
+  assert o.accuracy == pytest.approx(3 / 6)
+  assert o.format_rate == pytest.approx(5 / 10)
+  assert o.mean_length == pytest.approx(116 / 10)
+  assert o.mean_l1 == pytest.approx((0.1 + 1.5) / 2)
+  assert o.mean_xyz_reward == pytest.approx(0.9 / 4)
+
+  assert list(result.by_type) == ["waypoint", "current_state", "movement"]  # QUESTION_TYPES order
+  waypoint, state, movement = result.by_type.values()
+  assert (waypoint.count, waypoint.accuracy, waypoint.format_rate) == (4, 0.5, 0.75)
+  assert waypoint.mean_l1 == pytest.approx(0.8) and waypoint.mean_xyz_reward == pytest.approx(0.45)
+  assert (movement.count, movement.accuracy, movement.format_rate) == (2, 1.0, 0.0)
+  assert movement.num_open_ended == 0 and movement.mean_l1 is None
+  assert movement.mean_xyz_reward is None
+  assert (state.count, state.accuracy, state.format_rate) == (4, 0.0, 0.5)
+  assert (state.num_parsed, state.mean_l1, state.mean_xyz_reward) == (0, None, 0.0)
+
+  assert list(result.by_task) == ["button", "cup"]
+  assert result.by_task["cup"].accuracy == pytest.approx(2 / 3)
+  assert result.by_task["cup"].format_rate == pytest.approx(3 / 5)
+  assert result.by_task["button"].accuracy == pytest.approx(1 / 3)
+  assert result.by_task["button"].format_rate == pytest.approx(2 / 5)
+
+
+def test_score_rejects_bad_inputs():
+  with pytest.raises(ValueError, match="answers"):
+    ev.score(["a", "b"], answers=["[[A]]"], question_types=["movement"] * 2, tasks=["t"] * 2,
+             lengths=[1, 1])
+  with pytest.raises(ValueError, match="neither an option"):
+    ev.score(["a"], answers=["left"], question_types=["movement"], tasks=["t"], lengths=[1])
+  with pytest.raises(ValueError, match="no records"):
+    ev.EvalResult.from_records([])
+
+
+def test_json_round_trip_scalars_and_tables(tmp_path):
+  result = ev.EvalResult.from_records(_score())
+  path = result.write(tmp_path / "eval" / "result.json")
+  assert ev.EvalResult.read(path) == result
+  data = json.loads(path.read_text())
+  assert data["overall"]["accuracy"] == 0.5 and data["by_type"]["movement"]["mean_l1"] is None
+  assert data["records"][3]["completion"] == HAND_LABELLED[3][3]
+  with pytest.raises(ValueError, match="bad.json"):
+    (tmp_path / "bad.json").write_text('{"records": [{"task": "t"}]}')
+    ev.EvalResult.read(tmp_path / "bad.json")
+
+  scalars = result.scalars()
+  assert scalars["eval/accuracy/all"] == 0.5
+  assert scalars["eval/accuracy/movement"] == 1.0
+  assert scalars["eval/count/task/cup"] == 5.0
+  assert scalars["eval/l1/waypoint"] == pytest.approx(0.8)
+  assert "eval/l1/movement" not in scalars  # no open-ended movement question
+  assert set(result.scalars(prefix="val/")) == {"val/" + k[len("eval/"):] for k in scalars}
+  with MetricsWriter(tmp_path / "run", enabled=True) as writer:
+    writer.scalars(7, scalars)
+  line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+  assert line["step"] == 7 and line["eval/format_rate/all"] == 0.5
+
+  table = result.table().splitlines()
+  assert table[0].split() == ["question", "type", "count", "accuracy", "format", "length", "L1"]
+  assert table[2].split() == ["waypoint", "4", "50.0%", "75.0%", "12.0", "0.800"]
+  assert table[4].split() == ["movement", "2", "100.0%", "0.0%", "8.5", "—"]
+  assert table[5].split() == ["all", "10", "50.0%", "50.0%", "11.6", "0.800"]
+
+  # "After": the waypoint question with two options in its answer now names only the right one.
+  rows = list(HAND_LABELLED)
+  rows[1] = rows[1][:3] + ("<think>x</think><answer>[[B]]</answer>",) + rows[1][4:]
+  after = ev.EvalResult.from_records(_score(rows))
+  compare = ev.compare_table(result, after).splitlines()
+  assert compare[0].split() == ["question", "type", "count", "accuracy", "SFT", "accuracy",
+                                "SFT→GRPO", "Δ", "L1", "SFT", "L1", "SFT→GRPO"]
+  assert compare[2].split() == ["waypoint", "4", "50.0%", "100.0%", "+50.0", "0.800", "0.800"]
+  assert compare[5].split() == ["all", "10", "50.0%", "66.7%", "+16.7", "0.800", "0.800"]
+  with pytest.raises(ValueError, match="different records"):
+    ev.compare_table(result, ev.EvalResult.from_records(_score()[:4]))
+
+
+# ---------------------------------------------------------------------------------------------
+# With a model: a tiny random Qwen2.5-VL and a greedy sampler.
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return processor.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+  return init_model(config_lib.tiny(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def sampler(model, tokenizer):
+  # 320 holds the extractor's movement prompts (≈310 tokens with a 56 px image).
+  return Sampler(model, SamplerConfig(stop_tokens=STOP, sampling=GREEDY,
+                                      pad_id=tokenizer.pad_token_id, prompt_buckets=(64, 320),
+                                      new_token_buckets=(16,)), tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer) -> Batch:
+  """Two questions and a padding row whose reference would make the scorer raise."""
+  rng = np.random.default_rng(0)
+  rows, pixels, grids = [], [], []
+  for text in ("Which way? [[A]] up [[B]] down", "Where next? [[A]] left [[B]] right",
+               "Padding."):
+    pv, grid = processor.preprocess_image(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))
+    rows.append(processor.build_prompt_ids(tokenizer, text, grid))
+    pixels.append(pv)
+    grids.append(grid)
+  ids = np.full((3, 64), tokenizer.pad_token_id, np.int32)
+  mask = np.zeros((3, 64), np.int32)
+  for b, row in enumerate(rows):
+    ids[b, 64 - len(row):], mask[b, 64 - len(row):] = row, 1
+  arr = np.array
+  return Batch(input_ids=ids, attention_mask=mask, pixel_values=np.concatenate(pixels),
+               image_grid_thw=arr(grids, np.int32), answers=arr(["[[A]]", "[0.1, 0.2, 0.3]", "?"]),
+               question_types=arr(["movement", "waypoint", "movement"]),
+               tasks=arr(["cup", "cup", "padding"]), episodes=arr(["e0", "e1", "e2"]),
+               frames=arr([0, 10, 20], np.int32), record_indices=arr([4, 7, 0], np.int64),
+               epochs=arr([0, 0, 1], np.int32), valid=arr([True, True, False]))
+
+
+def test_evaluate_is_deterministic_and_leaves_out_padding(sampler, batch):
+  config = ev.EvalConfig(max_new_tokens=16, progress=False)
+  first = ev.evaluate(sampler, [batch], config)
+  traces = dict(sampler.traces.counts)
+  second = ev.evaluate(sampler, iter([batch]), config)
+  assert first == second
+  assert sampler.traces.counts == traces, "a second evaluation recompiled"
+
+  assert first.overall.count == 2 and list(first.by_task) == ["cup"]
+  assert [r.record_index for r in first.records] == [4, 7]
+  assert (first.overall.num_choice, first.overall.num_open_ended) == (1, 1)
+  # The records hold the sampler's greedy output for the valid rows (any key gives it).
+  direct = sampler(batch.input_ids, batch.attention_mask, jax.random.key(123), max_new_tokens=16,
+                   pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw)
+  assert [r.completion for r in first.records] == list(direct.text[:2])
+  assert [r.length for r in first.records] == np.asarray(direct.lengths)[:2].tolist()
+  assert all(1 <= r.length <= 16 for r in first.records)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(sampling=sampling.SamplingParams(temperature=1.0)), "not greedy"),
+    (dict(num_samples=2), "num_samples=2"),
+    (dict(tokenizer=None), "no tokenizer"),
+])
+def test_evaluate_refuses_a_nondeterministic_sampler(model, tokenizer, batch, change, message):
+  tok = change.pop("tokenizer", tokenizer)
+  cfg = SamplerConfig(stop_tokens=STOP, **dict(dict(sampling=GREEDY), **change))
+  with pytest.raises(ValueError, match=message):
+    ev.evaluate(Sampler(model, cfg, tokenizer=tok), [batch])
+
+
+def test_evaluate_split_scores_every_record_once_in_order(tmp_path, sampler):
+  for k in range(2):
+    write_episode(tmp_path / "demos", "push_button", k, seed=k)
+  # Movement questions only: their prompts share one length bucket, so one prefill compiles.
+  manifest = extract.extract(tmp_path / "demos", tmp_path / "data", extract.ExtractConfig(
+      image_size=56, val_fraction=0.5, progress=False,
+      mcqa=McqaConfig(question_types=("movement",))))
+  n = manifest.splits["val"].num_records
+  assert n == 8  # so batches of 3 end with a padded one
+  result = ev.evaluate_split(sampler, tmp_path / "data", "val",
+                             ev.EvalConfig(max_new_tokens=16, batch_size=3, progress=False),
+                             loader_config=LoaderConfig(length_buckets=(64, 320), shuffle=True))
+  assert [r.record_index for r in result.records] == list(range(n))
+  assert result.overall.count == n and list(result.by_type) == ["movement"]
+  assert result.overall.accuracy is not None and all(r.answer.startswith("[[")
+                                                     for r in result.records)

@@ -2,8 +2,9 @@
 
 python bench/forward_vs_hf.py [--batch 4 --length 256 --repeats 7]
 
-Prints median times after warm-up, the ratio (target ≤ 0.8), and the Flax compile time separately.
-Both sides use the machine's default thread pools.
+Two cases: text only, and one 224×224 image per prompt (64 merged image tokens inside the same
+length). Prints median times after warm-up, the ratio (target ≤ 0.8), the Flax compile time, and
+the vision tower's share of the multimodal forward. Both sides use the machine's thread pools.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import transformers
 from flax import nnx
 
 from robot_r1_jax import model as model_lib
+from robot_r1_jax.model import processor
 
 # ≈74M parameters: large enough that matmuls dominate, small enough for a 2-core CPU.
 BENCH = model_lib.ModelConfig(
@@ -59,29 +61,51 @@ def main():
   rng = np.random.default_rng(0)
   ids = rng.integers(0, 31990, size=(args.batch, args.length))
   mask = np.ones_like(ids)
-  t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
-  pos = torch.arange(args.length)[None, None].expand(3, args.batch, -1)
-
   graphdef, state = nnx.split(ours)
-  forward = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))
-  start = time.perf_counter()
-  compiled = forward.lower(state, ids, mask).compile()
-  compile_s = time.perf_counter() - start
-  run_jax = lambda: jax.block_until_ready(compiled(state, ids, mask))
-  run_jax()
+  forward = jax.jit(lambda s, i, m, pv, grid: nnx.merge(graphdef, s)(i, m, pv, grid),
+                    static_argnums=4)
 
-  def run_hf():
-    with torch.no_grad():
-      hf(input_ids=t_ids, attention_mask=t_mask, position_ids=pos)
+  def case(name, ids, pixel_values=None, grid=None):
+    t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    mm = (t_ids == BENCH.image_token_id).int()
+    pos, _ = hf.model.get_rope_index(t_ids, mm_token_type_ids=mm, attention_mask=t_mask,
+                                     image_grid_thw=None if grid is None else torch.tensor(grid))
+    start = time.perf_counter()
+    compiled = forward.lower(state, ids, mask, pixel_values, grid).compile()
+    compile_s = time.perf_counter() - start
+    run_jax = lambda: jax.block_until_ready(compiled(state, ids, mask, pixel_values))
+    kwargs = {} if grid is None else dict(pixel_values=torch.from_numpy(pixel_values),
+                                          image_grid_thw=torch.tensor(grid))
 
-  run_hf()
-  t_jax = _median_time(run_jax, args.repeats)
-  t_hf = _median_time(run_hf, args.repeats)
-  print(f"text-only forward, {n_params / 1e6:.1f}M params, B={args.batch} T={args.length}, f32, "
-        f"{jax.devices()[0].platform}, torch threads={torch.get_num_threads()}")
-  print(f"  flax   median {t_jax * 1e3:8.1f} ms   (compile {compile_s:.2f} s)")
-  print(f"  hf     median {t_hf * 1e3:8.1f} ms")
-  print(f"  ratio flax/hf = {t_jax / t_hf:.3f}   (target <= 0.8)")
+    def run_hf():
+      with torch.no_grad():
+        hf(input_ids=t_ids, attention_mask=t_mask, position_ids=pos, **kwargs)
+
+    run_jax(), run_hf()
+    t_jax, t_hf = _median_time(run_jax, args.repeats), _median_time(run_hf, args.repeats)
+    print(f"{name}: B={args.batch} T={args.length}, f32, {jax.devices()[0].platform}, "
+          f"torch threads={torch.get_num_threads()}")
+    print(f"  flax   median {t_jax * 1e3:8.1f} ms   (compile {compile_s:.2f} s)")
+    print(f"  hf     median {t_hf * 1e3:8.1f} ms")
+    print(f"  ratio flax/hf = {t_jax / t_hf:.3f}   (target <= 0.8)")
+    return t_jax
+
+  print(f"{n_params / 1e6:.1f}M text parameters")
+  case("text only", ids)
+
+  image = rng.integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
+  pv, grid = processor.preprocess_image(image)
+  n_img = processor.image_token_count(grid)
+  ids = ids.copy()
+  ids[:, 8:8 + n_img] = BENCH.image_token_id
+  ids[:, 7], ids[:, 8 + n_img] = BENCH.vision_start_token_id, BENCH.vision_end_token_id
+  pixel_values = np.concatenate([pv] * args.batch)
+  grids = (tuple(grid),) * args.batch
+  t_full = case(f"one 224x224 image per prompt ({n_img} image tokens)", ids, pixel_values, grids)
+  tower = jax.jit(lambda s, pv: nnx.merge(graphdef, s).vision(pv, grids))
+  jax.block_until_ready(tower(state, pixel_values))
+  t_vision = _median_time(lambda: jax.block_until_ready(tower(state, pixel_values)), args.repeats)
+  print(f"  vision tower alone {t_vision * 1e3:.1f} ms = {t_vision / t_full:.0%} of the forward")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Device meshes from `--mesh` specs, multi-process start-up, and host ↔ global array helpers."""
+"""Device meshes from `--mesh` specs and multi-process start-up."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import math
 from typing import Mapping
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from robot_r1_jax.model import sharding
@@ -85,21 +84,3 @@ def batch_rows_per_process(global_rows: int, mesh: Mesh) -> int:
     raise MeshSpecError(f"a batch of {global_rows} rows does not split over "
                         f"{jax.process_count()} processes")
   return global_rows // jax.process_count()
-
-
-def to_global(local: np.ndarray, mesh: Mesh, leading: int = 0) -> jax.Array:
-  """This process's rows → a global array with the row axis (after `leading` unsharded axes)
-  split over (data, fsdp)."""
-  names = (None,) * leading + ("batch",) + (None,) * (local.ndim - leading - 1)
-  target = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(names))
-  return jax.make_array_from_process_local_data(target, np.asarray(local))
-
-
-def local_rows(array: jax.Array) -> np.ndarray:
-  """The rows of a row-sharded global array that live on this process, in order."""
-  if array.is_fully_addressable:
-    return np.asarray(array)
-  pieces = {}
-  for shard in array.addressable_shards:
-    pieces.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
-  return np.concatenate([pieces[k] for k in sorted(pieces)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -69,3 +70,22 @@ def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Batch-major arrays: the leading B axis over (data, fsdp), the rest replicated."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
+
+
+def global_rows(local: np.ndarray, mesh: Mesh, leading: int = 0) -> jax.Array:
+  """This process's rows → one global array whose row axis (after `leading` unsharded axes) is
+  split over (data, fsdp). Single-process, it is a device_put; multi-process, every process passes
+  its own rows (e.g. its loader shard) and the global array stacks them in process order."""
+  names = (None,) * leading + ("batch",) + (None,) * (np.ndim(local) - leading - 1)
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, logical_to_spec(names)),
+                                                np.asarray(local))
+
+
+def local_rows(array: jax.Array, leading: int = 0) -> np.ndarray:
+  """The rows of a row-sharded global array that live on this process, in order."""
+  if array.is_fully_addressable:
+    return np.asarray(array)
+  pieces = {}
+  for shard in array.addressable_shards:
+    pieces.setdefault(shard.index[leading].start or 0, np.asarray(shard.data))
+  return np.concatenate([pieces[k] for k in sorted(pieces)], axis=leading)

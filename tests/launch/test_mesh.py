@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from robot_r1_jax.launch import mesh as mesh_lib
+from robot_r1_jax.model import sharding
 
 
 @pytest.mark.parametrize("spec, devices, want", [
@@ -44,6 +45,6 @@ def test_batch_must_split_over_data_and_fsdp():
 def test_global_rows_round_trip():
   mesh = mesh_lib.make_mesh("data=2,fsdp=2,tensor=2", devices=jax.devices()[:8])
   local = np.arange(24, dtype=np.float32).reshape(8, 3)
-  arr = mesh_lib.to_global(local, mesh)
+  arr = sharding.global_rows(local, mesh)
   assert arr.sharding.spec[0] == ("data", "fsdp")
-  np.testing.assert_array_equal(mesh_lib.local_rows(arr), local)
+  np.testing.assert_array_equal(sharding.local_rows(arr), local)

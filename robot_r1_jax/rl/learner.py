@@ -9,21 +9,23 @@ batches and turns completions into rewards.
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from robot_r1_jax.data.mcqa import QUESTION_TYPES
 from robot_r1_jax.model import rope, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 from robot_r1_jax.rl import advantages as adv_lib
 from robot_r1_jax.rl import losses, rewards
-from robot_r1_jax.rl.sampler import Sampler
+from robot_r1_jax.rl.sampler import Sampler, SamplerOutput
+from robot_r1_jax.train.metrics import StepTimer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +138,7 @@ class Learner:
     # A frozen copy of the initial policy, sharded like it (copies, so donation cannot alias).
     self.ref_params = (jax.tree.map(jnp.copy, params) if config.needs_reference else None)
     self._log_probs = jax.jit(self._log_probs_impl, static_argnames=("image_grid",))
+    self._select = jax.jit(self._select_impl)
     # Outputs keep the inputs' placements, so step 2 sees the same shardings as step 1 and reuses
     # its executable.
     placement = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
@@ -197,103 +200,119 @@ class Learner:
     return jnp.concatenate(parts, axis=0)
 
   def step(self, batch: Any, key: jax.Array) -> StepResult:
-    """One RL step on a loader batch (prompts with `input_ids`, `attention_mask`, `pixel_values`,
-    `image_grid_thw`, `answers`, `question_types`): returns metrics and the sampled rollouts."""
+    """One RL step on this process's loader batch (prompts with `input_ids`, `attention_mask`,
+    `pixel_values`, `image_grid_thw`, `answers`, `question_types`).
+
+    Arrays that cross processes are global (rows split over data×fsdp); text, rewards and the
+    returned `StepResult` arrays are this process's rows. Metrics are over all processes.
+    """
     cfg, g = self.config, self.config.num_generations
-    timer: dict[str, float] = {}
-    tic = time.perf_counter()
-
-    # Rollout: G completions per prompt from one prefill.
+    timer = StepTimer()
     grids = np.asarray(batch.image_grid_thw) if batch.pixel_values is not None else None
-    out = self.sampler(batch.input_ids, batch.attention_mask, jax.random.fold_in(key, 0),
-                       max_new_tokens=cfg.max_new_tokens, pixel_values=batch.pixel_values,
-                       image_grid_thw=grids)
-    completion_mask = np.asarray(out.mask).astype(np.int32)
-    timer["rollout"] = time.perf_counter() - tic
-
-    # Reward: rule-based, on the detokenised completions.
-    tic = time.perf_counter()
-    answers = np.repeat(np.asarray(batch.answers), g)
-    reward = self.reward_fn(list(out.text), [str(a) for a in answers])
-    timer["reward"] = time.perf_counter() - tic
-
-    # Reference and old log-probs, then advantages.
-    tic = time.perf_counter()
     image_grid = None if grids is None else _single_grid(grids)
-    pixels = None
-    if batch.pixel_values is not None:
-      pv = np.asarray(batch.pixel_values)
-      pixels = repeat_rows(pv.reshape(len(batch.input_ids), -1, pv.shape[-1]), g)
-    seqs = Sequences(prompt_ids=jnp.asarray(out.prompt_tokens, jnp.int32),
-                     prompt_mask=jnp.asarray(out.prompt_mask, jnp.int32),
-                     completion=jnp.asarray(out.tokens, jnp.int32),
-                     completion_mask=jnp.asarray(completion_mask),
-                     pixel_values=None if pixels is None else jnp.asarray(pixels))
-    rows = completion_mask.shape[0]
-    per_update = cfg.train_batch_size * g
-    if rows % per_update:
-      raise ValueError(f"a rollout of {rows} sequences does not split into updates of "
-                       f"train_batch_size × G = {per_update}")
-    updates = rows // per_update * cfg.num_updates_per_rollout
-    on_policy = updates == 1
-    zeros = jnp.zeros(completion_mask.shape, jnp.float32)
-    ref_logp = (self.log_probs(self.ref_params, seqs, image_grid) if cfg.needs_reference
-                else zeros)
-    old_logp = zeros if on_policy else self.log_probs(self.params, seqs, image_grid)
-    behaviour = out.log_probs if on_policy else old_logp
-    kl = losses.kl_divergence(behaviour, ref_logp, cfg.reward_kl_estimator) * completion_mask
-    advantages = adv_lib.get_estimator(cfg.algo)(
-        jnp.asarray(reward.total, jnp.float32), jnp.asarray(completion_mask), g,
-        kl if cfg.kl_in_reward else None, options=cfg.advantage)
-    timer["advantage"] = time.perf_counter() - tic
 
-    # μ passes of mini-batch updates, each accumulating micro-batch gradients.
-    tic = time.perf_counter()
-    everything = TrainRows(seqs=seqs, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages)
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
-    step_metrics = []
-    for _ in range(cfg.num_updates_per_rollout):
-      order = rng.permutation(rows)
-      for start in range(0, rows, per_update):
-        mb = stack_micro_batches(everything, order[start:start + per_update],
-                                 cfg.micro_batch_size)
-        mb = jax.device_put(mb, jax.tree.map(lambda x: micro_batch_sharding(self.mesh, x.ndim), mb))
-        self.params, self.opt_state, m = self._train_step(
-            self.params, self.opt_state, mb, image_grid=image_grid, on_policy=on_policy)
-        step_metrics.append(m)
-    self.commit()
-    timer["update"] = time.perf_counter() - tic
+    with timer("rollout"):  # G completions per prompt from one prefill
+      out = self.sampler(batch.input_ids, batch.attention_mask, jax.random.fold_in(key, 0),
+                         max_new_tokens=cfg.max_new_tokens, pixel_values=batch.pixel_values,
+                         image_grid_thw=grids)
 
-    update_metrics = {k: float(np.mean([float(m[k]) for m in step_metrics]))
-                      for k in step_metrics[0]}
-    skipped = sum(1 - int(m["finite"]) for m in step_metrics)
-    self.bad_steps = self.bad_steps + 1 if skipped else 0
-    valid = completion_mask.astype(bool)
-    adv_np = np.asarray(advantages)[valid]
+    with timer("reward"):  # rule-based, on this process's detokenised completions
+      answers = np.repeat(np.asarray(batch.answers), g)
+      types = np.repeat(np.asarray(batch.question_types), g)
+      reward = self.reward_fn(list(out.text), [str(a) for a in answers])
+
+    with timer("advantage"):  # reference / old log-probs, then the estimator
+      seqs = self._sequences(batch, out)
+      rows = seqs.completion.shape[0]
+      per_update = cfg.train_batch_size * g
+      if rows % per_update:
+        raise ValueError(f"a rollout of {rows} sequences does not split into updates of "
+                         f"train_batch_size × G = {per_update}")
+      on_policy = rows // per_update * cfg.num_updates_per_rollout == 1
+      zeros = jnp.zeros(seqs.completion.shape, jnp.float32)
+      ref_logp = (self.log_probs(self.ref_params, seqs, image_grid) if cfg.needs_reference
+                  else zeros)
+      old_logp = zeros if on_policy else self.log_probs(self.params, seqs, image_grid)
+      behaviour = out.log_probs if on_policy else old_logp
+      kl = losses.kl_divergence(behaviour, ref_logp, cfg.reward_kl_estimator)
+      kl = kl * seqs.completion_mask
+      scores = sharding.global_rows(np.asarray(reward.total, np.float32), self.mesh)
+      advantages = adv_lib.get_estimator(cfg.algo)(
+          scores, seqs.completion_mask, g, kl if cfg.kl_in_reward else None,
+          options=cfg.advantage)
+
+    with timer("update"):  # μ passes of mini-batch updates over micro-batch gradients
+      update = self._update(TrainRows(seqs=seqs, old_logp=old_logp, ref_logp=ref_logp,
+                                      advantages=advantages), key, image_grid, on_policy)
+
+    self.bad_steps = self.bad_steps + 1 if update["updates/skipped_non_finite"] else 0
+    mask = seqs.completion_mask.astype(bool)
+    tokens = jnp.maximum(mask.sum(), 1)
+    adv_mean = jnp.sum(jnp.where(mask, advantages, 0.0)) / tokens
     metrics = {
-        **reward.summary(),
-        **_accuracy_by_type(reward.answer, np.repeat(np.asarray(batch.question_types), g)),
-        "kl/policy_ref": float(np.asarray(kl).sum() / max(valid.sum(), 1)),
-        "response_length/mean": float(completion_mask.sum(1).mean()),
-        "response_length/clipped_fraction": float(np.mean(np.asarray(out.finish_reasons) == 1)),
-        "advantage/mean": float(adv_np.mean()) if adv_np.size else 0.0,
-        "advantage/std": float(adv_np.std()) if adv_np.size else 0.0,
-        "updates/skipped_non_finite": float(skipped),
-        **({"update/learning_rate": float(self.lr_schedule(
-            _update_count(self.opt_state)))} if self.lr_schedule else {}),
-        "tokens/generated": float(completion_mask.sum()),
-        **{f"update/{k}": v for k, v in update_metrics.items() if k != "finite"},
-        **{f"time/{k}": v for k, v in timer.items()},
+        **_all_processes_summary(reward, types),
+        "kl/policy_ref": float(kl.sum() / tokens),
+        "response_length/mean": float(mask.sum(1).mean()),
+        "response_length/clipped_fraction": float(jnp.mean(out.finish_reasons == 1)),
+        "advantage/mean": float(adv_mean),
+        "advantage/std": float(jnp.sqrt(jnp.sum(jnp.where(mask, (advantages - adv_mean)**2, 0.0))
+                                        / tokens)),
+        "tokens/generated": float(mask.sum()),
+        **update,
+        **({"update/learning_rate": float(self.lr_schedule(_update_count(self.opt_state)))}
+           if self.lr_schedule else {}),
+        **timer.summary(),
         # Executables built so far; growth after the first steps means shapes escape the buckets.
         "compiles/train_step": float(self._train_step._cache_size()),
         "compiles/log_probs": float(self._log_probs._cache_size()),
         **{f"compiles/sampler_{k}": float(v) for k, v in self.sampler.traces.counts.items()},
     }
     rollouts = [dict(completion=t, answer=str(a), reward=float(r), question_type=str(q))
-                for t, a, r, q in zip(out.text, answers, reward.total,
-                                      np.repeat(np.asarray(batch.question_types), g))]
+                for t, a, r, q in zip(out.text, answers, reward.total, types)]
     return StepResult(metrics=metrics, rollouts=rollouts, scores=np.asarray(reward.total),
-                      advantages=np.asarray(advantages), completion_mask=completion_mask)
+                      advantages=sharding.local_rows(advantages),
+                      completion_mask=sharding.local_rows(seqs.completion_mask))
+
+  def _sequences(self, batch: Any, out: SamplerOutput) -> Sequences:
+    """Prompt + completion rows (global), each with its prompt's image repeated G times."""
+    pixels = None
+    if batch.pixel_values is not None:
+      pv = np.asarray(batch.pixel_values, np.float32)
+      pv = np.repeat(pv.reshape(len(batch.input_ids), -1, pv.shape[-1]),
+                     self.config.num_generations, axis=0)
+      pixels = sharding.global_rows(pv, self.mesh)
+    as_int = lambda x: x.astype(jnp.int32)
+    return Sequences(prompt_ids=as_int(out.prompt_tokens), prompt_mask=as_int(out.prompt_mask),
+                     completion=as_int(out.tokens), completion_mask=as_int(out.mask),
+                     pixel_values=pixels)
+
+  def _update(self, rows: TrainRows, key: jax.Array, image_grid, on_policy: bool
+              ) -> dict[str, float]:
+    """μ passes over shuffled mini-batches; returns the mean update metrics."""
+    cfg = self.config
+    total = rows.seqs.completion.shape[0]
+    per_update = cfg.train_batch_size * cfg.num_generations
+    # Every process draws the same permutation (same key), so the global gather agrees.
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+    step_metrics = []
+    for _ in range(cfg.num_updates_per_rollout):
+      order = rng.permutation(total)
+      for start in range(0, total, per_update):
+        mb = self._select(rows, jnp.asarray(order[start:start + per_update]))
+        self.params, self.opt_state, m = self._train_step(
+            self.params, self.opt_state, mb, image_grid=image_grid, on_policy=on_policy)
+        step_metrics.append(m)
+    self.commit()
+    out = {f"update/{k}": float(np.mean([float(m[k]) for m in step_metrics]))
+           for k in step_metrics[0] if k != "finite"}
+    out["updates/skipped_non_finite"] = float(sum(1 - int(m["finite"]) for m in step_metrics))
+    return out
+
+  def _select_impl(self, rows: TrainRows, idx: jax.Array) -> TrainRows:
+    micro = self.config.micro_batch_size
+    stacked = jax.tree.map(lambda x: x[idx].reshape((-1, micro) + x.shape[1:]), rows)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+        x, micro_batch_sharding(self.mesh, x.ndim)), stacked)
 
   def commit(self) -> None:
     """Makes the model (and hence the sampler) see the current parameters."""
@@ -325,21 +344,19 @@ def _update_count(opt_state) -> jax.Array:
   return optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
 
 
-def _accuracy_by_type(answer: np.ndarray, types: np.ndarray) -> dict[str, float]:
-  out = {"accuracy/all": float(np.mean(answer))}
-  for t in sorted(set(types.tolist())):
-    out[f"accuracy/{t}"] = float(np.mean(answer[types == t]))
+def _all_processes_summary(reward: rewards.RewardOutput, types: np.ndarray) -> dict[str, float]:
+  """Reward means and accuracy by question type over every process's completions."""
+  codes = np.array([QUESTION_TYPES.index(t) if t in QUESTION_TYPES else -1 for t in types])
+  local = np.stack([reward.total, reward.format, reward.answer, codes]).astype(np.float32)
+  if jax.process_count() > 1:
+    local = np.asarray(multihost_utils.process_allgather(local.T, tiled=True)).T
+  total, fmt, answer, codes = local
+  out = {"reward/total": float(total.mean()), "reward/format": float(fmt.mean()),
+         "accuracy/all": float(answer.mean())}
+  for code, name in enumerate(QUESTION_TYPES):
+    if (codes == code).any():
+      out[f"accuracy/{name}"] = float(answer[codes == code].mean())
   return out
-
-
-def repeat_rows(x: np.ndarray | None, times: int) -> np.ndarray | None:
-  return None if x is None else np.repeat(x, times, axis=0)
-
-
-def stack_micro_batches(tree: Any, rows: Sequence[int] | np.ndarray, micro: int) -> Any:
-  """Selects `rows` of every leaf and reshapes them to [len(rows)/micro, micro, …]."""
-  idx = np.asarray(rows)
-  return jax.tree.map(lambda x: x[idx].reshape((len(idx) // micro, micro) + x.shape[1:]), tree)
 
 
 def micro_batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -35,12 +35,11 @@ from jax.sharding import Mesh, NamedSharding
 from robot_r1_jax.model import processor, rope, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 from robot_r1_jax.model.text import KVCache
+from robot_r1_jax.model.vision import Grid
 from robot_r1_jax.rl import sampling
 
 if TYPE_CHECKING:
   from transformers import PreTrainedTokenizerBase
-
-Grid = tuple[tuple[int, int, int], ...]
 
 
 class FinishReason(enum.IntEnum):
@@ -154,7 +153,8 @@ def bucket(length: int, buckets: Sequence[int], what: str) -> int:
   """The smallest of the increasing `buckets` ≥ `length`; ValueError naming `what` if none."""
   i = bisect.bisect_left(buckets, length)
   if i == len(buckets):
-    raise ValueError(f"{what}={length} exceeds the largest bucket {buckets[-1]} of {tuple(buckets)}")
+    raise ValueError(f"{what}={length} exceeds the largest bucket {buckets[-1]} of "
+                     f"{tuple(buckets)}")
   return buckets[i]
 
 
@@ -236,6 +236,8 @@ class Sampler:
     new_bucket = bucket(max_new_tokens, cfg.new_token_buckets, "max_new_tokens")
     length = bucket(np.shape(prompt_ids)[-1], cfg.prompt_buckets, "prompt length")
     ids, mask = left_pad(prompt_ids, prompt_mask, length, cfg.pad_id)
+    if (pixel_values is None) != (image_grid_thw is None):
+      raise ValueError("pixel_values and image_grid_thw must be given together")
     grid = None if image_grid_thw is None else tuple(
         tuple(int(x) for x in g) for g in np.asarray(image_grid_thw).reshape(-1, 3))
     if self.mesh is not None:
@@ -248,7 +250,11 @@ class Sampler:
                          new_bucket=new_bucket)
 
   def decode(self, state: DecodeState, key: jax.Array, max_new_tokens: int) -> SamplerOutput:
-    """Runs the compiled decode loop on a prefill's state (whose cache is donated)."""
+    """Runs the compiled decode loop on a prefill's state; `state.cache` is donated (consumed)."""
+    room = state.cache.length - state.prompt_tokens.shape[1]
+    if not 1 <= max_new_tokens <= room:
+      raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, {room}], the new-token "
+                       "bucket this state was prefilled for")
     rest = dataclasses.replace(state, cache=None)
     out, _ = self._decode(self._params(), state.cache, rest, key, jnp.int32(max_new_tokens))
     return out

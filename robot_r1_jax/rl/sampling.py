@@ -8,7 +8,7 @@ vocabulary, in f32 — the tempered policy, before top-k/top-p truncation (τ = 
 (the paper's rollouts) this equals a fresh forward pass's log_softmax, which is what the trainer
 needs for its old log-probs; at τ ≠ 1 the trainer must divide its logits by the same τ, as
 verl/EasyR1 do. Truncation is a property of the sampler, not of the policy being optimised, so it is
-left out (with the paper's top-p 0.99 it moves the log-probs by less than 0.01).
+left out (with the paper's top-p 0.99 it would move a log-prob by at most −log 0.99 ≈ 0.01).
 """
 
 from __future__ import annotations

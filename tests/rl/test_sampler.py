@@ -1,4 +1,5 @@
-"""The rollout sampler: HF-greedy parity, log-probs, sampling statistics, G samples, sharding, traces."""
+"""The rollout sampler: HF greedy parity, log-probs, sampling statistics, G samples, sharding,
+recompilation."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def _np(out):
 
 
 def _check_layout(out, pad_id=0):
-  """Mask is a prefix of `lengths`; padding carries pad_id and zero log-probs; reasons agree."""
+  """The mask covers the first `lengths` tokens; the rest is pad_id with zero log-probs."""
   n = out.tokens.shape[1]
   np.testing.assert_array_equal(out.mask, np.arange(n)[None] < out.lengths[:, None])
   assert (out.tokens[~out.mask] == pad_id).all()
@@ -418,6 +419,10 @@ def test_bad_inputs_are_named(sampler):
     sampler(ids, mask, jax.random.key(0), max_new_tokens=49)
   with pytest.raises(ValueError, match="prompt length=70 exceeds"):
     sampler(*_prompts(total=70), jax.random.key(0), max_new_tokens=8)
+  with pytest.raises(ValueError, match="given together"):
+    sampler(ids, mask, jax.random.key(0), max_new_tokens=8, image_grid_thw=((1, 2, 2),))
+  with pytest.raises(ValueError, match=r"max_new_tokens=30 must be in \[1, 24\]"):
+    sampler.decode(sampler.prefill(ids, mask, max_new_tokens=8), jax.random.key(0), 30)
   with pytest.raises(ValueError, match="top_p"):
     sampling.SamplingParams(top_p=0.0)
   with pytest.raises(ValueError, match="strictly increasing"):

@@ -1,0 +1,136 @@
+"""Rollout throughput of the JAX sampler ÷ Hugging Face `generate` on the same config (CPU, f32).
+
+python bench/generate_vs_hf.py [--prompts 8 --samples 5 --new-tokens 64 --repeats 3 --text-only]
+
+The GRPO rollout shape: B prompts of 96–160 text tokens (left-padded) plus one 224×224 image each
+(64 image tokens), G samples per prompt at temperature 1.0 and top-p 0.99 (the paper's), exactly
+`--new-tokens` tokens per sample (no stop tokens on our side, `min_new_tokens` on Hugging Face's) so
+both sides produce the same number of tokens. Prints median tokens/s after a warm-up, the ratio
+(target ≥ 3), and the sampler's compile time separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+import torch
+import transformers
+
+from robot_r1_jax import model as model_lib
+from robot_r1_jax.model import processor
+from robot_r1_jax.rl import sampling
+from robot_r1_jax.rl.sampler import Sampler, SamplerConfig
+
+from forward_vs_hf import BENCH  # the ≈74M-parameter config (run from the repository root)
+
+TOP_P = 0.99
+IMAGE_SIDE = 224
+
+
+def _prompts(rng, b, with_images):
+  """Left-padded [B, T] ids/mask; with images, a vision block after a short text prefix, and the
+  patches [B·P, 1176] and grids of one random 224² image per prompt."""
+  lengths = rng.integers(96, 161, size=b)
+  rows, pixels, grids = [], [], []
+  for length in lengths:
+    text = rng.integers(0, 31990, size=length).tolist()
+    if with_images:
+      pv, grid = processor.preprocess_image(
+          rng.integers(0, 256, size=(IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8))
+      block = ([BENCH.vision_start_token_id] + [BENCH.image_token_id] *
+               processor.image_token_count(grid) + [BENCH.vision_end_token_id])
+      text = text[:8] + block + text[8:]
+      pixels.append(pv)
+      grids.append(grid)
+    rows.append(text)
+  ids = np.zeros((b, max(map(len, rows))), np.int64)
+  mask = np.zeros_like(ids)
+  for row, tokens in enumerate(rows):
+    ids[row, ids.shape[1] - len(tokens):] = tokens
+    mask[row, ids.shape[1] - len(tokens):] = 1
+  if not with_images:
+    return ids, mask, None, None
+  return ids, mask, np.concatenate(pixels), tuple(grids)
+
+
+def _median_time(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--prompts", type=int, default=8)
+  parser.add_argument("--samples", type=int, default=5)
+  parser.add_argument("--new-tokens", type=int, default=64)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--text-only", action="store_true", help="prompts without images")
+  args = parser.parse_args()
+  b, g, n = args.prompts, args.samples, args.new_tokens
+
+  torch.manual_seed(0)
+  hf = transformers.Qwen2_5_VLForConditionalGeneration(
+      transformers.Qwen2_5_VLConfig(**model_lib.to_hf_config(BENCH))).eval()
+  with tempfile.TemporaryDirectory() as tmp:
+    hf.save_pretrained(tmp)
+    _, ours = model_lib.load_hf(tmp)
+  n_params = sum(p.numel() for name, p in hf.named_parameters() if "visual" not in name)
+  n_vision = sum(p.numel() for name, p in hf.named_parameters() if "visual" in name)
+  ids, mask, pixels, grids = _prompts(np.random.default_rng(0), b, not args.text_only)
+
+  sampler = Sampler(ours, SamplerConfig(
+      stop_tokens=(), sampling=sampling.SamplingParams(temperature=1.0, top_p=TOP_P),
+      num_samples=g, prompt_buckets=tuple(range(64, 1025, 32)), new_token_buckets=(n,)))
+  keys = iter(jax.random.split(jax.random.key(0), args.repeats + 1))
+  run_jax = lambda: jax.block_until_ready(sampler(
+      ids, mask, next(keys), max_new_tokens=n, pixel_values=pixels, image_grid_thw=grids).tokens)
+  # Compile time = tracing + lowering + XLA compilation of the first call, from jax's own events.
+  compile_s = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, secs, **_: compile_s.append(secs) if event.startswith("/jax/core/compile/")
+      else None)
+  start = time.perf_counter()
+  run_jax()
+  first_s, compile_s = time.perf_counter() - start, sum(compile_s)
+
+  t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+  images = {} if pixels is None else dict(pixel_values=torch.from_numpy(pixels),
+                                          image_grid_thw=torch.tensor(grids))
+
+  def run_hf():
+    with torch.no_grad():
+      # mm_token_type_ids: transformers applies 3-D image positions only when it is given.
+      out = hf.generate(input_ids=t_ids, attention_mask=t_mask,
+                        mm_token_type_ids=(t_ids == BENCH.image_token_id).int(), **images,
+                        do_sample=True,
+                        temperature=1.0, top_p=TOP_P, top_k=0, num_return_sequences=g,
+                        max_new_tokens=n, min_new_tokens=n, pad_token_id=BENCH.eos_token_id)
+    assert out.shape == (b * g, ids.shape[1] + n)
+
+  run_hf()
+  t_jax = _median_time(run_jax, args.repeats)
+  t_hf = _median_time(run_hf, args.repeats)
+  tokens = b * g * n
+  lengths = mask.sum(1)
+  image = "text only" if pixels is None else f"one {IMAGE_SIDE}² image per prompt"
+  print(f"rollout, {n_params / 1e6:.1f}M text + {n_vision / 1e6:.1f}M vision params, B={b} prompts "
+        f"× G={g} samples, prompts {lengths.min()}–{lengths.max()} tokens ({image}), {n} new "
+        f"tokens, temperature 1, top-p {TOP_P}, f32, {jax.devices()[0].platform}, "
+        f"torch threads={torch.get_num_threads()}")
+  print(f"  sampler  median {t_jax:7.2f} s  {tokens / t_jax:8.1f} tokens/s   "
+        f"(first call {first_s:.2f} s, of which compile {compile_s:.2f} s)")
+  print(f"  hf       median {t_hf:7.2f} s  {tokens / t_hf:8.1f} tokens/s")
+  print(f"  ratio sampler/hf tokens/s = {t_hf / t_jax:.2f}   (target >= 3)")
+
+
+if __name__ == "__main__":
+  main()

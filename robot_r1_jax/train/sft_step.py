@@ -1,0 +1,190 @@
+"""The compiled SFT update: masked next-token cross-entropy on the target tokens, exact over
+micro-batches, AdamW through the run's optimizer, and a non-finite guard.
+
+The loss is built on `learner.sequence_log_probs`, the same scoring pass RL uses (prompt M-RoPE
+positions, then one step per completion token), so SFT trains exactly the distribution the sampler
+decodes from. Like `rl.losses`, each micro-batch returns unreduced sums (`SftSums`); their total
+divided by the total target-token count is the token-mean over the whole batch, whatever the
+micro-batch split.
+
+Dimensions: M micro-batches · R rows per micro-batch · T prompt length · N target length (a
+bucket) · P vision patches per image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from robot_r1_jax.model import sharding
+from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
+from robot_r1_jax.rl.learner import Sequences, sequence_log_probs
+
+# A token counts as right when p(target) > ½: then it is the greedy choice. (Exact greedy accuracy
+# needs the logits, which `sequence_log_probs` does not return; this is a lower bound that meets it
+# once the model is confident.)
+_CONFIDENT_LOGP = math.log(0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class SftBatch:
+  """One host batch for `SftTrainer.step` (built by `sft.SftBatchBuilder`)."""
+
+  seqs: Sequences  # NumPy: prompts [B, T] left-, targets [B, N] right-padded; images [B, P, …]
+  image_grid: tuple[int, int, int] | None  # the (t, h, w) every row's image shares
+
+
+@struct.dataclass
+class SftSums:
+  """Unreduced sums over the target tokens of one (micro-)batch; sums of parts merge exactly."""
+
+  nll_sum: jax.Array  # f32, Σ −log p(target token)
+  confident: jax.Array  # i32, target tokens with p > ½
+  tokens: jax.Array  # i32, target tokens (mask 1)
+
+  @classmethod
+  def zeros(cls) -> SftSums:
+    return cls(nll_sum=jnp.zeros((), jnp.float32), confident=jnp.zeros((), jnp.int32),
+               tokens=jnp.zeros((), jnp.int32))
+
+  def merge(self, other: SftSums) -> SftSums:
+    return jax.tree.map(jnp.add, self, other)
+
+  @property
+  def denominator(self) -> jax.Array:
+    """The token count, at least 1: a batch without target tokens has loss 0, never 0/0."""
+    return jnp.maximum(self.tokens, 1).astype(jnp.float32)
+
+  @property
+  def loss(self) -> jax.Array:
+    """Token-mean cross-entropy."""
+    return self.nll_sum / self.denominator
+
+  @property
+  def token_accuracy(self) -> jax.Array:
+    """Fraction of target tokens predicted with p > ½ (see `_CONFIDENT_LOGP`)."""
+    return self.confident / self.denominator
+
+
+def sft_sums(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] | None
+             ) -> SftSums:
+  """Cross-entropy sums of the completion (target) tokens of `seqs` [R, …] under `model`.
+
+  Only completion tokens under `completion_mask` count: prompt positions are conditioning, never
+  predicted, and padding is replaced by 0 with `where` before any arithmetic, so whatever it holds
+  contributes neither loss nor gradient.
+  """
+  logp, _ = sequence_log_probs(model, seqs, image_grid)  # [R, N] f32; the entropy is unused
+  mask = seqs.completion_mask.astype(bool)
+  logp = jnp.where(mask, logp, 0.0)
+  return SftSums(nll_sum=-logp.sum(), confident=(mask & (logp > _CONFIDENT_LOGP)).sum(),
+                 tokens=mask.sum())
+
+
+class SftTrainer:
+  """Owns the parameters and optimizer state during SFT and the compiled update.
+
+  `train_step(params, opt_state, seqs [M, R, …], image_grid=…)` is jitted once per (prompt
+  bucket, target bucket, image grid) with the parameters and optimizer state donated; `step` feeds
+  it one host batch.
+  """
+
+  def __init__(self, model: Qwen25VL, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+               micro_batch_size: int, lr_schedule: optax.Schedule | None = None):
+    """Args:
+      model: the model to train; `commit` writes the trained parameters back into it.
+      optimizer: e.g. `launch.pipeline.build_optimizer` (global-norm clipping, then AdamW).
+      mesh: parameters stay where the model put them; micro-batch rows go over (data, fsdp).
+      micro_batch_size: rows of this process's batch per forward/backward pass.
+      lr_schedule: the optimizer's schedule, only to log the learning rate.
+    """
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if micro_batch_size < 1 or micro_batch_size * jax.process_count() % shards:
+      raise ValueError(f"micro_batch_size={micro_batch_size} rows per process × "
+                       f"{jax.process_count()} process(es) must be a positive multiple of the "
+                       f"data×fsdp = {shards} devices the rows are split over")
+    self.model, self.mesh, self.micro_batch_size = model, mesh, micro_batch_size
+    self.optimizer, self.lr_schedule = optimizer, lr_schedule
+    self.graphdef, self.params = nnx.split(model, nnx.Param)
+    # Scalars such as Adam's count come out of init on one device; replicated on the mesh they
+    # keep one placement across steps (as in `Learner`).
+    replicated = NamedSharding(mesh, PartitionSpec())
+    self.opt_state = jax.tree.map(
+        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+        jax.jit(optimizer.init)(self.params))
+    # Outputs keep the inputs' placements, so every step reuses the first step's executable.
+    placement = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+    self.train_step = jax.jit(self._train_step, donate_argnums=(0, 1),
+                              static_argnames=("image_grid",),
+                              out_shardings=(placement(self.params), placement(self.opt_state),
+                                             None))
+    self.bad_steps = 0  # consecutive non-finite updates
+
+  def _train_step(self, params, opt_state, seqs: Sequences, *, image_grid):
+    def micro(carry, mb: Sequences):
+      grads_acc, sums_acc = carry
+
+      def nll_sum(p):
+        sums = sft_sums(nnx.merge(self.graphdef, p), mb, image_grid)
+        return sums.nll_sum, sums
+
+      grads, sums = jax.grad(nll_sum, has_aux=True)(params)
+      return (jax.tree.map(jnp.add, grads_acc, grads), sums_acc.merge(sums)), None
+
+    (grads, sums), _ = jax.lax.scan(micro, (jax.tree.map(jnp.zeros_like, params),
+                                            SftSums.zeros()), seqs)
+    # d(Σ nll / count) = (Σ d nll) / count: the full batch's token-mean gradient.
+    scale = 1.0 / sums.denominator
+    grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(sums.loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = self.optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    # A non-finite step leaves parameters and optimizer state untouched (the host counts it).
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    metrics = {"loss": sums.loss, "token_accuracy": sums.token_accuracy, "grad_norm": grad_norm,
+               "target_tokens": sums.tokens, "finite": finite}
+    return keep(new_params, params), keep(new_opt, opt_state), metrics
+
+  def step(self, batch: SftBatch) -> dict[str, float]:
+    """One optimizer update on a host batch of B rows (B a multiple of `micro_batch_size`)."""
+    tic = time.perf_counter()
+    seqs = batch.seqs
+    rows = seqs.prompt_ids.shape[0]
+    if rows % self.micro_batch_size:
+      raise ValueError(f"a batch of {rows} rows does not split into micro-batches of "
+                       f"micro_batch_size={self.micro_batch_size}")
+    # [M, R, …] with the rows over (data, fsdp). Each process passes its own rows: global
+    # micro-batch m is every process's m-th slice (any split gives the same token-mean).
+    stacked = jax.tree.map(lambda x: sharding.global_rows(
+        x.reshape((-1, self.micro_batch_size) + x.shape[1:]), self.mesh, leading=1), seqs)
+    self.params, self.opt_state, metrics = self.train_step(
+        self.params, self.opt_state, stacked, image_grid=batch.image_grid)
+    self.commit()  # the donated arrays the model held are gone; point it at the new ones
+    metrics = {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
+    seconds = time.perf_counter() - tic
+    finite = bool(metrics.pop("finite"))
+    self.bad_steps = 0 if finite else self.bad_steps + 1
+    real_tokens = int(np.sum(seqs.prompt_mask)) + int(np.sum(seqs.completion_mask))
+    out = {**metrics, "skipped_non_finite": float(not finite), "time/step": seconds,
+           # Prompt (image tokens included) + target tokens of this process's rows.
+           "tokens_per_second": real_tokens / seconds,
+           # Executables built so far; growth after the first steps means shapes escape buckets.
+           "compiles/sft_step": float(self.train_step._cache_size())}
+    if self.lr_schedule is not None:
+      # Adam's own count of applied updates: skipped non-finite steps do not advance it.
+      count = optax.tree_utils.tree_get_all_with_path(self.opt_state, "count")[0][1]
+      out["learning_rate"] = float(self.lr_schedule(count))
+    return out
+
+  def commit(self) -> None:
+    """Makes `model` hold the current parameters."""
+    nnx.update(self.model, self.params)

@@ -160,14 +160,14 @@ class SftBatchBuilder:
 
 @dataclasses.dataclass(frozen=True)
 class SftConfig:
-  """An SFT run. Batch rows are the loader's (per process)."""
+  """An SFT run on the loader's batches."""
 
   total_steps: int  # the run ends at this step (a resumed run continues up to it)
   targets: sft_targets.TargetConfig = sft_targets.TargetConfig()  # see SplitQuestions.target_config
   # Increasing target lengths N, in tokens with <|im_end|>. With the tiny tokenizer a direct target
   # is ≈ 15 (open-ended ≈ 33) tokens and a CoT one 120–230.
   target_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
-  micro_batch_size: int = 8  # rows per forward/backward; gradients accumulate exactly
+  micro_batch_size: int = 8  # rows (all processes) per forward/backward; exact accumulation
   checkpoint_every: int = 50
   keep_checkpoints: int = 3
   max_consecutive_bad_steps: int = 3

@@ -103,14 +103,15 @@ class SftTrainer:
       model: the model to train; `commit` writes the trained parameters back into it.
       optimizer: e.g. `launch.pipeline.build_optimizer` (global-norm clipping, then AdamW).
       mesh: parameters stay where the model put them; micro-batch rows go over (data, fsdp).
-      micro_batch_size: rows of this process's batch per forward/backward pass.
+      micro_batch_size: rows per forward/backward pass over all processes, as `LearnerConfig`'s;
+        each process contributes micro_batch_size / process_count of its batch's rows.
       lr_schedule: the optimizer's schedule, only to log the learning rate.
     """
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if micro_batch_size < 1 or micro_batch_size * jax.process_count() % shards:
-      raise ValueError(f"micro_batch_size={micro_batch_size} rows per process × "
-                       f"{jax.process_count()} process(es) must be a positive multiple of the "
-                       f"data×fsdp = {shards} devices the rows are split over")
+    if micro_batch_size < 1 or micro_batch_size % shards or micro_batch_size % jax.process_count():
+      raise ValueError(f"micro_batch_size={micro_batch_size} must be a positive multiple of the "
+                       f"data×fsdp = {shards} devices and of the {jax.process_count()} "
+                       "process(es) its rows are split over")
     self.model, self.mesh, self.micro_batch_size = model, mesh, micro_batch_size
     self.optimizer, self.lr_schedule = optimizer, lr_schedule
     self.graphdef, self.params = nnx.split(model, nnx.Param)
@@ -155,17 +156,18 @@ class SftTrainer:
     return keep(new_params, params), keep(new_opt, opt_state), metrics
 
   def step(self, batch: SftBatch) -> dict[str, float]:
-    """One optimizer update on a host batch of B rows (B a multiple of `micro_batch_size`)."""
+    """One optimizer update on this process's loader batch, in micro-batch shares of its rows."""
     tic = time.perf_counter()
     seqs = batch.seqs
-    rows = seqs.prompt_ids.shape[0]
-    if rows % self.micro_batch_size:
-      raise ValueError(f"a batch of {rows} rows does not split into micro-batches of "
-                       f"micro_batch_size={self.micro_batch_size}")
-    # [M, R, …] with the rows over (data, fsdp). Each process passes its own rows: global
-    # micro-batch m is every process's m-th slice (any split gives the same token-mean).
+    rows, local = seqs.prompt_ids.shape[0], self.micro_batch_size // jax.process_count()
+    if rows % local:
+      raise ValueError(f"this process's batch of {rows} rows does not split into micro-batches "
+                       f"of {local} rows (micro_batch_size={self.micro_batch_size} over "
+                       f"{jax.process_count()} process(es))")
+    # [M, R, …] with the rows over (data, fsdp). Global micro-batch m stacks every process's m-th
+    # slice of its own rows (any split of the rows gives the same token-mean).
     stacked = jax.tree.map(lambda x: sharding.global_rows(
-        x.reshape((-1, self.micro_batch_size) + x.shape[1:]), self.mesh, leading=1), seqs)
+        x.reshape((-1, local) + x.shape[1:]), self.mesh, leading=1), seqs)
     self.params, self.opt_state, metrics = self.train_step(
         self.params, self.opt_state, stacked, image_grid=batch.image_grid)
     self.commit()  # the donated arrays the model held are gone; point it at the new ones

@@ -214,6 +214,20 @@ def test_micro_batches_accumulate_to_the_full_batch(mesh, direct_batch):
     np.testing.assert_allclose(y, x, rtol=0, atol=1e-6)
 
 
+def test_sharded_rows_give_the_single_device_step(mesh, direct_batch):
+  reference = _trainer(mesh, micro_batch_size=2).step(direct_batch)
+  data_mesh = mesh_lib.make_mesh("data=2,fsdp=1,tensor=1", devices=jax.devices()[:2])
+  with pytest.raises(ValueError, match="multiple of the data×fsdp = 2 devices"):
+    _trainer(data_mesh, micro_batch_size=1)
+  trainer = _trainer(data_mesh, micro_batch_size=2)
+  first, second = trainer.step(direct_batch), trainer.step(direct_batch)
+  # Summation order differs across devices (~1e-6 relative in f32).
+  for key in ("loss", "grad_norm"):
+    assert first[key] == pytest.approx(reference[key], rel=1e-5), key
+  assert second["loss"] < first["loss"]
+  assert trainer.train_step._cache_size() == 1
+
+
 def test_overfits_a_fixed_batch_without_recompiling(mesh, direct_batch):
   trainer = _trainer(mesh, micro_batch_size=2)
   before = _params(trainer)

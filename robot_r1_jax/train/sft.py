@@ -34,8 +34,10 @@ import pathlib
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import grain
+import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from robot_r1_jax.data import records, sft_targets
@@ -134,15 +136,18 @@ class SftBatchBuilder:
             "questions from the loader's own split and folder")
       targets.append(self.target_ids(question))
     longest = max(len(t) for t in targets)
-    fitting = [b for b in self._buckets if b >= longest]
-    if not fitting:
+    if longest > self._buckets[-1]:
       row = int(np.argmax([len(t) for t in targets]))
       raise ValueError(f"the {self._targets.kind} target of {questions[row].episode} frame "
                        f"{questions[row].frame} ({questions[row].question_type}) has {longest} "
                        f"tokens, more than the largest target bucket {self._buckets[-1]}; add a "
                        "larger one to target_buckets")
-    completion = np.full((rows, fitting[0]), self._tokenizer.pad_token_id, np.int32)
-    completion_mask = np.zeros((rows, fitting[0]), np.int32)
+    if jax.process_count() > 1:
+      # The processes' rows form one global array: they must agree on its target length.
+      longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+    bucket = next(b for b in self._buckets if b >= longest)
+    completion = np.full((rows, bucket), self._tokenizer.pad_token_id, np.int32)
+    completion_mask = np.zeros((rows, bucket), np.int32)
     for row, ids in enumerate(targets):
       completion[row, :len(ids)] = ids
       completion_mask[row, :len(ids)] = int(batch.valid[row])

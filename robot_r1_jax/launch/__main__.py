@@ -22,7 +22,7 @@ from robot_r1_jax.launch import pipeline
 from robot_r1_jax.rl import losses, rewards, sampling
 from robot_r1_jax.rl.learner import Learner, LearnerConfig
 from robot_r1_jax.rl.sampler import Sampler, SamplerConfig
-from robot_r1_jax.train import rl_loop
+from robot_r1_jax.train import loop
 
 
 def main(argv: list[str]) -> None:
@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
   loader = loader_lib.make_loader(data_dir, "train", loader_lib.LoaderConfig(
       batch_size=F.ROLLOUT_BATCH.value // jax.process_count(), seed=seed,
       num_epochs=F.EPOCHS.value, tokenizer_path=tokenizer_path))
-  total = rl_loop.total_steps(F.MAX_STEPS.value, loader.steps_per_epoch, F.EPOCHS.value)
+  total = loop.total_steps(F.MAX_STEPS.value, loader.steps_per_epoch, F.EPOCHS.value)
   updates_per_step = (rollout_rows // (F.TRAIN_BATCH.value * F.NUM_GENERATIONS.value)
                       * F.UPDATES_PER_ROLLOUT.value)
   optimizer, schedule = pipeline.build_optimizer(
@@ -72,14 +72,21 @@ def main(argv: list[str]) -> None:
                                    kl_estimator=F.KL_ESTIMATOR.value,
                                    aggregation=F.LOSS_AGG.value),
       advantage=dataclasses.replace(LearnerConfig().advantage, kl_coef=F.KL_COEF.value),
-      reward_weights=rewards.RewardWeights(),
-      max_consecutive_bad_steps=F.MAX_BAD_STEPS.value), mesh, lr_schedule=schedule)
+      reward_weights=rewards.RewardWeights()), mesh, lr_schedule=schedule)
 
   logging.info("model=%s mesh=%s data=%s steps=%d", F.MODEL.value, dict(mesh.shape), data_dir,
                total)
-  history = rl_loop.run(learner, iter(loader), rl_loop.RunConfig(
-      workdir=workdir, total_steps=total, seed=seed, checkpoint_every=F.CHECKPOINT_EVERY.value,
-      keep_checkpoints=F.KEEP_CHECKPOINTS.value, log_rollouts_every=F.ROLLOUTS_EVERY.value,
+  base_key = jax.random.key(seed)
+
+  def rl_step(batch, step: int) -> loop.StepOutput:
+    result = learner.step(batch, jax.random.fold_in(base_key, step))
+    return loop.StepOutput(result.metrics, result.rollouts)
+
+  history = loop.run(learner, rl_step, iter(loader), loop.LoopConfig(
+      workdir=workdir, total_steps=total, stage="rl", checkpoint_every=F.CHECKPOINT_EVERY.value,
+      keep_checkpoints=F.KEEP_CHECKPOINTS.value, max_consecutive_bad_steps=F.MAX_BAD_STEPS.value,
+      log_rollouts_every=F.ROLLOUTS_EVERY.value,
+      progress=(("reward", "reward/total"), ("acc", "accuracy/all"), ("kl", "kl/policy_ref")),
       meta={f.name: f.value for f in flags.FLAGS.get_flags_for_module(F.__name__)}))
   if jax.process_index() == 0 and history:
     last = history[-1]

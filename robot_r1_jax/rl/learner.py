@@ -43,7 +43,6 @@ class LearnerConfig:
   loss: losses.PolicyLossConfig = losses.PolicyLossConfig()
   advantage: adv_lib.AdvantageOptions = adv_lib.AdvantageOptions()
   reward_weights: rewards.RewardWeights = rewards.RewardWeights()
-  max_consecutive_bad_steps: int = 3
 
   def __post_init__(self):
     adv_lib.get_estimator(self.algo)  # raises naming the valid estimators
@@ -240,6 +239,8 @@ class Learner:
       advantages = adv_lib.get_estimator(cfg.algo)(
           scores, seqs.completion_mask, g, kl if cfg.kl_in_reward else None,
           options=cfg.advantage)
+      # Dispatch is asynchronous: wait here so the phase times are the phases' own.
+      jax.block_until_ready((ref_logp, old_logp, advantages))
 
     with timer("update"):  # μ passes of mini-batch updates over micro-batch gradients
       update = self._update(TrainRows(seqs=seqs, old_logp=old_logp, ref_logp=ref_logp,
@@ -303,6 +304,7 @@ class Learner:
             self.params, self.opt_state, mb, image_grid=image_grid, on_policy=on_policy)
         step_metrics.append(m)
     self.commit()
+    jax.block_until_ready(self.params)
     out = {f"update/{k}": float(np.mean([float(m[k]) for m in step_metrics]))
            for k in step_metrics[0] if k != "finite"}
     out["updates/skipped_non_finite"] = float(sum(1 - int(m["finite"]) for m in step_metrics))

@@ -28,7 +28,6 @@ can seed an RL run (`--init_from`).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import pathlib
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -47,9 +46,7 @@ from robot_r1_jax.data.mcqa import Question
 from robot_r1_jax.data.prompts import RobotMetadata
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 from robot_r1_jax.rl.learner import Sequences
-from robot_r1_jax.train.checkpoint import Checkpointer, PreemptionGuard
-from robot_r1_jax.train.metrics import MetricsWriter, ProgressBar
-from robot_r1_jax.train.rl_loop import TrainingStopped
+from robot_r1_jax.train import loop
 from robot_r1_jax.train.sft_step import SftBatch, SftTrainer
 
 if TYPE_CHECKING:
@@ -204,67 +201,16 @@ def run_sft(model: Qwen25VL, optimizer: optax.GradientTransformation, data: Iter
     lr_schedule: the optimizer's schedule, to log the learning rate.
 
   Returns:
-    This session's per-step metrics. A SIGTERM saves the current step and returns; non-finite
-    updates are skipped, and `max_consecutive_bad_steps` of them in a row save and raise
-    `TrainingStopped`.
+    This session's per-step metrics (see `train.loop.run` for preemption and non-finite steps).
   """
-  workdir = pathlib.Path(workdir)
   trainer = SftTrainer(model, optimizer, mesh, micro_batch_size=config.micro_batch_size,
                        lr_schedule=lr_schedule)
   build = SftBatchBuilder(tokenizer, config.targets, config.target_buckets)
-  checkpoints = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-  writer = MetricsWriter(workdir)
-  start = checkpoints.latest_step() or 0
-  if start:
-    restored, _ = checkpoints.restore(
-        start, abstract_state={"params": trainer.params, "opt_state": trainer.opt_state},
-        data_iterator=data)
-    trainer.params, trainer.opt_state = restored["params"], restored["opt_state"]
-    trainer.commit()
-    logging.info("SFT resumed from %s at step %d", workdir / "checkpoints", start)
-  writer.truncate_after(start)
-  last_saved = start
-
-  def save(step: int, metrics: dict[str, float] | None = None) -> None:
-    nonlocal last_saved
-    last_saved = step
-    checkpoints.save(step, {"params": trainer.params, "opt_state": trainer.opt_state},
-                     data_iterator=data, force=True,
-                     meta={"stage": "sft", "target": config.targets.kind, "config": config.meta,
-                           "metrics": metrics or {}})
-    writer.flush()
-
-  history: list[dict[str, float]] = []
-  step = start
-  try:
-    with PreemptionGuard() as guard, ProgressBar(config.total_steps, initial=start,
-                                                 desc="sft") as bar:
-      while step < config.total_steps:
-        try:
-          batch = next(data)
-        except StopIteration:
-          logging.info("data exhausted after step %d", step)
-          break
-        step += 1
-        metrics = trainer.step(build(batch, questions(batch.record_indices)))
-        history.append({**metrics, "step": step})
-        writer.scalars(step, metrics)
-        bar.update(step, {"loss": metrics["loss"], "acc": metrics["token_accuracy"]})
-        if trainer.bad_steps >= config.max_consecutive_bad_steps:
-          save(step, metrics)
-          raise TrainingStopped(
-              f"{trainer.bad_steps} consecutive SFT steps produced a non-finite loss or gradient "
-              f"(last: step {step}); parameters are those of the last finite update, saved in "
-              f"{workdir / 'checkpoints'}. Lower the learning rate or check the data.")
-        preempted = guard.sync_requested()
-        if preempted or step % config.checkpoint_every == 0 or step == config.total_steps:
-          save(step, metrics)
-        if preempted:
-          logging.warning("SIGTERM: saved SFT step %d and stopping", step)
-          break
-      if step != last_saved:
-        save(step)  # the data ran out between checkpoints
-  finally:
-    checkpoints.close()
-    writer.close()
-  return history
+  step_fn = lambda batch, step: loop.StepOutput(
+      trainer.step(build(batch, questions(batch.record_indices))))
+  return loop.run(trainer, step_fn, data, loop.LoopConfig(
+      workdir=pathlib.Path(workdir), total_steps=config.total_steps, stage="sft",
+      checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+      max_consecutive_bad_steps=config.max_consecutive_bad_steps,
+      progress=(("loss", "loss"), ("acc", "token_accuracy")),
+      meta={**config.meta, "target": config.targets.kind}))

@@ -26,6 +26,21 @@ SIM_EPISODES = flags.DEFINE_integer("sim_episodes", 3, "Simulated episodes per t
 IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, "Rendered and extracted image size (pixels) "
                                   "for the default data; the paper uses 224.")
 
+# Stages.
+STAGE = flags.DEFINE_enum("stage", "sft_rl", ["sft_rl", "sft", "rl"], "sft_rl: an SFT warm-up "
+                          "(WORKDIR/sft) then RL (WORKDIR/rl), evaluated before and after RL; "
+                          "sft or rl: that stage alone, in WORKDIR.")
+MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "eval: greedy evaluation of the "
+                         "newest checkpoint in WORKDIR (or --init_from) on the val split.")
+INIT_FROM = flags.DEFINE_string("init_from", None, "A run directory (or its checkpoints/) whose "
+                                "newest parameters initialise the model, e.g. an SFT run for RL.")
+SFT_STEPS = flags.DEFINE_integer("sft_steps", 60, "SFT steps (sft and sft_rl stages).")
+SFT_TARGET = flags.DEFINE_enum("sft_target", "direct", ["direct", "cot"], "SFT targets: the "
+                               "answer alone, or rule-generated reasoning then the answer.")
+SFT_BATCH = flags.DEFINE_integer("sft_batch_size", 8, "Questions per SFT step.")
+SFT_LEARNING_RATE = flags.DEFINE_float("sft_learning_rate", 3e-3, "SFT peak learning rate.")
+EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 8, "Questions per evaluation batch.")
+
 # Devices.
 MESH = flags.DEFINE_string("mesh", "data=1,fsdp=-1,tensor=1", "Device mesh over axes data, fsdp "
                            "and tensor; -1 takes the remaining devices.")
@@ -59,14 +74,15 @@ LOSS_AGG = flags.DEFINE_enum("loss_aggregation", "token_mean", sorted(losses.AGG
                              "How token losses become the batch loss.")
 
 # Optimisation.
-LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-6, "Peak learning rate.")
+LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-5, "RL peak learning rate (the paper "
+                                   "uses 1e-6 on a pretrained 7B model).")
 LR_SCHEDULE = flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine", "linear"],
                                 "Decay after warm-up.")
 WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps.")
 WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1e-2, "AdamW weight decay.")
 GRAD_CLIP = flags.DEFINE_float("grad_clip", 1.0, "Global gradient-norm clip.")
 EPOCHS = flags.DEFINE_integer("epochs", 5, "Passes over the training questions.")
-MAX_STEPS = flags.DEFINE_integer("max_steps", 3, "Stop after this many RL steps (0: run all "
+MAX_STEPS = flags.DEFINE_integer("max_steps", 8, "Stop after this many RL steps (0: run all "
                                  "epochs).")
 MAX_BAD_STEPS = flags.DEFINE_integer("max_bad_steps", 3, "Stop after this many consecutive "
                                      "steps with a skipped non-finite update.")

@@ -8,17 +8,22 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from jax.sharding import Mesh
 
 from robot_r1_jax.data import extract
 from robot_r1_jax.model import config as model_config
 from robot_r1_jax.model import hf_io, processor
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL, init_model
+from robot_r1_jax.train.checkpoint import Checkpointer
 
 
 def ensure_default_data(out_dir: pathlib.Path, *, tasks: list[str], episodes: int,
                         image_size: int, seed: int) -> pathlib.Path:
-  """Simulated demos extracted into questions under `out_dir`, made once (process 0 writes)."""
+  """Simulated demos extracted into questions under `out_dir`, made once (process 0 writes).
+
+  A third of each task's episodes go to val, so even two episodes per task leave one to evaluate.
+  """
   from robot_r1_jax.data import sim  # pybullet is optional: only the default data needs it
 
   if (out_dir / "extracted" / "manifest.json").exists():
@@ -29,7 +34,7 @@ def ensure_default_data(out_dir: pathlib.Path, *, tasks: list[str], episodes: in
     sim.generate(demos, tasks, episodes, seed=seed,
                  config=sim.RenderConfig(image_size=image_size, cameras=("front",)))
     extract.extract(demos, out_dir / "extracted",
-                    extract.ExtractConfig(image_size=image_size, seed=seed, val_fraction=0.2))
+                    extract.ExtractConfig(image_size=image_size, seed=seed, val_fraction=0.34))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("default data ready")
@@ -71,3 +76,35 @@ def build_optimizer(*, learning_rate: float, schedule: str, warmup_steps: int, t
                              [warmup_steps]) if warmup_steps else after)
   return optax.chain(optax.clip_by_global_norm(grad_clip),
                      optax.adamw(lr, weight_decay=weight_decay)), lr
+
+
+def restore_params(model: Qwen25VL, run_dir: pathlib.Path) -> int:
+  """Loads the newest parameters saved under `run_dir` into `model`; returns their step.
+
+  Looks in `run_dir/rl`, `run_dir`, `run_dir/sft` (an sft_rl run's stages, newest stage first) or
+  `run_dir` as a checkpoints folder itself. The optimizer state saved beside them is dropped.
+  """
+  candidates = [run_dir / "rl" / "checkpoints", run_dir / "checkpoints",
+                run_dir / "sft" / "checkpoints", run_dir]
+  for directory in candidates:
+    if not directory.is_dir():
+      continue
+    checkpoints = Checkpointer(directory)
+    step = checkpoints.latest_step()
+    if step is None:
+      checkpoints.close()
+      continue
+    params = nnx.state(model, nnx.Param)
+    # Every stage saves AdamW-after-clipping state of one structure (build_optimizer), so an
+    # optimizer of any schedule describes it.
+    optimizer, _ = build_optimizer(learning_rate=0.0, schedule="constant", warmup_steps=0,
+                                   total_steps=1, weight_decay=0.0, grad_clip=1.0)
+    state = {"params": params, "opt_state": jax.jit(optimizer.init)(params)}
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored, _ = checkpoints.restore(step, abstract_state=abstract)
+    checkpoints.close()
+    nnx.update(model, restored["params"])
+    return step
+  raise FileNotFoundError(f"no checkpoint under {run_dir} (looked in "
+                          f"{', '.join(str(c) for c in candidates)})")

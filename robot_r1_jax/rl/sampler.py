@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from robot_r1_jax.model import processor, rope, sharding
@@ -221,7 +222,7 @@ class Sampler:
            else self.tokenizer.eos_token_id)
     # Past each row's end the ids are padding; mapping them to the tokenizer's own end id makes
     # `decode_completions` cut there even when `pad_id` is an ordinary token.
-    tokens = np.where(np.asarray(out.mask), np.asarray(out.tokens), end)
+    tokens = np.where(sharding.local_rows(out.mask), sharding.local_rows(out.tokens), end)
     return dataclasses.replace(out, text=tuple(processor.decode_completions(self.tokenizer,
                                                                             tokens)))
 
@@ -234,7 +235,10 @@ class Sampler:
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     new_bucket = bucket(max_new_tokens, cfg.new_token_buckets, "max_new_tokens")
-    length = bucket(np.shape(prompt_ids)[-1], cfg.prompt_buckets, "prompt length")
+    length = np.shape(prompt_ids)[-1]
+    if jax.process_count() > 1:  # every process must build the same global shape
+      length = int(np.max(multihost_utils.process_allgather(np.int32(length))))
+    length = bucket(length, cfg.prompt_buckets, "prompt length")
     ids, mask = left_pad(prompt_ids, prompt_mask, length, cfg.pad_id)
     if (pixel_values is None) != (image_grid_thw is None):
       raise ValueError("pixel_values and image_grid_thw must be given together")
@@ -242,12 +246,25 @@ class Sampler:
         tuple(int(x) for x in g) for g in np.asarray(image_grid_thw).reshape(-1, 3))
     if self.mesh is not None:
       rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-      if ids.shape[0] % rows:
-        raise ValueError(f"{ids.shape[0]} prompts do not split over the mesh's data×fsdp = {rows} "
-                         "devices; use a multiple")
-      ids, mask = (jax.device_put(x, sharding.batch_sharding(self.mesh, 2)) for x in (ids, mask))
+      if ids.shape[0] * jax.process_count() % rows:
+        raise ValueError(f"{ids.shape[0] * jax.process_count()} prompts do not split over the "
+                         f"mesh's data×fsdp = {rows} devices; use a multiple")
+      # Each process feeds its own prompts (its loader shard); the global batch stacks them.
+      ids, mask = (sharding.global_rows(x, self.mesh) for x in (ids, mask))
+      if pixel_values is not None:
+        pixel_values, grid = self._global_images(np.asarray(pixel_values), grid, len(prompt_ids))
     return self._prefill(self._params(), ids, mask, pixel_values, grid=grid,
                          new_bucket=new_bucket)
+
+  def _global_images(self, pixel_values: np.ndarray, grid: Grid, prompts: int
+                     ) -> tuple[jax.Array, Grid]:
+    """One image per prompt, placed like its prompt's row; the grid of the global batch."""
+    if len(set(grid)) != 1 or len(grid) != prompts:
+      raise ValueError(f"sampling on a mesh needs one image per prompt, all of one grid; got "
+                       f"{len(grid)} images with grids {sorted(set(grid))} for {prompts} prompts")
+    per_row = pixel_values.reshape(prompts, -1, pixel_values.shape[-1])
+    placed = sharding.global_rows(per_row, self.mesh)
+    return placed.reshape(-1, placed.shape[-1]), grid * jax.process_count()
 
   def decode(self, state: DecodeState, key: jax.Array, max_new_tokens: int) -> SamplerOutput:
     """Runs the compiled decode loop on a prefill's state; `state.cache` is donated (consumed)."""

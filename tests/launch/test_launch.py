@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("pybullet")
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SMALL = ["--model=tiny", "--num_generations=2", "--rollout_batch_size=2", "--train_batch_size=1",
+SMALL = ["--stage=rl", "--model=tiny", "--num_generations=2", "--rollout_batch_size=2", "--train_batch_size=1",
          "--micro_batch_size=2", "--max_new_tokens=16", "--learning_rate=1e-3",
          "--checkpoint_every=1", "--kl_coef=0.01"]
 
@@ -45,22 +45,44 @@ def _metrics(workdir: pathlib.Path) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> pathlib.Path:
-  """The default data path (simulate → extract), shortened: one task, two episodes."""
+def default_job(tmp_path_factory) -> pathlib.Path:
+  """The default main job (simulate → extract → SFT → GRPO → eval), shortened."""
   workdir = tmp_path_factory.mktemp("default")
   out = _launch(f"--workdir={workdir}", "--sim_tasks=push_button", "--sim_episodes=2",
-                "--image_size=64", "--max_steps=2", *SMALL)
+                "--image_size=64", "--sft_steps=3", "--max_steps=2", "--eval_batch_size=4",
+                *[a for a in SMALL if a != "--stage=rl"])
   assert "done: step 2" in out
-  assert (workdir / "checkpoints" / "2").is_dir()
-  assert list((workdir / "tb").glob("events.out.tfevents.*"))
-  assert sorted(_metrics(workdir)) == [1, 2]
-  rollouts = [json.loads(line) for line in (workdir / "rollouts.jsonl").read_text().splitlines()]
+  assert "accuracy SFT→GRPO" in out  # the before/after table
+  return workdir
+
+
+@pytest.fixture
+def data(extracted_data) -> pathlib.Path:
+  return extracted_data
+
+
+def test_default_main_job_writes_everything(default_job):
+  assert (default_job / "data" / "extracted" / "manifest.json").exists()
+  for stage, steps in (("sft", 3), ("rl", 2)):
+    assert (default_job / stage / "checkpoints" / str(steps)).is_dir(), stage
+    assert list((default_job / stage / "tb").glob("events.out.tfevents.*")), stage
+    assert sorted(_metrics(default_job / stage)) == list(range(1, steps + 1)), stage
+  rollouts = [json.loads(line)
+              for line in (default_job / "rl" / "rollouts.jsonl").read_text().splitlines()]
   assert len(rollouts) == 2 * 2 * 2 and {"completion", "reward"} <= set(rollouts[0])
-  return workdir / "data" / "extracted"
+  before = json.loads((default_job / "eval_before_rl.json").read_text())
+  after = json.loads((default_job / "eval_after_rl.json").read_text())
+  assert len(before["records"]) == len(after["records"]) > 0
+  png = (default_job / "curves.png").read_bytes()
+  assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
-def test_default_main_job_writes_checkpoints_events_and_metrics(data):
-  assert (data / "manifest.json").exists()
+def test_eval_mode_scores_the_newest_checkpoint(default_job):
+  out = _launch(f"--workdir={default_job}", "--mode=eval",
+                f"--data={default_job / 'data' / 'extracted'}",
+                "--eval_batch_size=4", *SMALL)
+  result = json.loads((default_job / "eval.json").read_text())
+  assert "question type" in out and len(result["records"]) > 0
 
 
 def test_resume_after_sigkill_repeats_the_uninterrupted_run(data, tmp_path):
@@ -100,6 +122,7 @@ def test_sigterm_saves_the_current_step(data, tmp_path):
 
 def test_three_axis_mesh_runs_and_bad_mesh_fails_fast(data, tmp_path):
   _launch(f"--workdir={tmp_path / 'ok'}", "--mesh=data=2,fsdp=2,tensor=2", f"--data={data}",
+          "--stage=rl",
           "--max_steps=1", "--model=tiny", "--num_generations=2", "--rollout_batch_size=4",
           "--train_batch_size=2", "--micro_batch_size=4", "--max_new_tokens=16", devices=8)
   proc = subprocess.run([sys.executable, "-m", "robot_r1_jax.launch", "--mesh=data=3,fsdp=-1",

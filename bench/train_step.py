@@ -1,0 +1,127 @@
+"""RL step on the `small` preset: update-step FLOP/s ÷ this machine's f32 GEMM FLOP/s, and the
+step-time split (rollout / reward / advantage / update), measured in one run.
+
+python bench/train_step.py [--prompts 4 --generations 4 --new_tokens 32 --repeats 3]
+
+Model FLOPs are counted analytically (6·N per token for the matmuls of fwd+bwd, plus attention
+scores); XLA's own count of the compiled step is printed beside it. Target: ratio ≥ 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from robot_r1_jax.data.loader import Batch
+from robot_r1_jax.launch import mesh as mesh_lib
+from robot_r1_jax.launch import pipeline
+from robot_r1_jax.model import config as config_lib
+from robot_r1_jax.model import processor
+from robot_r1_jax.model.qwen2_5_vl import init_model
+from robot_r1_jax.rl import sampling
+from robot_r1_jax.rl.learner import Learner, LearnerConfig
+from robot_r1_jax.rl.sampler import Sampler, SamplerConfig
+
+
+def gemm_flops_per_second(n: int = 1024, repeats: int = 5) -> float:
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a, a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n**3 / statistics.median(times)
+
+
+def synthetic_batch(tokenizer, prompts: int, length: int, image_px: int) -> Batch:
+  rng = np.random.default_rng(0)
+  ids = np.full((prompts, length), tokenizer.pad_token_id, np.int32)
+  mask = np.zeros((prompts, length), np.int32)
+  pixels, grids = [], []
+  words = "Move the gripper towards the red cup and say which option is right: [[A]] [[B]]. "
+  for b in range(prompts):
+    pv, grid = processor.preprocess_image(
+        rng.integers(0, 255, (image_px, image_px, 3), dtype=np.uint8))
+    row = processor.build_prompt_ids(tokenizer, words * 6, grid)[-length:]
+    ids[b, length - len(row):], mask[b, length - len(row):] = row, 1
+    pixels.append(pv)
+    grids.append(grid)
+  arr = lambda v: np.array([v] * prompts)
+  return Batch(input_ids=ids, attention_mask=mask, pixel_values=np.concatenate(pixels),
+               image_grid_thw=np.array(grids, np.int32), answers=arr("[[A]]"),
+               question_types=arr("movement"), tasks=arr("t"), episodes=arr("e"),
+               frames=np.arange(prompts), record_indices=np.arange(prompts),
+               epochs=np.zeros(prompts, np.int32), valid=np.ones(prompts, bool))
+
+
+def analytic_flops(cfg: config_lib.ModelConfig, rows: int, length: int, patches: int) -> float:
+  """fwd+bwd FLOPs of one update over `rows` sequences of `length` tokens with an image each."""
+  t, v = cfg.text, cfg.vision
+  per_layer = (t.hidden_size * t.head_dim * (t.num_heads * 2 + t.num_kv_heads * 2)
+               + 3 * t.hidden_size * t.intermediate_size)
+  text = 6 * rows * length * (t.num_layers * per_layer + t.hidden_size * t.vocab_size)
+  attention = 6 * rows * t.num_layers * 2 * length**2 * t.hidden_size  # QK^T and PV, causal-free
+  vision_layer = 4 * v.hidden_size**2 + 3 * v.hidden_size * v.intermediate_size
+  vision = 6 * rows * patches * v.depth * vision_layer
+  return float(text + attention + vision)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--prompts", type=int, default=4)
+  parser.add_argument("--generations", type=int, default=4)
+  parser.add_argument("--new_tokens", type=int, default=32)
+  parser.add_argument("--prompt_length", type=int, default=256)
+  parser.add_argument("--image_px", type=int, default=112)
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args()
+
+  gemm = gemm_flops_per_second()
+  cfg = config_lib.small()
+  mesh = mesh_lib.make_mesh("data=1,fsdp=-1,tensor=1")
+  model = init_model(cfg, seed=0, mesh=mesh)
+  tokenizer = processor.load_tokenizer()
+  rows = args.prompts * args.generations
+  sampler = Sampler(model, SamplerConfig(
+      stop_tokens=(), num_samples=args.generations, pad_id=tokenizer.pad_token_id,
+      prompt_buckets=(args.prompt_length,), new_token_buckets=(args.new_tokens,),
+      sampling=sampling.SamplingParams(temperature=1.0, top_p=1.0)), mesh=mesh,
+      tokenizer=tokenizer)
+  optimizer, _ = pipeline.build_optimizer(learning_rate=1e-6, schedule="constant",
+                                          warmup_steps=0, total_steps=10, weight_decay=0.01,
+                                          grad_clip=1.0)
+  learner = Learner(model, optimizer, sampler, LearnerConfig(
+      num_generations=args.generations, train_batch_size=args.prompts, micro_batch_size=rows,
+      max_new_tokens=args.new_tokens), mesh)
+  batch = synthetic_batch(tokenizer, args.prompts, args.prompt_length, args.image_px)
+
+  start = time.perf_counter()
+  learner.step(batch, jax.random.key(0))
+  first = time.perf_counter() - start
+  splits = [learner.step(batch, jax.random.key(i + 1)).metrics for i in range(args.repeats)]
+  phase = lambda k: statistics.median(m[f"time/{k}"] for m in splits)
+  update_s = phase("update")
+  patches = int(np.prod(batch.image_grid_thw[0]))
+  length = args.prompt_length + args.new_tokens
+  flops = analytic_flops(cfg, rows, length, patches)
+
+  print(f"small preset, {rows} sequences × {length} tokens ({patches} patches each), "
+        f"{jax.devices()[0].platform}, first step incl. compile {first:.1f} s")
+  print("  step split (median): " + ", ".join(f"{k} {phase(k):.2f} s"
+                                              for k in ("rollout", "reward", "advantage",
+                                                        "update")))
+  print(f"  update step: {flops / 1e9:.1f} GFLOP analytic in {update_s:.2f} s "
+        f"= {flops / update_s / 1e9:.1f} GFLOP/s")
+  print(f"  machine f32 GEMM: {gemm / 1e9:.1f} GFLOP/s")
+  print(f"  ratio update/GEMM = {flops / update_s / gemm:.2f}   (target >= 0.5)")
+
+
+if __name__ == "__main__":
+  main()

@@ -41,6 +41,7 @@ import numpy as np
 from robot_r1_jax.data import atomic
 from robot_r1_jax.data.loader import Batch, LoaderConfig, make_loader
 from robot_r1_jax.data.prompts import QUESTION_TYPES
+from robot_r1_jax.model import sharding
 from robot_r1_jax.rl import rewards
 from robot_r1_jax.rl.sampler import Sampler
 from robot_r1_jax.train.metrics import ProgressBar
@@ -298,7 +299,8 @@ def evaluate(sampler: Sampler, batches: Iterable[Batch], config: EvalConfig = Ev
       rows = np.flatnonzero(np.asarray(batch.valid, bool))
       scores += score(_take(out.text, rows), answers=_take(batch.answers, rows),
                       question_types=_take(batch.question_types, rows),
-                      tasks=_take(batch.tasks, rows), lengths=_take(np.asarray(out.lengths), rows),
+                      tasks=_take(batch.tasks, rows),
+                      lengths=_take(sharding.local_rows(out.lengths), rows),
                       record_indices=_take(batch.record_indices, rows))
       choice = [s.correct for s in scores if s.correct is not None]
       bar.update(step, {"accuracy": _mean(choice)} if choice else None)

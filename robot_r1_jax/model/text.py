@@ -54,29 +54,37 @@ class Attention(nnx.Module):
     self.o = layers.param(rngs, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None
+               kv: tuple[jax.Array, jax.Array] | None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """x [B,T,D]; cos/sin [B,T,H]; mask [B,T,S] bool; kv = cached ([B,S,K,H],)*2 or None."""
+    """Attention of a chunk x [B,T,D] (cos/sin [B,T,H]) over a cache's slots and itself.
+
+    `kv` is the cache's ([B,S,K,H],)*2, read in place, or None; `mask` is [B,T,S+T] with a cache,
+    [B,T,T] without. Returns the output and this chunk's own (k, v) when there is a cache.
+    """
     w = lambda p: p[...].astype(self.dtype)  # params stay in param_dtype; compute in self.dtype
     q = jnp.einsum("BTD,DNH->BTNH", x, w(self.q)) + w(self.q_bias)
     k = jnp.einsum("BTD,DKH->BTKH", x, w(self.k)) + w(self.k_bias)
     v = jnp.einsum("BTD,DKH->BTKH", x, w(self.v)) + w(self.v_bias)
     q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
-    if kv is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
-      kv = (k, v)
     b, t, n, h = q.shape
     groups = n // k.shape[2]
     # Query head n reads kv head n // groups, as HF's repeat_kv lays heads out.
     q = q.reshape(b, t, k.shape[2], groups, h)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k) * (h**-0.5)
+    if kv is not None:
+      # Cached keys are read in place, never copied: scores over [cache | this chunk].
+      cached = jnp.einsum("BTKGH,BSKH->BKGTS", q, kv[0].astype(q.dtype)) * (h**-0.5)
+      logits = jnp.concatenate([cached, logits], axis=-1)
     # Softmax in fp32 (HF: softmax(dtype=float32) then back to the compute dtype).
     logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32),
                        jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
-    return jnp.einsum("BTNH,NHD->BTD", out, w(self.o)), kv
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., -t:], v)
+    if kv is not None:
+      out = out + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :-t], kv[1].astype(q.dtype))
+    # Only this chunk's keys/values leave the layer; the caller writes them into the cache once.
+    return (jnp.einsum("BTNH,NHD->BTD", out.reshape(b, t, n, h), w(self.o)),
+            None if kv is None else (k, v))
 
 
 class MLP(nnx.Module):
@@ -105,8 +113,8 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
 
-  def __call__(self, x, cos, sin, mask, kv, index):
-    attn, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, index)
+  def __call__(self, x, cos, sin, mask, kv):
+    attn, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv)
     x = x + attn
     return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -147,24 +155,27 @@ class TextModel(nnx.Module):
                                   self.dtype)
     t = x.shape[1]
     real = attention_mask.astype(bool)
-    if cache is None:
-      index, valid = None, real
-      query_slot, key_slot = jnp.arange(t), jnp.arange(t)
-    else:
-      index = cache.index
-      valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, real, index, axis=1)
-      query_slot, key_slot = index + jnp.arange(t), jnp.arange(cache.length)
-    # Causal over slots and blind to padding keys; padding queries see nothing useful but stay finite.
-    mask = (key_slot[None, :] <= query_slot[:, None])[None] & valid[:, None, :]  # [B, T, S]
+    # Causal within the chunk and blind to padding keys; padding queries see nothing useful but
+    # stay finite. With a cache, every filled real slot precedes the chunk: [B, T, S + T].
+    mask = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None] & real[:, None, :]
+    if cache is not None:
+      mask = jnp.concatenate(
+          [jnp.broadcast_to(cache.valid[:, None, :], (x.shape[0], t, cache.length)), mask], axis=2)
 
     def body(layer, h, kv):
-      h, kv = layer(h, cos, sin, mask, kv, index)
+      h, kv = layer(h, cos, sin, mask, kv)
       return h, kv
 
     kv_in = None if cache is None else (cache.k, cache.v)
-    x, kv_out = layers.scan(self.layers, body, x, kv_in, remat=self.remat)
+    x, new_kv = layers.scan(self.layers, body, x, kv_in, remat=self.remat)
     if cache is not None:
-      cache = KVCache(k=kv_out[0], v=kv_out[1], valid=valid, index=index + t)
+      k, v = new_kv
+      index = cache.index
+      # One in-place write of this chunk's [L, B, T, K, H] keys/values (a decode loop's carry).
+      put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index,
+                                                                 axis=2)
+      cache = KVCache(k=put(cache.k, k), v=put(cache.v, v), index=index + t,
+                      valid=jax.lax.dynamic_update_slice_in_dim(cache.valid, real, index, axis=1))
     return self.final_norm(x), cache
 
 

@@ -34,6 +34,17 @@ BENCH = model_lib.ModelConfig(
     vision_end_token_id=31999, bos_token_id=0, eos_token_id=1)
 
 
+def hf_twin(seed: int = 0):
+  """A random HF model of the BENCH config and our model loaded from its saved weights."""
+  torch.manual_seed(seed)
+  hf = transformers.Qwen2_5_VLForConditionalGeneration(
+      transformers.Qwen2_5_VLConfig(**model_lib.to_hf_config(BENCH))).eval()
+  with tempfile.TemporaryDirectory() as tmp:
+    hf.save_pretrained(tmp)
+    _, ours = model_lib.load_hf(tmp)
+  return hf, ours
+
+
 def _median_time(fn, repeats):
   times = []
   for _ in range(repeats):
@@ -50,12 +61,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=7)
   args = parser.parse_args()
 
-  torch.manual_seed(0)
-  hf = transformers.Qwen2_5_VLForConditionalGeneration(
-      transformers.Qwen2_5_VLConfig(**model_lib.to_hf_config(BENCH))).eval()
-  with tempfile.TemporaryDirectory() as tmp:
-    hf.save_pretrained(tmp)
-    _, ours = model_lib.load_hf(tmp)
+  hf, ours = hf_twin()
   n_params = sum(p.numel() for n, p in hf.named_parameters() if "visual" not in n)
 
   rng = np.random.default_rng(0)

@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 
 import jax
 import numpy as np
 import torch
-import transformers
 
-from robot_r1_jax import model as model_lib
 from robot_r1_jax.model import processor
 from robot_r1_jax.rl import sampling
 from robot_r1_jax.rl.sampler import Sampler, SamplerConfig
 
-from forward_vs_hf import BENCH  # the ≈74M-parameter config (run from the repository root)
+from forward_vs_hf import BENCH, hf_twin  # the ≈74M-parameter config (run from the repository root)
 
 TOP_P = 0.99
 IMAGE_SIDE = 224
@@ -76,12 +73,7 @@ def main():
   args = parser.parse_args()
   b, g, n = args.prompts, args.samples, args.new_tokens
 
-  torch.manual_seed(0)
-  hf = transformers.Qwen2_5_VLForConditionalGeneration(
-      transformers.Qwen2_5_VLConfig(**model_lib.to_hf_config(BENCH))).eval()
-  with tempfile.TemporaryDirectory() as tmp:
-    hf.save_pretrained(tmp)
-    _, ours = model_lib.load_hf(tmp)
+  hf, ours = hf_twin()
   n_params = sum(p.numel() for name, p in hf.named_parameters() if "visual" not in name)
   n_vision = sum(p.numel() for name, p in hf.named_parameters() if "visual" in name)
   ids, mask, pixels, grids = _prompts(np.random.default_rng(0), b, not args.text_only)

@@ -25,6 +25,7 @@ from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 from robot_r1_jax.rl import advantages as adv_lib
 from robot_r1_jax.rl import losses, rewards
 from robot_r1_jax.rl.sampler import Sampler, SamplerOutput
+from robot_r1_jax.train import update
 from robot_r1_jax.train.metrics import StepTimer
 
 
@@ -128,22 +129,13 @@ class Learner:
     self.graphdef, params = nnx.split(model, nnx.Param)
     self.optimizer = optimizer
     self.params = params
-    # Scalars such as Adam's step count come out of init on one device; replicate them on the mesh
-    # so that they keep one placement across steps.
-    replicated = NamedSharding(mesh, PartitionSpec())
-    self.opt_state = jax.tree.map(
-        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-        jax.jit(optimizer.init)(params))
+    self.opt_state = update.init_opt_state(optimizer, params, mesh)
     # A frozen copy of the initial policy, sharded like it (copies, so donation cannot alias).
     self.ref_params = (jax.tree.map(jnp.copy, params) if config.needs_reference else None)
     self._log_probs = jax.jit(self._log_probs_impl, static_argnames=("image_grid",))
     self._select = jax.jit(self._select_impl)
-    # Outputs keep the inputs' placements, so step 2 sees the same shardings as step 1 and reuses
-    # its executable.
-    placement = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-    self._train_step = jax.jit(self._train_step_impl, donate_argnums=(0, 1),
-                               static_argnames=("image_grid", "on_policy"),
-                               out_shardings=(placement(params), placement(self.opt_state), None))
+    self._train_step = update.jit_step(self._train_step_impl, params, self.opt_state,
+                                       ("image_grid", "on_policy"))
     self.bad_steps = 0
 
   # ---------------------------------------------------------------------------- compiled pieces
@@ -157,36 +149,19 @@ class Learner:
   def _train_step_impl(self, params, opt_state, rows: TrainRows, *, image_grid, on_policy: bool):
     cfg = self.config.loss_config
 
-    def micro(carry, mb: TrainRows):
-      grads_acc, out_acc = carry
+    def loss_sum(p, mb: TrainRows):
+      logp, entropy = sequence_log_probs(self._model(p), mb.seqs, image_grid)
+      old = jax.lax.stop_gradient(logp) if on_policy else mb.old_logp
+      out = losses.policy_loss(logp, old, mb.advantages, mb.seqs.completion_mask, cfg,
+                               ref_logp=mb.ref_logp if cfg.kl_coef > 0 else None,
+                               entropy=entropy)
+      return out.loss_sum, out
 
-      def loss_sum(p):
-        logp, entropy = sequence_log_probs(self._model(p), mb.seqs, image_grid)
-        old = jax.lax.stop_gradient(logp) if on_policy else mb.old_logp
-        out = losses.policy_loss(logp, old, mb.advantages, mb.seqs.completion_mask, cfg,
-                                 ref_logp=mb.ref_logp if cfg.kl_coef > 0 else None,
-                                 entropy=entropy)
-        return out.loss_sum, out
-
-      grads, out = jax.grad(loss_sum, has_aux=True)(params)
-      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-      return (grads_acc, out if out_acc is None else out_acc.merge(out)), None
-
-    first = jax.tree.map(lambda x: x[0], rows)
-    (grads, out), _ = micro((jax.tree.map(jnp.zeros_like, params), None), first)
-    rest = jax.tree.map(lambda x: x[1:], rows)
-    (grads, out), _ = jax.lax.scan(micro, (grads, out), rest)
-    grads = losses.finalize_grads(grads, out)
-    grad_norm = optax.tree.norm(grads)
-    loss = losses.finalize(out)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = self.optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    # A non-finite step leaves parameters and optimizer state untouched (the host counts it).
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    metrics = {**losses.loss_metrics(out), "loss": loss, "grad_norm": grad_norm,
+    params, opt_state, out, grad_norm, finite = update.accumulate_and_apply(
+        self.optimizer, params, opt_state, rows, loss_sum, losses.finalize)
+    metrics = {**losses.loss_metrics(out), "loss": losses.finalize(out), "grad_norm": grad_norm,
                "finite": finite}
-    return keep(new_params, params), keep(new_opt, opt_state), metrics
+    return params, opt_state, metrics
 
   # ------------------------------------------------------------------------------- host side
 
@@ -243,10 +218,10 @@ class Learner:
       jax.block_until_ready((ref_logp, old_logp, advantages))
 
     with timer("update"):  # μ passes of mini-batch updates over micro-batch gradients
-      update = self._update(TrainRows(seqs=seqs, old_logp=old_logp, ref_logp=ref_logp,
+      update_metrics = self._update(TrainRows(seqs=seqs, old_logp=old_logp, ref_logp=ref_logp,
                                       advantages=advantages), key, image_grid, on_policy)
 
-    self.bad_steps = self.bad_steps + 1 if update["updates/skipped_non_finite"] else 0
+    self.bad_steps = self.bad_steps + 1 if update_metrics["updates/skipped_non_finite"] else 0
     mask = seqs.completion_mask.astype(bool)
     tokens = jnp.maximum(mask.sum(), 1)
     adv_mean = jnp.sum(jnp.where(mask, advantages, 0.0)) / tokens
@@ -259,8 +234,8 @@ class Learner:
         "advantage/std": float(jnp.sqrt(jnp.sum(jnp.where(mask, (advantages - adv_mean)**2, 0.0))
                                         / tokens)),
         "tokens/generated": float(mask.sum()),
-        **update,
-        **({"update/learning_rate": float(self.lr_schedule(_update_count(self.opt_state)))}
+        **update_metrics,
+        **({"update/learning_rate": float(self.lr_schedule(update.update_count(self.opt_state)))}
            if self.lr_schedule else {}),
         **timer.summary(),
         # Executables built so far; growth after the first steps means shapes escape the buckets.
@@ -339,11 +314,6 @@ def _single_grid(grids: np.ndarray) -> tuple[int, int, int]:
   if len(unique) != 1:
     raise ValueError(f"a batch mixes image grids {sorted(unique)}; extract with one --image_size")
   return unique.pop()
-
-
-def _update_count(opt_state) -> jax.Array:
-  """Optimizer updates applied so far (the schedule's step), as stored by Adam's state."""
-  return optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
 
 
 def _all_processes_summary(reward: rewards.RewardOutput, types: np.ndarray) -> dict[str, float]:

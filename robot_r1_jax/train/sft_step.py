@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from robot_r1_jax.model import sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 from robot_r1_jax.rl.learner import Sequences, sequence_log_probs
+from robot_r1_jax.train import update
 
 # A token counts as right when p(target) > ½: then it is the greedy choice. (Exact greedy accuracy
 # needs the logits, which `sequence_log_probs` does not return; this is a lower bound that meets it
@@ -49,11 +50,6 @@ class SftSums:
   nll_sum: jax.Array  # f32, Σ −log p(target token)
   confident: jax.Array  # i32, target tokens with p > ½
   tokens: jax.Array  # i32, target tokens (mask 1)
-
-  @classmethod
-  def zeros(cls) -> SftSums:
-    return cls(nll_sum=jnp.zeros((), jnp.float32), confident=jnp.zeros((), jnp.int32),
-               tokens=jnp.zeros((), jnp.int32))
 
   def merge(self, other: SftSums) -> SftSums:
     return jax.tree.map(jnp.add, self, other)
@@ -115,45 +111,21 @@ class SftTrainer:
     self.model, self.mesh, self.micro_batch_size = model, mesh, micro_batch_size
     self.optimizer, self.lr_schedule = optimizer, lr_schedule
     self.graphdef, self.params = nnx.split(model, nnx.Param)
-    # Scalars such as Adam's count come out of init on one device; replicated on the mesh they
-    # keep one placement across steps (as in `Learner`).
-    replicated = NamedSharding(mesh, PartitionSpec())
-    self.opt_state = jax.tree.map(
-        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-        jax.jit(optimizer.init)(self.params))
-    # Outputs keep the inputs' placements, so every step reuses the first step's executable.
-    placement = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-    self.train_step = jax.jit(self._train_step, donate_argnums=(0, 1),
-                              static_argnames=("image_grid",),
-                              out_shardings=(placement(self.params), placement(self.opt_state),
-                                             None))
+    self.opt_state = update.init_opt_state(optimizer, self.params, mesh)
+    self.train_step = update.jit_step(self._train_step, self.params, self.opt_state,
+                                      ("image_grid",))
     self.bad_steps = 0  # consecutive non-finite updates
 
   def _train_step(self, params, opt_state, seqs: Sequences, *, image_grid):
-    def micro(carry, mb: Sequences):
-      grads_acc, sums_acc = carry
+    def nll_sum(p, mb: Sequences):
+      sums = sft_sums(nnx.merge(self.graphdef, p), mb, image_grid)
+      return sums.nll_sum, sums
 
-      def nll_sum(p):
-        sums = sft_sums(nnx.merge(self.graphdef, p), mb, image_grid)
-        return sums.nll_sum, sums
-
-      grads, sums = jax.grad(nll_sum, has_aux=True)(params)
-      return (jax.tree.map(jnp.add, grads_acc, grads), sums_acc.merge(sums)), None
-
-    (grads, sums), _ = jax.lax.scan(micro, (jax.tree.map(jnp.zeros_like, params),
-                                            SftSums.zeros()), seqs)
-    # d(Σ nll / count) = (Σ d nll) / count: the full batch's token-mean gradient.
-    scale = 1.0 / sums.denominator
-    grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(sums.loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = self.optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    # A non-finite step leaves parameters and optimizer state untouched (the host counts it).
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    params, opt_state, sums, grad_norm, finite = update.accumulate_and_apply(
+        self.optimizer, params, opt_state, seqs, nll_sum, lambda s: s.loss)
     metrics = {"loss": sums.loss, "token_accuracy": sums.token_accuracy, "grad_norm": grad_norm,
                "target_tokens": sums.tokens, "finite": finite}
-    return keep(new_params, params), keep(new_opt, opt_state), metrics
+    return params, opt_state, metrics
 
   def step(self, batch: SftBatch) -> dict[str, float]:
     """One optimizer update on this process's loader batch, in micro-batch shares of its rows."""
@@ -183,8 +155,7 @@ class SftTrainer:
            "compiles/sft_step": float(self.train_step._cache_size())}
     if self.lr_schedule is not None:
       # Adam's own count of applied updates: skipped non-finite steps do not advance it.
-      count = optax.tree_utils.tree_get_all_with_path(self.opt_state, "count")[0][1]
-      out["learning_rate"] = float(self.lr_schedule(count))
+      out["learning_rate"] = float(self.lr_schedule(update.update_count(self.opt_state)))
     return out
 
   def commit(self) -> None:

@@ -9,7 +9,6 @@ import pathlib
 
 from array_record.python.array_record_module import ArrayRecordWriter
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -1,0 +1,79 @@
+"""The optimizer step shared by the SFT and RL stages.
+
+Gradients of a summed loss accumulate exactly over micro-batches (`lax.scan`), are divided by the
+summed denominator, and update the parameters through the optimizer unless the loss or the
+gradient norm is non-finite. Parameters and optimizer state are donated and keep their placements
+from step to step, so one executable serves every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+class Sums(Protocol):
+  """Unreduced per-micro-batch sums (e.g. `rl.losses.LossOutput`, `train.sft_step.SftSums`)."""
+
+  @property
+  def denominator(self) -> jax.Array: ...
+
+  def merge(self, other: Any) -> Any: ...
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params: Any, mesh: Mesh) -> Any:
+  """`optimizer.init(params)`, with its scalars (Adam's count) replicated on the mesh: fresh from
+  init they sit on one device and would change placement after the first step."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(
+      lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+      jax.jit(optimizer.init)(params))
+
+
+def jit_step(step: Callable, params: Any, opt_state: Any,
+             static_argnames: Sequence[str] = ()) -> Callable:
+  """Jits `step(params, opt_state, …) -> (params, opt_state, metrics)` with both donated and the
+  outputs pinned to the inputs' placements (so step 2 reuses step 1's executable)."""
+  placement = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  return jax.jit(step, donate_argnums=(0, 1), static_argnames=tuple(static_argnames),
+                 out_shardings=(placement(params), placement(opt_state), None))
+
+
+def accumulate_and_apply(optimizer: optax.GradientTransformation, params: Any, opt_state: Any,
+                         micro_batches: Any, loss_sums: Callable[[Any, Any], tuple[jax.Array, Sums]],
+                         loss_of: Callable[[Sums], jax.Array]
+                         ) -> tuple[Any, Any, Sums, jax.Array, jax.Array]:
+  """One guarded update from micro-batches stacked on a leading M axis.
+
+  `loss_sums(params, micro_batch) -> (loss sum, sums)`; the gradient applied is that of
+  Σ loss sum / Σ denominator, exactly the full batch's; `loss_of(sums)` is the batch loss. Returns
+  (params, opt_state, the merged sums, the gradient norm, whether the loss and the gradient norm
+  were finite); a non-finite step returns the input parameters and optimizer state.
+  """
+  grads_of = lambda mb: jax.grad(loss_sums, has_aux=True)(params, mb)
+
+  def micro(carry, mb):
+    grads_acc, sums_acc = carry
+    grads, sums = grads_of(mb)
+    return (jax.tree.map(jnp.add, grads_acc, grads), sums_acc.merge(sums)), None
+
+  first = grads_of(jax.tree.map(lambda x: x[0], micro_batches))
+  (grads, sums), _ = jax.lax.scan(micro, first, jax.tree.map(lambda x: x[1:], micro_batches))
+  scale = 1.0 / jnp.maximum(sums.denominator, 1).astype(jnp.float32)
+  grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss_of(sums)) & jnp.isfinite(grad_norm)
+  updates, new_opt = optimizer.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  return keep(new_params, params), keep(new_opt, opt_state), sums, grad_norm, finite
+
+
+def update_count(opt_state: Any) -> jax.Array:
+  """Updates applied so far (the schedule's step), as Adam's state counts them: skipped
+  non-finite steps do not advance it."""
+  return optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]

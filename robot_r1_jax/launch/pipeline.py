@@ -100,9 +100,7 @@ def restore_params(model: Qwen25VL, run_dir: pathlib.Path) -> int:
     optimizer, _ = build_optimizer(learning_rate=0.0, schedule="constant", warmup_steps=0,
                                    total_steps=1, weight_decay=0.0, grad_clip=1.0)
     state = {"params": params, "opt_state": jax.jit(optimizer.init)(params)}
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    restored, _ = checkpoints.restore(step, abstract_state=abstract)
+    restored, _ = checkpoints.restore(step, abstract_state=state)
     checkpoints.close()
     nnx.update(model, restored["params"])
     return step

@@ -65,10 +65,6 @@ class LoopConfig:
         raise ValueError(f"LoopConfig.{name}={getattr(self, name)} must be >= 1")
 
 
-def _abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
 def run(trainer: Trainer, step_fn: StepFn, data: Iterator[Any], config: LoopConfig,
         evaluate: Callable[[], EvalResult] | None = None) -> list[dict[str, float]]:
   """Trains until `config.total_steps`, resuming from the newest checkpoint in the workdir.
@@ -84,8 +80,8 @@ def run(trainer: Trainer, step_fn: StepFn, data: Iterator[Any], config: LoopConf
   state = lambda: {"params": trainer.params, "opt_state": trainer.opt_state}
   start = checkpoints.latest_step() or 0
   if start:
-    restored, _ = checkpoints.restore(start, abstract_state=_abstract(state()),
-                                      data_iterator=data)
+    # Live arrays describe the target: restore reshards onto their placements.
+    restored, _ = checkpoints.restore(start, abstract_state=state(), data_iterator=data)
     trainer.params, trainer.opt_state = restored["params"], restored["opt_state"]
     trainer.commit()
     logging.info("%s resumed from %s at step %d", config.stage, workdir / "checkpoints", start)

@@ -5,7 +5,8 @@ python bench/sweep.py --out sweep --seeds 0,1,2 [--algos grpo,rloo,reinforce_pp]
 For each seed: Direct-SFT and CoT-SFT runs (the baselines), then GRPO / RLOO / REINFORCE++ each
 initialised from the Direct-SFT checkpoint, every run evaluated greedily on the val split. Writes
 `OUT/results.json`, `OUT/table.md` (accuracy per question type, mean ± spread over seeds) and
-`OUT/comparison.png`. Runs are `python -m robot_r1_jax.launch` subprocesses sharing one data folder
+`OUT/comparison.png`, and prints, per RL method and question type, whether its mean accuracy beats
+the Direct-SFT checkpoint it started from by more than the seed-to-seed spread. Runs are `python -m robot_r1_jax.launch` subprocesses sharing one data folder
 (`OUT/data`); finished runs are reused, so an interrupted sweep resumes. Flags after `--` go to
 every run (e.g. `--model=small --sft_steps=200 --max_steps=40`).
 """
@@ -79,6 +80,21 @@ def summarise(per_seed: dict[int, dict]) -> tuple[str, dict]:
   return "\n".join(lines) + "\n", stats
 
 
+def verdicts(stats: dict, baseline: str = "direct-SFT") -> list[str]:
+  """Per RL method (`baseline→algo`) and type: the mean gain over `baseline`, and whether it exceeds
+  the seed-to-seed spread (max − min over seeds, the larger of the two methods')."""
+  lines = []
+  for method in (m for m in stats if m.startswith(f"{baseline}→")):
+    for t in TYPES:
+      rl, base = stats[method][t], stats[baseline][t]
+      if not (rl["n"] and base["n"]):
+        continue
+      gain, spread = rl["mean"] - base["mean"], max(rl["spread"], base["spread"])
+      lines.append(f"{method} vs {baseline} on {t}: {100 * gain:+.1f} points, seed spread "
+                   f"{100 * spread:.1f} -> {'beats' if gain > spread else 'does not beat'} it")
+  return lines
+
+
 def plot(stats: dict, path: pathlib.Path) -> None:
   methods = list(stats)
   fig, ax = plt.subplots(figsize=(9, 3.8))
@@ -109,9 +125,11 @@ def main() -> None:
   table, stats = summarise(per_seed)
   (args.out / "results.json").write_text(json.dumps({"per_seed": per_seed, "stats": stats},
                                                     indent=2) + "\n")
-  (args.out / "table.md").write_text(table)
+  lines = verdicts(stats)
+  (args.out / "table.md").write_text(table + "\n" + "\n".join(lines) + "\n")
   plot(stats, args.out / "comparison.png")
   print(table)
+  print("\n".join(lines))
 
 
 if __name__ == "__main__":

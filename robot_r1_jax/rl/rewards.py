@@ -123,11 +123,15 @@ def answer_reward(text: str, answer: str) -> float:
     ValueError: `answer` is not an option (the completion itself never raises).
   """
   letter = parse_option(answer)
+  return 1.0 if chosen_option(text) == letter else 0.0
+
+
+def chosen_option(text: str) -> str | None:
+  """The option letter a completion answers: its single answer block is exactly `[[X]]`; else
+  None (no answer, several blocks, or anything besides the one option)."""
   content = answer_block(text)
-  if content is None:
-    return 0.0
-  match = _OPTION.fullmatch(content.strip())
-  return 1.0 if match is not None and match.group(1) == letter else 0.0
+  match = None if content is None else _OPTION.fullmatch(content.strip())
+  return None if match is None else match.group(1)
 
 
 def _parse_xyz(content: str) -> tuple[float, float, float] | None:

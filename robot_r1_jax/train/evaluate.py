@@ -24,12 +24,17 @@ trainer's `accuracy/*` mean the same thing):
     position and the truth, averaged over the completions that hold a parsable position (how many
     did is `num_parsed`), and the xyz reward clip(1 − L1, 0, 1) averaged over all of them (an
     unparsable answer scores 0).
+  * collapse check (multiple choice): the share of records giving the most common option, and the
+    accuracy of the best constant answer. A small model often settles on one letter for every
+    question; its accuracy is then the constant's, whatever it learned, and greedy decoding hides
+    any change RL makes below the top letter.
 
 Determinism: greedy decoding (checked), records in loader order (`shuffle=False`), one pass.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import pathlib
@@ -96,6 +101,10 @@ class GroupMetrics:
   mean_length: float  # Tokens.
   num_choice: int  # Multiple-choice records.
   accuracy: float | None  # Over the multiple-choice records.
+  # Collapse check, over the multiple-choice records: the share giving the most common option, and
+  # the accuracy the best constant answer would score (what a collapsed model's accuracy is).
+  top_answer_share: float | None
+  constant_accuracy: float | None
   num_open_ended: int
   num_parsed: int  # Open-ended records whose answer block holds a parsable position.
   mean_l1: float | None  # Metres, over the parsed open-ended records.
@@ -109,10 +118,15 @@ class GroupMetrics:
     choice = [r for r in records if not r.open_ended]
     open_ended = [r for r in records if r.open_ended]
     parsed = [r.l1 for r in open_ended if r.l1 is not None]
+    chosen = collections.Counter(rewards.chosen_option(r.completion) for r in choice)
+    chosen.pop(None, None)  # no answer is not an answer the model keeps giving
+    right = collections.Counter(rewards.parse_option(r.answer) for r in choice)
     return cls(count=len(records),
                format_rate=_mean([r.formatted for r in records]),
                mean_length=_mean([r.length for r in records]),
                num_choice=len(choice), accuracy=_mean([r.correct for r in choice]),
+               top_answer_share=(max(chosen.values(), default=0) / len(choice)) if choice else None,
+               constant_accuracy=(max(right.values()) / len(choice)) if choice else None,
                num_open_ended=len(open_ended), num_parsed=len(parsed), mean_l1=_mean(parsed),
                mean_xyz_reward=_mean([r.xyz_reward for r in open_ended]))
 
@@ -120,6 +134,7 @@ class GroupMetrics:
     """The metrics as floats, named as in `EvalResult.scalars`; None means are left out."""
     values = {"count": self.count, "format_rate": self.format_rate,
               "response_length": self.mean_length, "accuracy": self.accuracy,
+              "top_answer_share": self.top_answer_share,
               "l1": self.mean_l1, "xyz_reward": self.mean_xyz_reward}
     return {name: float(value) for name, value in values.items() if value is not None}
 
@@ -173,7 +188,8 @@ class EvalResult:
 
     Names are `{prefix}{metric}/all`, `{prefix}{metric}/{question type}` and
     `{prefix}{metric}/task/{task}` for metric in count, format_rate, response_length, accuracy,
-    l1, xyz_reward (the last three only where defined). `accuracy/<type>` matches the trainer's.
+    top_answer_share, l1, xyz_reward (the last four only where defined). `accuracy/<type>` matches
+    the trainer's.
     """
     groups = {_OVERALL: self.overall, **self.by_type,
               **{f"task/{task}": metrics for task, metrics in self.by_task.items()}}
@@ -181,14 +197,15 @@ class EvalResult:
             for metric, value in metrics.scalars().items()}
 
   def table(self) -> str:
-    """Per question type (and all): count, accuracy, format rate, mean length (and L1, if any)."""
+    """Per question type (and all): count, accuracy, the best constant answer's accuracy, the
+    share giving the most common answer, format rate, mean length (and L1, if any)."""
     has_l1 = self.overall.num_open_ended > 0
-    header = ["question type", "count", "accuracy", "format", "length"]
+    header = ["question type", "count", "accuracy", "constant", "same answer", "format", "length"]
     header += ["L1"] if has_l1 else []
     rows = []
     for name, m in {**self.by_type, _OVERALL: self.overall}.items():
-      row = [name, str(m.count), _percent(m.accuracy), _percent(m.format_rate),
-             f"{m.mean_length:.1f}"]
+      row = [name, str(m.count), _percent(m.accuracy), _percent(m.constant_accuracy),
+             _percent(m.top_answer_share), _percent(m.format_rate), f"{m.mean_length:.1f}"]
       rows.append(row + ([_metres(m.mean_l1)] if has_l1 else []))
     return _render(header, rows)
 

@@ -95,6 +95,18 @@ def test_score_matches_hand_labels():
   assert result.by_task["button"].format_rate == pytest.approx(2 / 5)
 
 
+def test_collapse_check_names_the_constant_answer():
+  refs = ["[[A]]", "[[B]]", "[[C]]", "[[A]]", "[[D]]", "[[C]]", "[[C]]"]
+  texts = ["<think> </think> <answer> [[C]] </answer>"] * 6 + ["<answer>[[B]]</answer>"]
+  m = ev.EvalResult.from_records(ev.score(
+      texts, answers=refs, question_types=["waypoint"] * 7, tasks=["cup"] * 7,
+      lengths=[15] * 7)).by_type["waypoint"]
+  assert m.accuracy == pytest.approx(2 / 7)
+  assert m.top_answer_share == pytest.approx(6 / 7)  # [[C]] six times
+  assert m.constant_accuracy == pytest.approx(3 / 7)  # "always [[C]]" would score more
+  assert ev.EvalResult.from_records(_score()).scalars()["eval/top_answer_share/movement"] == 0.5
+
+
 def test_score_rejects_bad_inputs():
   with pytest.raises(ValueError, match="answers"):
     ev.score(["a", "b"], answers=["[[A]]"], question_types=["movement"] * 2, tasks=["t"] * 2,
@@ -129,10 +141,14 @@ def test_json_round_trip_scalars_and_tables(tmp_path):
   assert line["step"] == 7 and line["eval/format_rate/all"] == 0.5
 
   table = result.table().splitlines()
-  assert table[0].split() == ["question", "type", "count", "accuracy", "format", "length", "L1"]
-  assert table[2].split() == ["waypoint", "4", "50.0%", "75.0%", "12.0", "0.800"]
-  assert table[4].split() == ["movement", "2", "100.0%", "0.0%", "8.5", "—"]
-  assert table[5].split() == ["all", "10", "50.0%", "50.0%", "11.6", "0.800"]
+  assert table[0].split() == ["question", "type", "count", "accuracy", "constant", "same",
+                              "answer", "format", "length", "L1"]
+  # waypoint's choices: [[A]] and no answer ("[[A]] or [[B]]"); references A and B.
+  assert table[2].split() == ["waypoint", "4", "50.0%", "50.0%", "50.0%", "75.0%", "12.0", "0.800"]
+  # current_state's two choice completions answer nothing: no answer is never "the same answer".
+  assert table[3].split() == ["current_state", "4", "0.0%", "50.0%", "0.0%", "50.0%", "12.8", "—"]
+  assert table[4].split() == ["movement", "2", "100.0%", "50.0%", "50.0%", "0.0%", "8.5", "—"]
+  assert table[5].split() == ["all", "10", "50.0%", "33.3%", "16.7%", "50.0%", "11.6", "0.800"]
 
   # "After": the waypoint question with two options in its answer now names only the right one.
   rows = list(HAND_LABELLED)

@@ -212,7 +212,9 @@ class EvalResult:
 
 def compare_table(before: EvalResult, after: EvalResult,
                   labels: tuple[str, str] = ("SFT", "SFT→GRPO")) -> str:
-  """Accuracy (and L1, if any open-ended records) per question type, before vs after.
+  """Accuracy per question type before vs after, with the collapse check (the best constant
+  answer's accuracy, and each side's share giving its most common answer), and L1 if any records
+  are open-ended.
 
   Raises:
     ValueError: the two results did not evaluate the same number of records of each type (they
@@ -223,7 +225,8 @@ def compare_table(before: EvalResult, after: EvalResult,
     raise ValueError(f"the results evaluated different records: {labels[0]} has {counts[0]}, "
                      f"{labels[1]} has {counts[1]} per question type")
   has_l1 = before.overall.num_open_ended > 0
-  header = ["question type", "count", f"accuracy {labels[0]}", f"accuracy {labels[1]}", "Δ"]
+  header = ["question type", "count", f"accuracy {labels[0]}", f"accuracy {labels[1]}", "Δ",
+            "constant", f"same answer {labels[0]}", f"same answer {labels[1]}"]
   if has_l1:
     header += [f"L1 {labels[0]}", f"L1 {labels[1]}"]
   rows = []
@@ -231,7 +234,9 @@ def compare_table(before: EvalResult, after: EvalResult,
     a = after.overall if name == _OVERALL else after.by_type[name]
     delta = ("—" if a.accuracy is None or b.accuracy is None else
              f"{100 * (a.accuracy - b.accuracy):+.1f}")
-    row = [name, str(b.count), _percent(b.accuracy), _percent(a.accuracy), delta]
+    row = [name, str(b.count), _percent(b.accuracy), _percent(a.accuracy), delta,
+           _percent(b.constant_accuracy), _percent(b.top_answer_share),
+           _percent(a.top_answer_share)]
     rows.append(row + ([_metres(b.mean_l1), _metres(a.mean_l1)] if has_l1 else []))
   return _render(header, rows)
 

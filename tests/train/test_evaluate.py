@@ -156,9 +156,12 @@ def test_json_round_trip_scalars_and_tables(tmp_path):
   after = ev.EvalResult.from_records(_score(rows))
   compare = ev.compare_table(result, after).splitlines()
   assert compare[0].split() == ["question", "type", "count", "accuracy", "SFT", "accuracy",
-                                "SFT→GRPO", "Δ", "L1", "SFT", "L1", "SFT→GRPO"]
-  assert compare[2].split() == ["waypoint", "4", "50.0%", "100.0%", "+50.0", "0.800", "0.800"]
-  assert compare[5].split() == ["all", "10", "50.0%", "66.7%", "+16.7", "0.800", "0.800"]
+                                "SFT→GRPO", "Δ", "constant", "same", "answer", "SFT", "same",
+                                "answer", "SFT→GRPO", "L1", "SFT", "L1", "SFT→GRPO"]
+  assert compare[2].split() == ["waypoint", "4", "50.0%", "100.0%", "+50.0", "50.0%", "50.0%",
+                                "50.0%", "0.800", "0.800"]
+  assert compare[5].split() == ["all", "10", "50.0%", "66.7%", "+16.7", "33.3%", "16.7%", "16.7%",
+                                "0.800", "0.800"]
   with pytest.raises(ValueError, match="different records"):
     ev.compare_table(result, ev.EvalResult.from_records(_score()[:4]))
 

@@ -3,8 +3,9 @@
 python bench/forward_vs_hf.py [--batch 4 --length 256 --repeats 7]
 
 Two cases: text only, and one 224×224 image per prompt (64 merged image tokens inside the same
-length). Prints median times after warm-up, the ratio (target ≤ 0.8), the Flax compile time, and
-the vision tower's share of the multimodal forward. Both sides use the machine's thread pools.
+length). Prints median times after warm-up (the sides alternate), the ratio (target ≤ 0.8), the
+Flax compile time, and the vision tower's share of the multimodal forward. Both sides use the
+machine's thread pools.
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ def hf_twin(seed: int = 0):
   return hf, ours
 
 
+def _seconds(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
 def _median_time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(_seconds(fn) for _ in range(repeats))
 
 
 def main():
@@ -88,7 +90,10 @@ def main():
         hf(input_ids=t_ids, attention_mask=t_mask, position_ids=pos, **kwargs)
 
     run_jax(), run_hf()
-    t_jax, t_hf = _median_time(run_jax, args.repeats), _median_time(run_hf, args.repeats)
+    # The sides alternate, so both see the same background load (timing one side's repeats and
+    # then the other's compares different moments of a shared machine).
+    times = [(_seconds(run_jax), _seconds(run_hf)) for _ in range(args.repeats)]
+    t_jax, t_hf = (statistics.median(t[side] for t in times) for side in range(2))
     print(f"{name}: B={args.batch} T={args.length}, f32, {jax.devices()[0].platform}, "
           f"torch threads={torch.get_num_threads()}")
     print(f"  flax   median {t_jax * 1e3:8.1f} ms   (compile {compile_s:.2f} s)")

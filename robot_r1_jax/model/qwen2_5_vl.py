@@ -51,7 +51,8 @@ class Qwen25VL(nnx.Module):
               image_grid_thw: np.ndarray | tuple | None = None, *,
               cache: KVCache | None = None, positions: jax.Array | None = None,
               rope_deltas: jax.Array | None = None, logits_from: int = 0,
-              image_mask: jax.Array | None = None) -> Output:
+              image_mask: jax.Array | None = None,
+              unstacked: tuple[nnx.Module, ...] | None = None) -> Output:
     """Full forward, prefill (empty `cache`) or decode step (`positions` from `rope.decode_positions`).
 
     Args:
@@ -65,6 +66,8 @@ class Qwen25VL(nnx.Module):
       logits_from: return logits only for positions [logits_from, T) (a trainer scoring the
         completion after a fixed-length prompt skips the [B, T_prompt, V] head output).
       image_mask: [B, T] image slots; default: the `<|image_pad|>` tokens.
+      unstacked: `self.text.unstacked_layers()`, with an unstacked `cache`: decode loops run the
+        layers unrolled on weights sliced once, outside the loop (see `TextModel`).
     """
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -82,7 +85,7 @@ class Qwen25VL(nnx.Module):
       positions, rope_deltas = index.positions, index.deltas
     elif rope_deltas is None:
       rope_deltas = jnp.zeros(input_ids.shape[:1], jnp.int32)
-    hidden, cache = self.text(x, positions, attention_mask, cache)
+    hidden, cache = self.text(x, positions, attention_mask, cache, unstacked)
     return Output(logits=self.logits(hidden[:, logits_from:]), cache=cache,
                   rope_deltas=rope_deltas)
 

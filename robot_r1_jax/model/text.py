@@ -17,22 +17,46 @@ class KVCache:
   """Keys/values of every layer for left-padded rows that share one write index.
 
   Slots `[0, index)` are filled; `valid` marks which filled slots hold real (non-padding) tokens.
+  Keys are stored transposed, in the layout the QKᵀ dot reads without repacking. Stacked, `k`/`v`
+  hold all layers on a leading L axis (what the scanned layers read); a decode loop holds them as L
+  separate buffers (`unstack`), because XLA copies a stacked buffer's layer slice before every dot
+  that reads it, which would move the whole cache once per generated token.
   """
 
-  k: jax.Array  # [L, B, S, K, H]
-  v: jax.Array  # [L, B, S, K, H]
+  k: jax.Array | tuple[jax.Array, ...]  # [L, B, K, H, S], or L × [B, K, H, S] unstacked
+  v: jax.Array | tuple[jax.Array, ...]  # [L, B, K, S, H], or L × [B, K, S, H] unstacked
   valid: jax.Array  # [B, S] bool
   index: jax.Array  # [] int32: the next slot to write
 
   @classmethod
   def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype: jnp.dtype) -> "KVCache":
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
+    return cls(k=jnp.zeros(shape[:3] + shape[4:] + shape[3:4], dtype), v=jnp.zeros(shape, dtype),
                valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
 
   @property
   def length(self) -> int:
-    return self.k.shape[2]
+    return self.valid.shape[1]
+
+  def unstack(self) -> "KVCache":
+    return dataclasses.replace(self, k=tuple(self.k), v=tuple(self.v))
+
+  def stack(self) -> "KVCache":
+    return dataclasses.replace(self, k=jnp.stack(self.k), v=jnp.stack(self.v))
+
+  def write(self, k: jax.Array | tuple[jax.Array, ...], v: jax.Array | tuple[jax.Array, ...],
+            real: jax.Array) -> "KVCache":
+    """Writes a chunk's keys [(L,) B, K, H, T] / values [(L,) B, K, T, H] (stacked or per layer,
+    as this cache is) and its mask [B, T] at `index`, in place."""
+    put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(
+        buf, new.astype(buf.dtype), self.index, axis=buf.ndim + axis)
+    if isinstance(self.k, tuple):
+      new_k = tuple(put(b, n, -1) for b, n in zip(self.k, k))
+      new_v = tuple(put(b, n, -2) for b, n in zip(self.v, v))
+    else:
+      new_k, new_v = put(self.k, k, -1), put(self.v, v, -2)
+    return KVCache(k=new_k, v=new_v, index=self.index + real.shape[1],
+                   valid=jax.lax.dynamic_update_slice_in_dim(self.valid, real, self.index, axis=1))
 
 
 jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "valid", "index"], meta_fields=[])
@@ -58,8 +82,9 @@ class Attention(nnx.Module):
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Attention of a chunk x [B,T,D] (cos/sin [B,T,H]) over a cache's slots and itself.
 
-    `kv` is the cache's ([B,S,K,H],)*2, read in place, or None; `mask` is [B,T,S+T] with a cache,
-    [B,T,T] without. Returns the output and this chunk's own (k, v) when there is a cache.
+    `kv` is one layer's cached (keys [B,K,H,S], values [B,K,S,H]), or None; `mask` is [B,T,S+T]
+    with a cache, [B,T,T] without. Returns the output and, with a cache, this chunk's own keys
+    [B,K,H,T] and values [B,K,T,H].
     """
     w = lambda p: p[...].astype(self.dtype)  # params stay in param_dtype; compute in self.dtype
     q = jnp.einsum("BTD,DNH->BTNH", x, w(self.q)) + w(self.q_bias)
@@ -68,23 +93,29 @@ class Attention(nnx.Module):
     q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
     b, t, n, h = q.shape
     groups = n // k.shape[2]
-    # Query head n reads kv head n // groups, as HF's repeat_kv lays heads out.
-    q = q.reshape(b, t, k.shape[2], groups, h)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k) * (h**-0.5)
+    # Query head n reads kv head n // groups, as HF's repeat_kv lays heads out. Keys, values and
+    # queries are laid out kv-head-major ([B,K,…]) and keys transposed ([B,K,H,S]), so each
+    # attention dot is a plain GEMM per (b, k): the [B,K,G,T,S] scores are never transposed and
+    # the keys need no repacking (only the small q/k/v move).
+    q = q.reshape(b, t, k.shape[2], groups, h).transpose(0, 2, 3, 1, 4)
+    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("BKGTH,BKHS->BKGTS", q, k) * (h**-0.5)
     if kv is not None:
-      # Cached keys are read in place, never copied: scores over [cache | this chunk].
-      cached = jnp.einsum("BTKGH,BSKH->BKGTS", q, kv[0].astype(q.dtype)) * (h**-0.5)
+      # Scores over [cache | this chunk]; the cache is read where it lies.
+      cached = jnp.einsum("BKGTH,BKHS->BKGTS", q, kv[0].astype(q.dtype)) * (h**-0.5)
       logits = jnp.concatenate([cached, logits], axis=-1)
     # Softmax in fp32 (HF: softmax(dtype=float32) then back to the compute dtype).
     logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32),
                        jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., -t:], v)
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., -t:], v)
     if kv is not None:
-      out = out + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :-t], kv[1].astype(q.dtype))
+      out = out + jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., :-t], kv[1].astype(q.dtype))
+    # One [B·T, N·H] × [N·H, D] GEMM: contracting N and H as two axes makes XLA re-lay out the
+    # output projection's weight first.
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)
     # Only this chunk's keys/values leave the layer; the caller writes them into the cache once.
-    return (jnp.einsum("BTNH,NHD->BTD", out.reshape(b, t, n, h), w(self.o)),
-            None if kv is None else (k, v))
+    return out @ w(self.o).reshape(n * h, -1), None if kv is None else (k, v)
 
 
 class MLP(nnx.Module):
@@ -137,8 +168,20 @@ class TextModel(nnx.Module):
     """[B, T] ids → [B, T, D] in the compute dtype."""
     return jnp.take(self.embedding[...], input_ids, axis=0).astype(self.dtype)
 
+  def unstacked_layers(self) -> tuple[DecoderLayer, ...]:
+    """The L decoder layers as separate modules, each parameter sliced out once.
+
+    A decode loop builds them before it starts: scanned layers read every weight through a
+    per-layer slice that XLA copies at each step (the whole model, once per token).
+    """
+    graphdef, state = nnx.split(self.layers)
+    return tuple(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+                 for i in range(self.cfg.num_layers))
+
   def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | None = None,
+               unstacked: tuple[DecoderLayer, ...] | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder on embeddings.
 
     Args:
@@ -146,6 +189,8 @@ class TextModel(nnx.Module):
       positions: [3, B, T] M-RoPE positions.
       attention_mask: [B, T] 1 for real tokens of this chunk.
       cache: None for a full forward; else the cache to extend at `cache.index` (prefill or decode).
+      unstacked: `unstacked_layers()` to run unrolled, with an unstacked cache; None scans the
+        stacked layers.
 
     Returns:
       ([B, T, D] final-normed hidden states, the updated cache or None).
@@ -162,6 +207,16 @@ class TextModel(nnx.Module):
       mask = jnp.concatenate(
           [jnp.broadcast_to(cache.valid[:, None, :], (x.shape[0], t, cache.length)), mask], axis=2)
 
+    if unstacked is not None:
+      if cache is None or not isinstance(cache.k, tuple):
+        raise ValueError("unstacked layers run with an unstacked cache (KVCache.unstack())")
+      new_k, new_v = [], []
+      for layer, k, v in zip(unstacked, cache.k, cache.v):
+        x, (k, v) = layer(x, cos, sin, mask, (k, v))
+        new_k.append(k)
+        new_v.append(v)
+      return self.final_norm(x), cache.write(new_k, new_v, real)
+
     def body(layer, h, kv):
       h, kv = layer(h, cos, sin, mask, kv)
       return h, kv
@@ -169,13 +224,8 @@ class TextModel(nnx.Module):
     kv_in = None if cache is None else (cache.k, cache.v)
     x, new_kv = layers.scan(self.layers, body, x, kv_in, remat=self.remat)
     if cache is not None:
-      k, v = new_kv
-      index = cache.index
-      # One in-place write of this chunk's [L, B, T, K, H] keys/values (a decode loop's carry).
-      put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index,
-                                                                 axis=2)
-      cache = KVCache(k=put(cache.k, k), v=put(cache.v, v), index=index + t,
-                      valid=jax.lax.dynamic_update_slice_in_dim(cache.valid, real, index, axis=1))
+      # One in-place write of this chunk's keys/values (a decode loop's carry).
+      cache = cache.write(*new_kv, real)
     return self.final_norm(x), cache
 
 

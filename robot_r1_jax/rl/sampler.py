@@ -338,16 +338,20 @@ class Sampler:
     def keep_going(loop: _Loop) -> jax.Array:
       return (loop.step < max_new_tokens) & ~jnp.all(loop.done)
 
+    # Layers unrolled on per-layer weights and cache buffers sliced once here: a scan over the
+    # stacked ones would copy every layer's weights and cache slice at every step.
+    unstacked = model.text.unstacked_layers()
+
     def step(loop: _Loop) -> _Loop:
       # Feed back the previous token: it is real token `num_real + step - 1` of its row.
       previous = jax.lax.dynamic_slice_in_dim(loop.tokens, loop.step - 1, 1, axis=1)
       out = model.forward(previous, cache=loop.cache,
                           positions=rope.decode_positions(num_real + loop.step - 1,
                                                           state.rope_deltas),
-                          rope_deltas=state.rope_deltas)
+                          rope_deltas=state.rope_deltas, unstacked=unstacked)
       return record(dataclasses.replace(loop, cache=out.cache), out.logits[:, 0])
 
-    start = _Loop(step=jnp.zeros((), jnp.int32), cache=cache,
+    start = _Loop(step=jnp.zeros((), jnp.int32), cache=cache.unstack(),
                   tokens=self._rows(jnp.full((rows, new_bucket), cfg.pad_id, jnp.int32)),
                   log_probs=self._rows(jnp.zeros((rows, new_bucket), jnp.float32)),
                   lengths=self._rows(jnp.zeros((rows,), jnp.int32)),
@@ -359,4 +363,4 @@ class Sampler:
                         lengths=loop.lengths, finish_reasons=reasons,
                         prompt_tokens=state.prompt_tokens, prompt_mask=state.prompt_mask)
     # Returning the cache lets XLA alias it to the donated input buffer.
-    return out, loop.cache
+    return out, loop.cache.stack()

@@ -18,7 +18,7 @@ from robot_r1_jax.model.vision import VisionTower
 @dataclasses.dataclass(frozen=True)
 class Output:
   logits: jax.Array  # [B, T, V] in the compute dtype
-  cache: KVCache | None  # the extended cache when one was passed in
+  cache: KVCache | None  # the extended (or new) cache when one was passed in (or asked for)
   rope_deltas: jax.Array  # [B]: decode position = real tokens so far + delta
 
 
@@ -52,7 +52,8 @@ class Qwen25VL(nnx.Module):
               cache: KVCache | None = None, positions: jax.Array | None = None,
               rope_deltas: jax.Array | None = None, logits_from: int = 0,
               image_mask: jax.Array | None = None,
-              unstacked: tuple[nnx.Module, ...] | None = None) -> Output:
+              unstacked: tuple[nnx.Module, ...] | None = None,
+              new_cache: int | None = None) -> Output:
     """Full forward, prefill (empty `cache`) or decode step (`positions` from `rope.decode_positions`).
 
     Args:
@@ -68,6 +69,8 @@ class Qwen25VL(nnx.Module):
       image_mask: [B, T] image slots; default: the `<|image_pad|>` tokens.
       unstacked: `self.text.unstacked_layers()`, with an unstacked `cache`: decode loops run the
         layers unrolled on weights sliced once, outside the loop (see `TextModel`).
+      new_cache: instead of `cache`, the length of a new cache to return filled with this chunk (a
+        prefill that attends to the chunk only).
     """
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -85,7 +88,7 @@ class Qwen25VL(nnx.Module):
       positions, rope_deltas = index.positions, index.deltas
     elif rope_deltas is None:
       rope_deltas = jnp.zeros(input_ids.shape[:1], jnp.int32)
-    hidden, cache = self.text(x, positions, attention_mask, cache, unstacked)
+    hidden, cache = self.text(x, positions, attention_mask, cache, unstacked, new_cache)
     return Output(logits=self.logits(hidden[:, logits_from:]), cache=cache,
                   rope_deltas=rope_deltas)
 

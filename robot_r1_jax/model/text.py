@@ -83,8 +83,8 @@ class Attention(nnx.Module):
     """Attention of a chunk x [B,T,D] (cos/sin [B,T,H]) over a cache's slots and itself.
 
     `kv` is one layer's cached (keys [B,K,H,S], values [B,K,S,H]), or None; `mask` is [B,T,S+T]
-    with a cache, [B,T,T] without. Returns the output and, with a cache, this chunk's own keys
-    [B,K,H,T] and values [B,K,T,H].
+    with a cache, [B,T,T] without. Returns the output and this chunk's own keys [B,K,H,T] and
+    values [B,K,T,H] (for the caller's cache; unused ones cost nothing under jit).
     """
     w = lambda p: p[...].astype(self.dtype)  # params stay in param_dtype; compute in self.dtype
     q = jnp.einsum("BTD,DNH->BTNH", x, w(self.q)) + w(self.q_bias)
@@ -115,7 +115,7 @@ class Attention(nnx.Module):
     # output projection's weight first.
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)
     # Only this chunk's keys/values leave the layer; the caller writes them into the cache once.
-    return out @ w(self.o).reshape(n * h, -1), None if kv is None else (k, v)
+    return out @ w(self.o).reshape(n * h, -1), (k, v)
 
 
 class MLP(nnx.Module):
@@ -180,8 +180,8 @@ class TextModel(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
                cache: KVCache | None = None,
-               unstacked: tuple[DecoderLayer, ...] | None = None
-               ) -> tuple[jax.Array, KVCache | None]:
+               unstacked: tuple[DecoderLayer, ...] | None = None,
+               new_cache: int | None = None) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder on embeddings.
 
     Args:
@@ -191,11 +191,15 @@ class TextModel(nnx.Module):
       cache: None for a full forward; else the cache to extend at `cache.index` (prefill or decode).
       unstacked: `unstacked_layers()` to run unrolled, with an unstacked cache; None scans the
         stacked layers.
+      new_cache: instead of `cache`, the length S of a new cache to return holding this chunk (a
+        prefill): the chunk attends to itself only, not to S empty slots.
 
     Returns:
       ([B, T, D] final-normed hidden states, the updated cache or None).
     """
     cfg = self.cfg
+    if cache is not None and new_cache is not None:
+      raise ValueError("pass either a cache to extend or new_cache, not both")
     cos, sin = rope.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
                                   self.dtype)
     t = x.shape[1]
@@ -219,10 +223,13 @@ class TextModel(nnx.Module):
 
     def body(layer, h, kv):
       h, kv = layer(h, cos, sin, mask, kv)
-      return h, kv
+      # Keys/values leave the scan only when a cache keeps them.
+      return h, kv if cache is not None or new_cache is not None else None
 
     kv_in = None if cache is None else (cache.k, cache.v)
     x, new_kv = layers.scan(self.layers, body, x, kv_in, remat=self.remat)
+    if new_cache is not None:
+      cache = KVCache.zeros(cfg, x.shape[0], new_cache, self.dtype)
     if cache is not None:
       # One in-place write of this chunk's keys/values (a decode loop's carry).
       cache = cache.write(*new_kv, real)

@@ -301,8 +301,7 @@ class Sampler:
     model = nnx.merge(self._graphdef, params)
     b, t = ids.shape
     # Only the last position's logits are needed: skips a [B, T, V] head output.
-    out = model.forward(ids, mask, pixel_values, grid, cache=model.init_cache(b, t + new_bucket),
-                        logits_from=t - 1)
+    out = model.forward(ids, mask, pixel_values, grid, new_cache=t + new_bucket, logits_from=t - 1)
     g = self.config.num_samples
     # One prefill per prompt; the G samples share it. jnp.repeat keeps a prompt's copies adjacent.
     rep = lambda x, axis=0: self._rows(jnp.repeat(x, g, axis=axis), axis)

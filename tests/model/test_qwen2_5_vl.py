@@ -34,6 +34,20 @@ def test_prefill_then_decode_equals_full_forward():
   out = prefill(model, ids[:, :prompt_len], mask[:, :prompt_len], model.init_cache(3, 32))
   real = mask[:, :prompt_len].astype(bool)
   np.testing.assert_allclose(np.asarray(out.logits)[real], full[:, :prompt_len][real], atol=1e-5)
+  # A prefill into a new cache attends to the prompt alone: the same logits and cache (padding
+  # slots aside: their keys/values are never read, and their all-masked queries average differently).
+  fresh = nnx.jit(lambda m, i, a: m.forward(i, a, new_cache=32))(model, ids[:, :prompt_len],
+                                                                   mask[:, :prompt_len])
+  np.testing.assert_allclose(np.asarray(fresh.logits)[real], np.asarray(out.logits)[real],
+                             atol=1e-6)
+  np.testing.assert_array_equal(fresh.cache.valid, out.cache.valid)
+  assert int(fresh.cache.index) == int(out.cache.index) == prompt_len
+  slots = np.asarray(out.cache.valid)  # [B, S]
+  rows_slots_first = dict(k=lambda a: np.moveaxis(np.asarray(a), (1, 4), (0, 1)),  # [L,B,K,H,S]
+                          v=lambda a: np.moveaxis(np.asarray(a), (1, 3), (0, 1)))  # [L,B,K,S,H]
+  for name, to_bs in rows_slots_first.items():
+    np.testing.assert_allclose(to_bs(getattr(fresh.cache, name))[slots],
+                               to_bs(getattr(out.cache, name))[slots], atol=1e-6, err_msg=name)
   cache, deltas = out.cache, out.rope_deltas
   num_real = jnp.asarray(mask[:, :prompt_len].sum(1), jnp.int32)
   for k in range(steps):

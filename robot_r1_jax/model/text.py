@@ -44,18 +44,12 @@ class KVCache:
   def stack(self) -> "KVCache":
     return dataclasses.replace(self, k=jnp.stack(self.k), v=jnp.stack(self.v))
 
-  def write(self, k: jax.Array | tuple[jax.Array, ...], v: jax.Array | tuple[jax.Array, ...],
-            real: jax.Array) -> "KVCache":
-    """Writes a chunk's keys [(L,) B, K, H, T] / values [(L,) B, K, T, H] (stacked or per layer,
-    as this cache is) and its mask [B, T] at `index`, in place."""
+  def write(self, k: jax.Array, v: jax.Array, real: jax.Array) -> "KVCache":
+    """Writes a chunk's stacked keys [L, B, K, H, T] / values [L, B, K, T, H] and its mask [B, T]
+    at `index`, in place."""
     put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(
-        buf, new.astype(buf.dtype), self.index, axis=buf.ndim + axis)
-    if isinstance(self.k, tuple):
-      new_k = tuple(put(b, n, -1) for b, n in zip(self.k, k))
-      new_v = tuple(put(b, n, -2) for b, n in zip(self.v, v))
-    else:
-      new_k, new_v = put(self.k, k, -1), put(self.v, v, -2)
-    return KVCache(k=new_k, v=new_v, index=self.index + real.shape[1],
+        buf, new.astype(buf.dtype), self.index, axis=axis)
+    return KVCache(k=put(self.k, k, 4), v=put(self.v, v, 3), index=self.index + real.shape[1],
                    valid=jax.lax.dynamic_update_slice_in_dim(self.valid, real, self.index, axis=1))
 
 
@@ -78,13 +72,16 @@ class Attention(nnx.Module):
     self.o = layers.param(rngs, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               kv: tuple[jax.Array, jax.Array] | None
-               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+               kv: tuple[jax.Array, jax.Array] | None, write_at: jax.Array | None = None
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Attention of a chunk x [B,T,D] (cos/sin [B,T,H]) over a cache's slots and itself.
 
     `kv` is one layer's cached (keys [B,K,H,S], values [B,K,S,H]), or None; `mask` is [B,T,S+T]
     with a cache, [B,T,T] without. Returns the output and this chunk's own keys [B,K,H,T] and
     values [B,K,T,H] (for the caller's cache; unused ones cost nothing under jit).
+
+    With `write_at`, the chunk is first written into the cache buffers `kv` at that slot, `mask`
+    is [B,T,S], and the updated buffers are returned instead.
     """
     w = lambda p: p[...].astype(self.dtype)  # params stay in param_dtype; compute in self.dtype
     q = jnp.einsum("BTD,DNH->BTNH", x, w(self.q)) + w(self.q_bias)
@@ -99,6 +96,13 @@ class Attention(nnx.Module):
     # the keys need no repacking (only the small q/k/v move).
     q = q.reshape(b, t, k.shape[2], groups, h).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+    if write_at is not None:
+      # In place into this layer's own buffers; then one dot per side reads every slot where it
+      # lies (no [cache | chunk] concatenation of scores, no second dot).
+      put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(
+          buf, new.astype(buf.dtype), write_at, axis=axis)
+      new = put(kv[0], k, 3), put(kv[1], v, 2)
+      (k, v), kv = (buf.astype(q.dtype) for buf in new), None
     logits = jnp.einsum("BKGTH,BKHS->BKGTS", q, k) * (h**-0.5)
     if kv is not None:
       # Scores over [cache | this chunk]; the cache is read where it lies.
@@ -108,14 +112,16 @@ class Attention(nnx.Module):
     logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32),
                        jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., -t:], v)
+    s = v.shape[2]  # the slots `v` holds: this chunk's, or with `write_at` the whole buffer's
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., -s:], v)
     if kv is not None:
-      out = out + jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., :-t], kv[1].astype(q.dtype))
+      out = out + jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., :-s], kv[1].astype(q.dtype))
     # One [B·T, N·H] × [N·H, D] GEMM: contracting N and H as two axes makes XLA re-lay out the
     # output projection's weight first.
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)
-    # Only this chunk's keys/values leave the layer; the caller writes them into the cache once.
-    return out @ w(self.o).reshape(n * h, -1), (k, v)
+    # Only this chunk's keys/values leave the layer (the caller writes them into the cache once),
+    # or the buffers it was written into.
+    return out @ w(self.o).reshape(n * h, -1), (k, v) if write_at is None else new
 
 
 class MLP(nnx.Module):
@@ -144,8 +150,8 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
 
-  def __call__(self, x, cos, sin, mask, kv):
-    attn, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv)
+  def __call__(self, x, cos, sin, mask, kv, write_at=None):
+    attn, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, write_at)
     x = x + attn
     return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -204,22 +210,14 @@ class TextModel(nnx.Module):
                                   self.dtype)
     t = x.shape[1]
     real = attention_mask.astype(bool)
+    if unstacked is not None:
+      return self._unrolled(unstacked, x, cos, sin, real, cache)
     # Causal within the chunk and blind to padding keys; padding queries see nothing useful but
     # stay finite. With a cache, every filled real slot precedes the chunk: [B, T, S + T].
     mask = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None] & real[:, None, :]
     if cache is not None:
       mask = jnp.concatenate(
           [jnp.broadcast_to(cache.valid[:, None, :], (x.shape[0], t, cache.length)), mask], axis=2)
-
-    if unstacked is not None:
-      if cache is None or not isinstance(cache.k, tuple):
-        raise ValueError("unstacked layers run with an unstacked cache (KVCache.unstack())")
-      new_k, new_v = [], []
-      for layer, k, v in zip(unstacked, cache.k, cache.v):
-        x, (k, v) = layer(x, cos, sin, mask, (k, v))
-        new_k.append(k)
-        new_v.append(v)
-      return self.final_norm(x), cache.write(new_k, new_v, real)
 
     def body(layer, h, kv):
       h, kv = layer(h, cos, sin, mask, kv)
@@ -234,6 +232,25 @@ class TextModel(nnx.Module):
       # One in-place write of this chunk's keys/values (a decode loop's carry).
       cache = cache.write(*new_kv, real)
     return self.final_norm(x), cache
+
+  def _unrolled(self, unstacked: tuple[DecoderLayer, ...], x: jax.Array, cos: jax.Array,
+                sin: jax.Array, real: jax.Array, cache: KVCache | None
+                ) -> tuple[jax.Array, KVCache]:
+    """The layers one after another, each writing the chunk into its own cache buffers."""
+    if cache is None or not isinstance(cache.k, tuple):
+      raise ValueError("unstacked layers run with an unstacked cache (KVCache.unstack())")
+    index, t = cache.index, x.shape[1]
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, real, index, axis=1)
+    # Query i of the chunk (slot index + i) sees the real slots up to its own: [B, T, S].
+    slots = jnp.arange(cache.length)[None, None, :]
+    mask = valid[:, None, :] & (slots <= index + jnp.arange(t)[None, :, None])
+    new_k, new_v = [], []
+    for layer, k, v in zip(unstacked, cache.k, cache.v):
+      x, (k, v) = layer(x, cos, sin, mask, (k, v), write_at=index)
+      new_k.append(k)
+      new_v.append(v)
+    return self.final_norm(x), KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid,
+                                       index=index + t)
 
 
 def hf_rules(cfg: TextConfig) -> list[hf_names.Rule]:

@@ -47,10 +47,18 @@ class KVCache:
   def write(self, k: jax.Array, v: jax.Array, real: jax.Array) -> "KVCache":
     """Writes a chunk's stacked keys [L, B, K, H, T] / values [L, B, K, T, H] and its mask [B, T]
     at `index`, in place."""
-    put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(
-        buf, new.astype(buf.dtype), self.index, axis=axis)
-    return KVCache(k=put(self.k, k, 4), v=put(self.v, v, 3), index=self.index + real.shape[1],
+    k, v = _write_chunk(self.k, self.v, k, v, self.index)
+    return KVCache(k=k, v=v, index=self.index + real.shape[1],
                    valid=jax.lax.dynamic_update_slice_in_dim(self.valid, real, self.index, axis=1))
+
+
+def _write_chunk(k_buf: jax.Array, v_buf: jax.Array, k: jax.Array, v: jax.Array,
+                index: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Keys [..., H, T] into buffers [..., H, S] and values [..., T, H] into [..., S, H] at slot
+  `index`, in place (stacked over layers or one layer's)."""
+  put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(
+      buf, new.astype(buf.dtype), index, axis=axis)
+  return put(k_buf, k, -1), put(v_buf, v, -2)
 
 
 jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "valid", "index"], meta_fields=[])
@@ -99,9 +107,7 @@ class Attention(nnx.Module):
     if write_at is not None:
       # In place into this layer's own buffers; then one dot per side reads every slot where it
       # lies (no [cache | chunk] concatenation of scores, no second dot).
-      put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(
-          buf, new.astype(buf.dtype), write_at, axis=axis)
-      new = put(kv[0], k, 3), put(kv[1], v, 2)
+      new = _write_chunk(*kv, k, v, write_at)
       (k, v), kv = (buf.astype(q.dtype) for buf in new), None
     logits = jnp.einsum("BKGTH,BKHS->BKGTS", q, k) * (h**-0.5)
     if kv is not None:

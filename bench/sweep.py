@@ -1,14 +1,19 @@
 """Ablation sweep: SFT baselines and RL algorithms from the same SFT checkpoint, over seeds.
 
-python bench/sweep.py --out sweep --seeds 0,1,2 [--algos grpo,rloo,reinforce_pp] [-- LAUNCH FLAGS]
+python bench/sweep.py --out sweep --seeds 0,1,2 [--algos grpo,rloo,reinforce_pp]
+    [--sft_targets direct,cot,check] [--rl_from direct] [--sft_seed N] [-- LAUNCH FLAGS]
 
-For each seed: Direct-SFT and CoT-SFT runs (the baselines), then GRPO / RLOO / REINFORCE++ each
-initialised from the Direct-SFT checkpoint, every run evaluated greedily on the val split. Writes
-`OUT/results.json`, `OUT/table.md` (accuracy per question type, mean ± spread over seeds) and
-`OUT/comparison.png`, and prints, per RL method and question type, whether its mean accuracy beats
-the Direct-SFT checkpoint it started from by more than the seed-to-seed spread. Runs are `python -m robot_r1_jax.launch` subprocesses sharing one data folder
-(`OUT/data`); finished runs are reused, so an interrupted sweep resumes. Flags after `--` go to
-every run (e.g. `--model=small --sft_steps=200 --max_steps=40`).
+For each seed: one SFT run per target (the baselines), then GRPO / RLOO / REINFORCE++ each
+initialised from the `--rl_from` SFT checkpoint, every run evaluated greedily on the val split.
+`--sft_seed N` trains each SFT target once, with seed N, and starts every seed's RL runs from that
+one checkpoint: the spread is then the RL runs' own, over the same start. Writes
+`OUT/results.json`, `OUT/table.md` (accuracy per question type, mean ± half the spread over seeds)
+and `OUT/comparison.png`, and prints, per RL method and question type, whether its mean accuracy
+beats the SFT checkpoint it started from by more than the seed-to-seed spread. Runs are
+`python -m robot_r1_jax.launch` subprocesses sharing one data folder (`OUT/data`); finished runs
+are reused, so an interrupted sweep resumes. The RL runs come first, the other baselines last.
+Flags after `--` go to every run (e.g. `--model=small --sft_steps=200 --max_steps=40`); reasoning
+targets (cot, check) are evaluated with at least `--reasoning_tokens` new tokens.
 """
 
 from __future__ import annotations
@@ -39,29 +44,58 @@ def _accuracy(eval_json: pathlib.Path) -> dict[str, float]:
           for t in TYPES}
 
 
-def run_seed(out: pathlib.Path, seed: int, algos: list[str], extra: list[str]) -> dict:
-  data = out / "data"
-  common = [f"--seed={seed}", *extra]
-  if (data / "extracted" / "manifest.json").exists():
-    common.append(f"--data={data / 'extracted'}")
-  results = {}
-  for target in ("direct", "cot"):
-    run = out / f"seed{seed}" / f"sft_{target}"
+class Sweep:
+  """The sweep's runs, each made once (resumable) and evaluated."""
+
+  def __init__(self, out: pathlib.Path, extra: list[str], *, sft_seed: int | None,
+               reasoning_tokens: int):
+    self.out, self.extra, self.sft_seed = out, extra, sft_seed
+    self.reasoning_tokens = reasoning_tokens
+    self.data = out / "data"
+
+  def _common(self, seed: int) -> list[str]:
+    common = [f"--seed={seed}", *self.extra]
+    if (self.data / "extracted" / "manifest.json").exists():
+      common.append(f"--data={self.data / 'extracted'}")
+    return common
+
+  def sft_run(self, target: str, seed: int) -> pathlib.Path:
+    seed = seed if self.sft_seed is None else self.sft_seed
+    run = self.out / f"seed{seed}" / f"sft_{target}"
     if not (run / "eval.json").exists():
+      common = self._common(seed)
       _launch("--stage=sft", f"--sft_target={target}", f"--workdir={run}", *common)
       if not any(f.startswith("--data=") for f in common):  # the first run made the data
-        (run / "data").rename(data)
-        common.append(f"--data={data / 'extracted'}")
-      _launch("--mode=eval", f"--workdir={run}", *common)
-    results[f"{target}-SFT"] = _accuracy(run / "eval.json")
-  for algo in algos:
-    run = out / f"seed{seed}" / algo
+        (run / "data").rename(self.data)
+        common.append(f"--data={self.data / 'extracted'}")
+      budget = [] if target == "direct" else [f"--max_new_tokens={self.reasoning_tokens}"]
+      _launch("--mode=eval", f"--workdir={run}", *common, *budget)
+    return run
+
+  def rl_run(self, algo: str, seed: int, init_from: pathlib.Path) -> pathlib.Path:
+    run = self.out / f"seed{seed}" / f"{init_from.name}-{algo}"
     if not (run / "eval.json").exists():
-      _launch("--stage=rl", f"--algo={algo}", f"--init_from={out / f'seed{seed}' / 'sft_direct'}",
-              f"--workdir={run}", *common)
+      common = self._common(seed)
+      _launch("--stage=rl", f"--algo={algo}", f"--init_from={init_from}", f"--workdir={run}",
+              *common)
       _launch("--mode=eval", f"--workdir={run}", *common)
-    results[f"direct-SFT→{algo}"] = _accuracy(run / "eval.json")
-  return results
+    return run
+
+
+def run_sweep(sweep: Sweep, seeds: list[int], algos: list[str], targets: list[str],
+              rl_from: str) -> dict[int, dict]:
+  """{seed: {method: accuracy per type}}; methods are "<target>-SFT" and "<rl_from>-SFT→<algo>"."""
+  per_seed = {}
+  for seed in seeds:
+    start = sweep.sft_run(rl_from, seed)
+    per_seed[seed] = {f"{rl_from}-SFT": _accuracy(start / "eval.json")}
+    for algo in algos:
+      per_seed[seed][f"{rl_from}-SFT→{algo}"] = _accuracy(
+          sweep.rl_run(algo, seed, start) / "eval.json")
+  for seed in seeds:
+    for target in (t for t in targets if t != rl_from):
+      per_seed[seed][f"{target}-SFT"] = _accuracy(sweep.sft_run(target, seed) / "eval.json")
+  return per_seed
 
 
 def summarise(per_seed: dict[int, dict]) -> tuple[str, dict]:
@@ -80,7 +114,7 @@ def summarise(per_seed: dict[int, dict]) -> tuple[str, dict]:
   return "\n".join(lines) + "\n", stats
 
 
-def verdicts(stats: dict, baseline: str = "direct-SFT") -> list[str]:
+def verdicts(stats: dict, baseline: str) -> list[str]:
   """Per RL method (`baseline→algo`) and type: the mean gain over `baseline`, and whether it exceeds
   the seed-to-seed spread (max − min over seeds, the larger of the two methods')."""
   lines = []
@@ -119,13 +153,21 @@ def main() -> None:
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("sweep"))
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--algos", default="grpo,rloo,reinforce_pp")
+  parser.add_argument("--sft_targets", default="direct,cot,check",
+                      help="SFT baselines (launch --sft_target values)")
+  parser.add_argument("--rl_from", default="direct", help="the SFT target RL starts from")
+  parser.add_argument("--sft_seed", type=int, default=None,
+                      help="train each SFT target once, with this seed (default: once per seed)")
+  parser.add_argument("--reasoning_tokens", type=int, default=256,
+                      help="--max_new_tokens when evaluating cot / check SFT runs")
   args = parser.parse_args(argv)
-  per_seed = {int(s): run_seed(args.out, int(s), args.algos.split(","), extra)
-              for s in args.seeds.split(",")}
+  sweep = Sweep(args.out, extra, sft_seed=args.sft_seed, reasoning_tokens=args.reasoning_tokens)
+  per_seed = run_sweep(sweep, [int(s) for s in args.seeds.split(",")], args.algos.split(","),
+                       args.sft_targets.split(","), args.rl_from)
   table, stats = summarise(per_seed)
   (args.out / "results.json").write_text(json.dumps({"per_seed": per_seed, "stats": stats},
                                                     indent=2) + "\n")
-  lines = verdicts(stats)
+  lines = verdicts(stats, f"{args.rl_from}-SFT")
   (args.out / "table.md").write_text(table + "\n" + "\n".join(lines) + "\n")
   plot(stats, args.out / "comparison.png")
   print(table)

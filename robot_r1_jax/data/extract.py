@@ -277,6 +277,9 @@ def _define_flags() -> None:
   flags.DEFINE_enum("answer_format", "mcqa", ["mcqa", "xyz"],
                     "mcqa: options [[A]]..[[D]]; xyz: open-ended positions (then no movement "
                     "questions).")
+  flags.DEFINE_enum("prompt_style", "paper", ["paper", "compact"],
+                    "paper: Robot-R1's prompt; compact: only the task, current state and question "
+                    "(for small models trained from scratch on a CPU).")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
@@ -289,7 +292,8 @@ def main(argv: Sequence[str]) -> None:
         tasks=tuple(values.tasks) if values.tasks else None, camera=values.camera,
         image_size=values.image_size, val_fraction=values.val_fraction, seed=values.seed,
         shard_size=values.shard_size, progress=values.progress,
-        mcqa=McqaConfig(frame_interval=values.frame_interval, answer_format=values.answer_format))
+        mcqa=McqaConfig(frame_interval=values.frame_interval, answer_format=values.answer_format,
+                        prompt_style=values.prompt_style))
   except ValueError as e:  # Field names are flag names, so the message names the flag.
     raise app.UsageError(f"--{e}") from e
   manifest = extract(values.demos, values.out, config)

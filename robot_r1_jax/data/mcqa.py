@@ -31,8 +31,8 @@ import numpy as np
 
 from robot_r1_jax.data.demo import Demo, DemoError
 from robot_r1_jax.data.prompts import (ANSWER_FORMATS, CURRENT_STATE, LETTERS, MCQA, MOVEMENT,
-                                       QUESTION_TYPES, WAYPOINT, RobotMetadata, format_xyz,
-                                       render_prompt)
+                                       PAPER, PROMPT_STYLES, QUESTION_TYPES, WAYPOINT,
+                                       RobotMetadata, format_xyz, render_prompt)
 
 XYZ3 = tuple[float, float, float]
 _AXIS_WORDS = (("backward", "forward"), ("left", "right"), ("down", "up"))  # (negative, positive)
@@ -63,8 +63,11 @@ class McqaConfig:
   min_axis_move: float = 1e-3  # Metres; smaller |Δ_axis| is jitter, not a direction.
   action_bins: int = 256
   metadata: RobotMetadata = RobotMetadata()
+  prompt_style: str = PAPER  # "paper", or "compact" for CPU-scale learning runs (see `prompts`).
 
   def __post_init__(self):
+    if self.prompt_style not in PROMPT_STYLES:
+      raise ValueError(f"prompt_style={self.prompt_style!r}: choose from {PROMPT_STYLES}")
     if self.frame_interval < 1:
       raise ValueError(f"frame_interval={self.frame_interval} must be >= 1")
     bad = [t for t in self.question_types if t not in QUESTION_TYPES]
@@ -193,7 +196,7 @@ def build_question(question_type: str, ctx: FrameContext, *, seed: int,
   assert len(set(options)) == len(options), f"duplicate options {options}"  # By construction.
   prompt = render_prompt(question_type, description=ctx.description, camera=ctx.camera,
                          state_xyz=ctx.state_xyz, options=options or None,
-                         metadata=config.metadata)
+                         metadata=config.metadata, style=config.prompt_style)
   return Question(
       prompt=prompt, options=options, answer=answer, answer_letter=letter,
       question_type=question_type, answer_format=config.answer_format, task=ctx.task,

@@ -1,10 +1,13 @@
 """Supervised targets for Robot-R1 questions: the completion an SFT model is trained to write.
 
-Two kinds, both in the output format the prompt asks for and the RL reward checks
+Three kinds, all in the output format the prompt asks for and the RL reward checks
 (`rl.rewards.format_reward`, `answer_reward` / `xyz_reward`)::
 
     direct:  <think> </think> <answer> [[C]] </answer>
     cot:     <think> The gripper is at [0.278, -0.012, 1.154]. … so the answer is [[C]]. </think>
+             <answer> [[C]] </answer>
+    check:   <think> [[A]] [0.049, 0.111, 1.584]: no. [[B]] [-0.119, 0.470, 0.973]: no.
+             [[C]] [0.301, 0.085, 0.812]: yes, so the answer is [[C]]. </think>
              <answer> [[C]] </answer>
 
 Open-ended questions (`answer_format="xyz"`) answer `<answer> [x, y, z] </answer>` instead.
@@ -21,6 +24,14 @@ Decisions:
     movement options, so the words always agree with the right option), the distance, and which
     option matches. Current-state reasoning reads the position off the image as offsets from the
     table-top centre the prompt states.
+  * Check reasoning goes through the options in letter order, copying each and judging it, and
+    stops at the right one. It exists for small models trained from scratch, which never learn
+    the direct answer: the letter must point at the option whose content is right, and with one
+    supervised letter token per question a 3-layer model stays at the uniform ln 4 (600 steps,
+    measured). Check targets split that into steps such a model does learn: copying an option
+    (an induction pattern), a yes/no about text it has just written, and then the most recent
+    letter. Nothing in it states the truth before the verdicts, so a verdict has to come from the
+    option and the question, not from equality with a position written earlier.
   * Every target is checked against its question (the right option's text must be what the numbers
     give); a mismatch is a ValueError naming the question, never a silently wrong target. It
     happens when the questions were extracted with another `min_axis_move` than the
@@ -41,8 +52,8 @@ from robot_r1_jax.data import mcqa
 from robot_r1_jax.data.prompts import (CURRENT_STATE, LETTERS, MCQA, MOVEMENT, WAYPOINT, XYZ,
                                        RobotMetadata, format_number, format_xyz)
 
-DIRECT, COT = "direct", "cot"
-TARGET_KINDS = (DIRECT, COT)
+DIRECT, COT, CHECK = "direct", "cot", "check"
+TARGET_KINDS = (DIRECT, COT, CHECK)
 _AXES = "xyz"
 # Where a position lies relative to the table-top centre, per axis: (negative, positive) offset.
 _TABLE_RELATION = (("behind", "in front of"), ("to the left of", "to the right of"),
@@ -75,6 +86,8 @@ def target_text(question: mcqa.Question, config: TargetConfig = TargetConfig()) 
   """
   if config.kind == COT:
     think = f"<think> {reasoning_text(question, config)} </think>"
+  elif config.kind == CHECK:
+    think = f"<think> {check_text(question, config)} </think>"
   else:
     _check_answer(question, config)
     think = "<think> </think>"  # spaced as in the prompt's example `<think> ... </think>`
@@ -119,6 +132,24 @@ def reasoning_text(question: mcqa.Question, config: TargetConfig = TargetConfig(
   else:
     sentences.append(f"The answer is {question.answer}.")
   return " ".join(sentences)
+
+
+def check_text(question: mcqa.Question, config: TargetConfig = TargetConfig()) -> str:
+  """The check reasoning for a four-option `question`: each option, "no", until the right one.
+
+  Raises:
+    ValueError: as `target_text`, or the question is open-ended (it has no options to check).
+  """
+  _check_answer(question, config)
+  if question.answer_format != MCQA:
+    raise ValueError(f"{_describe(question)}: check targets need options; this question is "
+                     f"{question.answer_format!r}")
+  right = LETTERS.index(question.answer_letter)
+  checks = [f"[[{letter}]] {option}: no." for letter, option in
+            zip(LETTERS[:right], question.options[:right])]
+  checks.append(f"[[{question.answer_letter}]] {question.options[right]}: yes, so the answer is "
+                f"{question.answer}.")
+  return " ".join(checks)
 
 
 def _truth_xyz(question: mcqa.Question) -> tuple[float, float, float]:

@@ -138,7 +138,7 @@ def main(argv: list[str]) -> None:
 
   data_dir = pathlib.Path(F.DATA.value) if F.DATA.value else pipeline.ensure_default_data(
       workdir / "data", tasks=F.SIM_TASKS.value, episodes=F.SIM_EPISODES.value,
-      image_size=F.IMAGE_SIZE.value, seed=seed)
+      image_size=F.IMAGE_SIZE.value, seed=seed, prompt_style=F.PROMPT_STYLE.value)
   dtype = jnp.bfloat16 if F.COMPUTE_DTYPE.value == "bfloat16" else jnp.float32
   cfg, model, model_dir = pipeline.build_model(F.MODEL.value, dtype=dtype, mesh=mesh, seed=seed,
                                                remat=F.REMAT.value)

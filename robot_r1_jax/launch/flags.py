@@ -25,6 +25,9 @@ SIM_EPISODES = flags.DEFINE_integer("sim_episodes", 3, "Simulated episodes per t
                                     "default data.")
 IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, "Rendered and extracted image size (pixels) "
                                   "for the default data; the paper uses 224.")
+PROMPT_STYLE = flags.DEFINE_enum("prompt_style", "paper", ["paper", "compact"], "Prompts of the "
+                                 "default data: Robot-R1's, or only the task, current state and "
+                                 "question (small models trained from scratch on a CPU).")
 
 # Stages.
 STAGE = flags.DEFINE_enum("stage", "sft_rl", ["sft_rl", "sft", "rl"], "sft_rl: an SFT warm-up "
@@ -35,8 +38,10 @@ MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "eval: greedy evalu
 INIT_FROM = flags.DEFINE_string("init_from", None, "A run directory (or its checkpoints/) whose "
                                 "newest parameters initialise the model, e.g. an SFT run for RL.")
 SFT_STEPS = flags.DEFINE_integer("sft_steps", 60, "SFT steps (sft and sft_rl stages).")
-SFT_TARGET = flags.DEFINE_enum("sft_target", "direct", ["direct", "cot"], "SFT targets: the "
-                               "answer alone, or rule-generated reasoning then the answer.")
+SFT_TARGET = flags.DEFINE_enum("sft_target", "direct", ["direct", "cot", "check"], "SFT targets: "
+                               "the answer alone (direct), rule-generated reasoning then the answer "
+                               "(cot), or the options checked in order until the right one "
+                               "(check: what a small model trained from scratch learns first).")
 SFT_BATCH = flags.DEFINE_integer("sft_batch_size", 8, "Questions per SFT step.")
 SFT_LEARNING_RATE = flags.DEFINE_float("sft_learning_rate", 3e-3, "SFT peak learning rate.")
 EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 8, "Questions per evaluation batch.")

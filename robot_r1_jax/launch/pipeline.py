@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from robot_r1_jax.data import extract
+from robot_r1_jax.data.mcqa import McqaConfig
 from robot_r1_jax.model import config as model_config
 from robot_r1_jax.model import hf_io, processor
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL, init_model
@@ -19,7 +20,8 @@ from robot_r1_jax.train.checkpoint import Checkpointer
 
 
 def ensure_default_data(out_dir: pathlib.Path, *, tasks: list[str], episodes: int,
-                        image_size: int, seed: int) -> pathlib.Path:
+                        image_size: int, seed: int, prompt_style: str = "paper"
+                        ) -> pathlib.Path:
   """Simulated demos extracted into questions under `out_dir`, made once (process 0 writes).
 
   A third of each task's episodes go to val, so even two episodes per task leave one to evaluate.
@@ -34,7 +36,8 @@ def ensure_default_data(out_dir: pathlib.Path, *, tasks: list[str], episodes: in
     sim.generate(demos, tasks, episodes, seed=seed,
                  config=sim.RenderConfig(image_size=image_size, cameras=("front",)))
     extract.extract(demos, out_dir / "extracted",
-                    extract.ExtractConfig(image_size=image_size, seed=seed, val_fraction=0.34))
+                    extract.ExtractConfig(image_size=image_size, seed=seed, val_fraction=0.34,
+                                          mcqa=McqaConfig(prompt_style=prompt_style)))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("default data ready")

@@ -1,8 +1,10 @@
-"""bench/sweep.py's summary: the table's mean ± half-spread and the beats-the-spread verdict."""
+"""bench/sweep.py: which runs it makes (shared or per-seed SFT, RL from the chosen target), the
+table's mean ± half-spread and the beats-the-spread verdict."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 
 import pytest
@@ -26,7 +28,7 @@ def test_summary_means_spreads_and_verdicts():
       "mean": pytest.approx(0.44), "spread": pytest.approx(0.06), "n": 3}
   assert stats["direct-SFT"]["all"]["n"] == 0  # no seed reported it: left out, not zero
   assert "| direct-SFT→grpo | 44.0 ± 3.0 | 25.0 ± 0.0 | 31.0 ± 5.0 |" in table
-  lines = sweep.verdicts(stats)
+  lines = sweep.verdicts(stats, "direct-SFT")
   # waypoint: +21 points against a 6-point spread; current_state: no gain; movement: +1 point
   # against a 10-point spread (the RL runs' own spread counts, not only the baseline's).
   assert lines == [
@@ -35,3 +37,45 @@ def test_summary_means_spreads_and_verdicts():
       "does not beat it",
       "direct-SFT→grpo vs direct-SFT on movement: +1.0 points, seed spread 10.0 -> "
       "does not beat it"]
+
+
+def _fake_launch(calls: list[list[str]]):
+  """Records launch flag lists; an eval writes eval.json with an accuracy that encodes the run."""
+  def launch(*flags: str) -> None:
+    calls.append(list(flags))
+    values = dict(f[2:].split("=", 1) for f in flags if "=" in f)
+    workdir = pathlib.Path(values["workdir"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    if "--mode=eval" in flags:
+      acc = 0.1 * int(values["seed"]) + (0.5 if "-grpo" in workdir.name else 0.2)
+      (workdir / "eval.json").write_text(json.dumps(
+          {"overall": {"accuracy": acc}, "by_type": {"waypoint": {"accuracy": acc}}}))
+  return launch
+
+
+def test_shared_sft_checkpoint_rl_seeds_first_and_reasoning_budget(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(sweep, "_launch", _fake_launch(calls))
+  runner = sweep.Sweep(tmp_path, ["--data=/d", "--max_new_tokens=32"], sft_seed=7,
+                       reasoning_tokens=200)
+  per_seed = sweep.run_sweep(runner, [0, 1], ["grpo"], ["direct", "check"], rl_from="check")
+  trains = [(c[0], pathlib.Path(next(f for f in c if f.startswith("--workdir="))[10:])
+             .relative_to(tmp_path).as_posix()) for c in calls if "--mode=eval" not in c]
+  # One check-SFT run (seed 7) feeds both seeds' GRPO; the direct baseline comes last, once.
+  assert trains == [("--stage=sft", "seed7/sft_check"), ("--stage=rl", "seed0/sft_check-grpo"),
+                    ("--stage=rl", "seed1/sft_check-grpo"), ("--stage=sft", "seed7/sft_direct")]
+  rl = [c for c in calls if c[0] == "--stage=rl"]
+  assert all(f"--init_from={tmp_path / 'seed7' / 'sft_check'}" in c for c in rl)
+  evals = {c[next(i for i, f in enumerate(c) if f.startswith("--workdir="))]: c
+           for c in calls if "--mode=eval" in c}
+  # Reasoning targets are evaluated with the larger budget (the last flag wins in absl).
+  assert evals[f"--workdir={tmp_path / 'seed7' / 'sft_check'}"][-1] == "--max_new_tokens=200"
+  assert [f for f in evals[f"--workdir={tmp_path / 'seed7' / 'sft_direct'}"]
+          if f.startswith("--max_new_tokens")] == ["--max_new_tokens=32"]
+  assert per_seed[1]["check-SFT"]["waypoint"] == pytest.approx(0.9)  # seed 7's checkpoint
+  assert per_seed[1]["check-SFT→grpo"]["waypoint"] == pytest.approx(0.6)
+  assert per_seed[0]["check-SFT→grpo"]["all"] == pytest.approx(0.5)
+  # Finished runs are reused: a second sweep launches nothing.
+  calls.clear()
+  assert sweep.run_sweep(runner, [0, 1], ["grpo"], ["direct", "check"], "check") == per_seed
+  assert calls == []

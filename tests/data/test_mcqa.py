@@ -161,7 +161,8 @@ def test_config_errors_name_the_field():
   for kwargs, field in [({"frame_interval": 0}, "frame_interval"),
                         ({"question_types": ("waypoint", "grasp")}, "question_types"),
                         ({"answer_format": "tokens"}, "answer_format"),
-                        ({"min_separation": 0.001}, "min_separation")]:
+                        ({"min_separation": 0.001}, "min_separation"),
+                        ({"prompt_style": "short"}, "prompt_style")]:
     with pytest.raises(ValueError, match=field):
       mcqa.McqaConfig(**kwargs)
   with pytest.raises(ValueError, match="Workspace low"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -45,6 +46,26 @@ def test_sections_in_the_papers_order(question_type, headings):
   assert ("[0.250, 0.000, 0.752]" in text) == (question_type != "movement")  # Origin: positions.
   assert text.endswith("<think> ... </think> <answer> [[A]] </answer>")
   assert "[[A]] a\n[[B]] b\n[[C]] c\n[[D]] d" in text
+
+
+@pytest.mark.parametrize("question_type, answer_format", [
+    ("waypoint", "mcqa"), ("current_state", "mcqa"), ("movement", "mcqa"), ("waypoint", "xyz"),
+    ("current_state", "xyz")])
+def test_compact_prompt_is_the_papers_varying_sections(question_type, answer_format):
+  paper, compact = (mcqa.build_question(
+      question_type, CTX, seed=0, config=mcqa.McqaConfig(answer_format=answer_format,
+                                                         prompt_style=style))
+      for style in ("paper", "compact"))
+  kept = [s for s in paper.prompt.split("\n\n")
+          if s.startswith(("## Task", "## Current robot state", "## Question"))]
+  assert compact.prompt == "\n\n".join(kept)
+  assert [line[3:] for line in compact.prompt.splitlines() if line.startswith("## ")] == (
+      ["Task"] + ["Current robot state"] * (question_type != "current_state") + ["Question"])
+  # Same question otherwise: options, answer, targets.
+  assert dataclasses.replace(compact, prompt=paper.prompt) == paper
+  with pytest.raises(ValueError, match="prompt style='short'"):
+    prompts.render_prompt(question_type, description="x", camera="front", state_xyz=(0, 0, 0),
+                          options=None, metadata=prompts.RobotMetadata(), style="short")
 
 
 def test_number_formatting_and_other_cameras():

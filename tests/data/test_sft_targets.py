@@ -18,7 +18,8 @@ _CTX = mcqa.FrameContext(task="pick_up_cup", episode="pick_up_cup/variation0/epi
                          next_keyframe=37, description="pick up the red cup",
                          state_xyz=(0.2784, -0.0121, 1.1543), next_xyz=(0.3011, 0.0846, 0.8122))
 _CASES = [(fmt, kind, t) for fmt in ANSWER_FORMATS for kind in sft_targets.TARGET_KINDS
-          for t in QUESTION_TYPES if not (fmt == XYZ and t == MOVEMENT)]
+          for t in QUESTION_TYPES
+          if not (fmt == XYZ and (t == MOVEMENT or kind == sft_targets.CHECK))]
 
 
 def _questions(question_type: str, answer_format: str, n: int = 300) -> list[mcqa.Question]:
@@ -102,6 +103,32 @@ def test_cot_reasoning_uses_the_questions_own_numbers(question_type):
       assert f"{word} {format_number(abs(delta[axis]))} m" in text
     if labels:
       assert f"{format_number(float(np.linalg.norm(delta)))} m in all" in text
+
+
+def test_check_reasoning_of_a_movement_question_reads_as_written():
+  question = mcqa.build_question(MOVEMENT, _CTX, seed=0, config=mcqa.McqaConfig())
+  assert question.answer == "[[C]]"
+  assert sft_targets.target_text(question, sft_targets.TargetConfig(kind="check")) == (
+      "<think> [[A]] slightly forward, slightly left, down: no. [[B]] slightly forward, down: no. "
+      "[[C]] slightly forward, slightly right, down: yes, so the answer is [[C]]. </think> "
+      "<answer> [[C]] </answer>")
+
+
+@pytest.mark.parametrize("question_type", QUESTION_TYPES)
+def test_check_reasoning_copies_options_in_order_and_stops_at_the_right_one(question_type):
+  for q in _questions(question_type, MCQA, n=100):
+    right = LETTERS.index(q.answer_letter)
+    expected = [f"[[{c}]] {o}: no." for c, o in zip(LETTERS[:right], q.options[:right])]
+    expected.append(f"[[{q.answer_letter}]] {q.options[right]}: yes, so the answer is {q.answer}.")
+    assert sft_targets.check_text(q) == " ".join(expected)
+    # Nothing but the options: the truth's numbers appear only as the right option's own text.
+    assert format_xyz(q.next_xyz) not in sft_targets.check_text(q).replace(q.options[right], "")
+
+
+def test_check_targets_need_options():
+  question = mcqa.build_question(WAYPOINT, _CTX, seed=0, config=mcqa.McqaConfig(answer_format=XYZ))
+  with pytest.raises(ValueError, match="check targets need options; this question is 'xyz'"):
+    sft_targets.target_text(question, sft_targets.TargetConfig(kind="check"))
 
 
 def test_open_ended_targets_answer_with_the_position():

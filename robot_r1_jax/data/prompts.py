@@ -8,8 +8,9 @@ message; the image itself is placed by the chat template, and the prompt refers 
 
 The `compact` style keeps only the sections that differ between questions (task, current robot
 state, question with options). It is for learning runs of small models trained from scratch on a
-CPU: the paper prompt's fixed sections are ~300 of its ~430 tokens under the tiny tokenizer, text
-such a model only learns to ignore, and they make every step ~5× slower.
+CPU: the paper prompt's fixed sections are about half of its ~430 tokens under the tiny tokenizer,
+text such a model only learns to ignore, and they make a direct-SFT step of the tiny model take
+0.75 s instead of 0.3 s.
 """
 
 from __future__ import annotations

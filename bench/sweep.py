@@ -12,8 +12,10 @@ and `OUT/comparison.png`, and prints, per RL method and question type, whether i
 beats the SFT checkpoint it started from by more than the seed-to-seed spread. Runs are
 `python -m robot_r1_jax.launch` subprocesses sharing one data folder (`OUT/data`); finished runs
 are reused, so an interrupted sweep resumes. The RL runs come first, the other baselines last.
-Flags after `--` go to every run (e.g. `--model=small --sft_steps=200 --max_steps=40`); reasoning
-targets (cot, check) are evaluated with at least `--reasoning_tokens` new tokens.
+Flags after `--` go to every run (e.g. `--model=small --sft_steps=200 --max_steps=40`). SFT runs on
+reasoning targets (cot, check) are evaluated with `--max_new_tokens=<--reasoning_tokens>`; RL runs
+sample and are evaluated with the `--max_new_tokens` given after `--`, which must then fit their
+start's completions (e.g. 160 for check targets).
 """
 
 from __future__ import annotations

@@ -74,13 +74,14 @@ def render_prompt(question_type: str, *, description: str, camera: str,
     raise ValueError(f"prompt style={style!r}; expected one of {PROMPT_STYLES}")
   paper = style == PAPER
   positional = question_type != MOVEMENT
+  task = f"## Task\n{_sentence(description)}"
   sections = [
       "You are the planning assistant of a Franka Emika Panda robot arm: you plan and carry out "
       "manipulation tasks step by step.",
-      f"## Task\n{_sentence(description)}",
+      task,
       f"## Visual input\nThe image is the {_view(camera)}.",
       _coordinates(metadata if positional else None),
-  ] if paper else [f"## Task\n{_sentence(description)}"]
+  ] if paper else [task]
   if positional and paper:
     size = metadata.gripper_size
     sections.append(

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from robot_r1_jax.data import extract
 from robot_r1_jax.data.mcqa import McqaConfig
+from robot_r1_jax.data.prompts import PAPER
 from robot_r1_jax.model import config as model_config
 from robot_r1_jax.model import hf_io, processor
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL, init_model
@@ -20,7 +21,7 @@ from robot_r1_jax.train.checkpoint import Checkpointer
 
 
 def ensure_default_data(out_dir: pathlib.Path, *, tasks: list[str], episodes: int,
-                        image_size: int, seed: int, prompt_style: str = "paper"
+                        image_size: int, seed: int, prompt_style: str = PAPER
                         ) -> pathlib.Path:
   """Simulated demos extracted into questions under `out_dir`, made once (process 0 writes).
 

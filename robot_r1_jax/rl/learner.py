@@ -1,9 +1,10 @@
 """One RL step: rollout → rewards → reference/old log-probs → advantages → μ passes of updates.
 
-The pieces that touch parameters are jitted once per shape bucket: `sequence_log_probs` (old and
+The pieces that touch parameters are jitted once per shape: `sequence_log_probs` (old and
 reference log-probs) and `train_step` (micro-batch gradient accumulation with `lax.scan`, clipping,
-AdamW, non-finite guard), with the parameters and optimizer state donated. The host only moves
-batches and turns completions into rewards.
+AdamW, non-finite guard), with the parameters and optimizer state donated. Completions are cut to
+the rollout's longest at a few widths per new-token bucket (`LearnerConfig.width_steps`), so the
+update pays for what was generated. The host only moves batches and turns completions into rewards.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class LearnerConfig:
   micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate exactly
   num_updates_per_rollout: int = 1  # μ passes over the rollout's mini-batches
   max_new_tokens: int = 256
+  # Completions are cut to the rollout's longest, rounded up to k/width_steps of the new-token
+  # bucket N: the update pays for the tokens generated, not the budget, at ≤ width_steps compiled
+  # widths per bucket (32-token steps for N = 256).
+  width_steps: int = 8
   kl_in_reward: bool = False  # KL in the reward (through the estimator) instead of the loss
   reward_kl_estimator: str = "k1"
   loss: losses.PolicyLossConfig = losses.PolicyLossConfig()
@@ -50,6 +55,8 @@ class LearnerConfig:
     if self.reward_kl_estimator not in losses.KL_ESTIMATORS:
       raise ValueError(f"reward_kl_estimator={self.reward_kl_estimator!r} is not one of "
                        f"{sorted(losses.KL_ESTIMATORS)}")
+    if self.width_steps < 1:
+      raise ValueError(f"width_steps={self.width_steps} must be >= 1")
     rows = self.train_batch_size * self.num_generations
     if rows % self.micro_batch_size:
       raise ValueError(f"train_batch_size × num_generations = {rows} sequences is not a multiple "
@@ -87,10 +94,12 @@ class TrainRows:
   advantages: jax.Array  # [M, R, N] f32
 
 
-def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] | None
-                       ) -> tuple[jax.Array, jax.Array]:
+def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] | None,
+                       temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
   """(log-probs [B, N] f32 of the completion tokens, entropy [B, N] f32) under `model`.
 
+  The distribution is softmax(logits / temperature), the one the sampler drew from, so that the
+  policy, old and reference log-probs and the sampler's own all describe the same policy.
   Positions are the ones the sampler decoded with: the prompt's M-RoPE index, then one step per
   completion token. A generated `<|image_pad|>` id is therefore never mistaken for an image.
   """
@@ -112,8 +121,11 @@ def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, 
                                 jnp.zeros(seqs.completion.shape, bool)], axis=1)
   out = model.forward(ids[:, :-1], mask[:, :-1], pixels, grids, positions=positions[:, :, :-1],
                       logits_from=prompt_len - 1, image_mask=image_mask[:, :-1])
-  return (losses.token_log_probs(out.logits, seqs.completion),
-          jax.lax.stop_gradient(losses.token_entropy(out.logits)))
+  logits = out.logits
+  if temperature != 1.0:
+    logits = logits.astype(jnp.float32) / temperature
+  return (losses.token_log_probs(logits, seqs.completion),
+          jax.lax.stop_gradient(losses.token_entropy(logits)))
 
 
 class Learner:
@@ -124,6 +136,8 @@ class Learner:
                lr_schedule: optax.Schedule | None = None, reward_fn: RewardFn | None = None):
     self.model, self.sampler, self.config, self.mesh = model, sampler, config, mesh
     self.lr_schedule = lr_schedule
+    drawn = sampler.config.sampling
+    self.temperature = 1.0 if drawn.greedy else drawn.temperature
     self.reward_fn = reward_fn or (
         lambda texts, answers: rewards.compute_rewards(texts, answers, config.reward_weights))
     self.graphdef, params = nnx.split(model, nnx.Param)
@@ -144,13 +158,13 @@ class Learner:
     return nnx.merge(self.graphdef, params)
 
   def _log_probs_impl(self, params, seqs: Sequences, image_grid):
-    return sequence_log_probs(self._model(params), seqs, image_grid)[0]
+    return sequence_log_probs(self._model(params), seqs, image_grid, self.temperature)[0]
 
   def _train_step_impl(self, params, opt_state, rows: TrainRows, *, image_grid, on_policy: bool):
     cfg = self.config.loss_config
 
     def loss_sum(p, mb: TrainRows):
-      logp, entropy = sequence_log_probs(self._model(p), mb.seqs, image_grid)
+      logp, entropy = sequence_log_probs(self._model(p), mb.seqs, image_grid, self.temperature)
       old = jax.lax.stop_gradient(logp) if on_policy else mb.old_logp
       out = losses.policy_loss(logp, old, mb.advantages, mb.seqs.completion_mask, cfg,
                                ref_logp=mb.ref_logp if cfg.kl_coef > 0 else None,
@@ -196,7 +210,7 @@ class Learner:
       reward = self.reward_fn(list(out.text), [str(a) for a in answers])
 
     with timer("advantage"):  # reference / old log-probs, then the estimator
-      seqs = self._sequences(batch, out)
+      seqs, sampled_logp = self._sequences(batch, out)
       rows = seqs.completion.shape[0]
       per_update = cfg.train_batch_size * g
       if rows % per_update:
@@ -207,7 +221,7 @@ class Learner:
       ref_logp = (self.log_probs(self.ref_params, seqs, image_grid) if cfg.needs_reference
                   else zeros)
       old_logp = zeros if on_policy else self.log_probs(self.params, seqs, image_grid)
-      behaviour = out.log_probs if on_policy else old_logp
+      behaviour = sampled_logp if on_policy else old_logp
       kl = losses.kl_divergence(behaviour, ref_logp, cfg.reward_kl_estimator)
       kl = kl * seqs.completion_mask
       scores = sharding.global_rows(np.asarray(reward.total, np.float32), self.mesh)
@@ -249,18 +263,22 @@ class Learner:
                       advantages=sharding.local_rows(advantages),
                       completion_mask=sharding.local_rows(seqs.completion_mask))
 
-  def _sequences(self, batch: Any, out: SamplerOutput) -> Sequences:
-    """Prompt + completion rows (global), each with its prompt's image repeated G times."""
+  def _sequences(self, batch: Any, out: SamplerOutput) -> tuple[Sequences, jax.Array]:
+    """Prompt + completion rows (global), each with its prompt's image repeated G times, and the
+    sampling log-probs, with completions cut to the longest (see `completion_width`)."""
     pixels = None
     if batch.pixel_values is not None:
       pv = np.asarray(batch.pixel_values, np.float32)
       pv = np.repeat(pv.reshape(len(batch.input_ids), -1, pv.shape[-1]),
                      self.config.num_generations, axis=0)
       pixels = sharding.global_rows(pv, self.mesh)
-    as_int = lambda x: x.astype(jnp.int32)
-    return Sequences(prompt_ids=as_int(out.prompt_tokens), prompt_mask=as_int(out.prompt_mask),
+    width = completion_width(out.lengths, out.tokens.shape[1], self.config.width_steps)
+    as_int = lambda x: x[:, :width].astype(jnp.int32)
+    seqs = Sequences(prompt_ids=out.prompt_tokens.astype(jnp.int32),
+                     prompt_mask=out.prompt_mask.astype(jnp.int32),
                      completion=as_int(out.tokens), completion_mask=as_int(out.mask),
                      pixel_values=pixels)
+    return seqs, out.log_probs[:, :width]
 
   def _update(self, rows: TrainRows, key: jax.Array, image_grid, on_policy: bool
               ) -> dict[str, float]:
@@ -306,6 +324,13 @@ class StepResult:
   scores: np.ndarray  # [B·G] total rewards
   advantages: np.ndarray  # [B·G, N]
   completion_mask: np.ndarray  # [B·G, N]
+
+
+def completion_width(lengths: jax.Array, bucket: int, steps: int) -> int:
+  """The longest of `lengths` rounded up to a multiple of ⌈bucket / steps⌉, at most `bucket`."""
+  unit = -(-bucket // steps)
+  longest = max(int(jnp.max(lengths)), 1)
+  return min(-(-longest // unit) * unit, bucket)
 
 
 def _single_grid(grids: np.ndarray) -> tuple[int, int, int]:

@@ -14,7 +14,7 @@ from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model import processor
 from robot_r1_jax.model.qwen2_5_vl import init_model
 from robot_r1_jax.rl import losses, rewards, sampling
-from robot_r1_jax.rl.learner import Learner, LearnerConfig
+from robot_r1_jax.rl.learner import Learner, LearnerConfig, completion_width
 from robot_r1_jax.rl.sampler import Sampler, SamplerConfig
 
 G = 4
@@ -46,19 +46,19 @@ def setup():
   return tokenizer, batch, mesh
 
 
-def _learner(setup, reward_fn=None, **overrides):
+def _learner(setup, reward_fn=None, temperature=1.0, **overrides):
   tokenizer, _, mesh = setup
   model = init_model(config_lib.tiny(), seed=0, mesh=mesh)
   sampler = Sampler(model, SamplerConfig(
       stop_tokens=(1002, 1000), num_samples=G, pad_id=tokenizer.pad_token_id,
       prompt_buckets=(64,), new_token_buckets=(16,),
-      sampling=sampling.SamplingParams(temperature=1.0, top_p=1.0, top_k=0)),
+      sampling=sampling.SamplingParams(temperature=temperature, top_p=1.0, top_k=0)),
       mesh=mesh, tokenizer=tokenizer)
   optimizer, schedule = pipeline.build_optimizer(learning_rate=1e-3, schedule="constant",
                                                  warmup_steps=0, total_steps=10,
                                                  weight_decay=0.0, grad_clip=1.0)
-  cfg = LearnerConfig(num_generations=G, train_batch_size=PROMPTS, micro_batch_size=4,
-                      max_new_tokens=16, **overrides)
+  cfg = LearnerConfig(**{"num_generations": G, "train_batch_size": PROMPTS,
+                         "micro_batch_size": 4, "max_new_tokens": 16, **overrides})
   return Learner(model, optimizer, sampler, cfg, mesh, lr_schedule=schedule,
                  reward_fn=reward_fn)
 
@@ -115,6 +115,28 @@ def test_second_step_reuses_every_executable_and_moves_parameters(setup):
   assert all(r.metrics["update/learning_rate"] == pytest.approx(1e-3) for r in results)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_first_step_scores_the_policy_the_sampler_drew_from(setup, temperature):
+  """At step 1 the policy is the reference: the KL between the sampler's log-probs and the
+  learner's fresh scoring is 0 only if both use softmax(logits / τ), on the cut completions."""
+  learner = _learner(setup, _parity_reward, temperature=temperature, max_new_tokens=5)
+  result = learner.step(setup[1], jax.random.key(3))
+  lengths = result.completion_mask.sum(1)
+  assert lengths.max() <= 5 and result.completion_mask.shape[1] == 6  # 16-token bucket, 2-token steps
+  assert abs(result.metrics["kl/policy_ref"]) < 1e-5
+
+
+def test_completion_width_rounds_the_longest_up_to_a_step_of_the_bucket():
+  width = lambda lengths, bucket, steps: completion_width(np.array(lengths), bucket, steps)
+  assert width([3, 65, 40], 256, 8) == 96
+  assert width([64], 256, 8) == 64
+  assert width([250], 256, 8) == 256
+  assert width([0, 0], 256, 8) == 32  # an all-empty rollout still has one column
+  assert width([7], 10, 3) == 8  # ⌈10 / 3⌉ = 4-token steps
+  assert width([9], 10, 3) == 10  # capped at the bucket
+  assert width([5], 16, 1) == 16  # one step: never cut
+
+
 def test_non_finite_rewards_skip_the_update(setup):
   def nan_reward(texts, answers):
     out = _parity_reward(texts, answers)
@@ -139,3 +161,5 @@ def test_kl_in_reward_moves_the_kl_out_of_the_loss():
     LearnerConfig(train_batch_size=3, num_generations=5, micro_batch_size=4)
   with pytest.raises(ValueError, match="grpo"):
     LearnerConfig(algo="ppo")
+  with pytest.raises(ValueError, match="width_steps"):
+    LearnerConfig(width_steps=0)

@@ -1,12 +1,15 @@
 """Ablation sweep: SFT baselines and RL algorithms from the same SFT checkpoint, over seeds.
 
 python bench/sweep.py --out sweep --seeds 0,1,2 [--algos grpo,rloo,reinforce_pp]
-    [--sft_targets direct,cot,check] [--rl_from direct] [--sft_seed N] [-- LAUNCH FLAGS]
+    [--sft_targets direct,cot,check] [--rl_from direct] [--sft_seed N] [--rl_data DIR]
+    [-- LAUNCH FLAGS]
 
 For each seed: one SFT run per target (the baselines), then GRPO / RLOO / REINFORCE++ each
 initialised from the `--rl_from` SFT checkpoint, every run evaluated greedily on the val split.
 `--sft_seed N` trains each SFT target once, with seed N, and starts every seed's RL runs from that
-one checkpoint: the spread is then the RL runs' own, over the same start. Writes
+one checkpoint: the spread is then the RL runs' own, over the same start. `--rl_data DIR` trains
+the RL runs on another extraction (e.g. `--question_types=movement` of the same demos); every run is
+still evaluated on the `--data` val split. Writes
 `OUT/results.json`, `OUT/table.md` (accuracy per question type, mean ± half the spread over seeds)
 and `OUT/comparison.png`, and prints, per RL method and question type, whether its mean accuracy
 beats the SFT checkpoint it started from by more than the seed-to-seed spread. Runs are
@@ -50,9 +53,9 @@ class Sweep:
   """The sweep's runs, each made once (resumable) and evaluated."""
 
   def __init__(self, out: pathlib.Path, extra: list[str], *, sft_seed: int | None,
-               reasoning_tokens: int):
+               reasoning_tokens: int, rl_data: pathlib.Path | None = None):
     self.out, self.extra, self.sft_seed = out, extra, sft_seed
-    self.reasoning_tokens = reasoning_tokens
+    self.reasoning_tokens, self.rl_data = reasoning_tokens, rl_data
     self.data = out / "data"
 
   def _common(self, seed: int) -> list[str]:
@@ -78,8 +81,9 @@ class Sweep:
     run = self.out / f"seed{seed}" / f"{init_from.name}-{algo}"
     if not (run / "eval.json").exists():
       common = self._common(seed)
+      train_data = [f"--data={self.rl_data}"] if self.rl_data else []  # the last flag wins
       _launch("--stage=rl", f"--algo={algo}", f"--init_from={init_from}", f"--workdir={run}",
-              *common)
+              *common, *train_data)
       _launch("--mode=eval", f"--workdir={run}", *common)
     return run
 
@@ -162,8 +166,11 @@ def main() -> None:
                       help="train each SFT target once, with this seed (default: once per seed)")
   parser.add_argument("--reasoning_tokens", type=int, default=256,
                       help="--max_new_tokens when evaluating cot / check SFT runs")
+  parser.add_argument("--rl_data", type=pathlib.Path, default=None,
+                      help="extracted questions for the RL runs (default: the runs' --data)")
   args = parser.parse_args(argv)
-  sweep = Sweep(args.out, extra, sft_seed=args.sft_seed, reasoning_tokens=args.reasoning_tokens)
+  sweep = Sweep(args.out, extra, sft_seed=args.sft_seed, reasoning_tokens=args.reasoning_tokens,
+                rl_data=args.rl_data)
   per_seed = run_sweep(sweep, [int(s) for s in args.seeds.split(",")], args.algos.split(","),
                        args.sft_targets.split(","), args.rl_from)
   table, stats = summarise(per_seed)

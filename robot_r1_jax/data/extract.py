@@ -37,7 +37,7 @@ from robot_r1_jax.data import atomic
 from robot_r1_jax.data import records
 from robot_r1_jax.data.demo import DemoError
 from robot_r1_jax.data.keyframes import discover_keyframes
-from robot_r1_jax.data.mcqa import McqaConfig, Question, episode_questions
+from robot_r1_jax.data.mcqa import QUESTION_TYPES, McqaConfig, Question, episode_questions
 from robot_r1_jax.data.rlbench_io import (EpisodeRef, encode_png, list_episodes, load_demo,
                                           load_episode_variation)
 
@@ -277,6 +277,10 @@ def _define_flags() -> None:
   flags.DEFINE_enum("answer_format", "mcqa", ["mcqa", "xyz"],
                     "mcqa: options [[A]]..[[D]]; xyz: open-ended positions (then no movement "
                     "questions).")
+  flags.DEFINE_list("question_types", list(QUESTION_TYPES),
+                    "Question types to ask. A subset asks the same questions as the full set "
+                    "(each is seeded by its frame and type), e.g. movement alone for an RL stage "
+                    "whose evaluation uses a full extraction.")
   flags.DEFINE_enum("prompt_style", "paper", ["paper", "compact"],
                     "paper: Robot-R1's prompt; compact: only the task, current state and question "
                     "(for small models trained from scratch on a CPU).")
@@ -293,6 +297,7 @@ def main(argv: Sequence[str]) -> None:
         image_size=values.image_size, val_fraction=values.val_fraction, seed=values.seed,
         shard_size=values.shard_size, progress=values.progress,
         mcqa=McqaConfig(frame_interval=values.frame_interval, answer_format=values.answer_format,
+                        question_types=tuple(values.question_types),
                         prompt_style=values.prompt_style))
   except ValueError as e:  # Field names are flag names, so the message names the flag.
     raise app.UsageError(f"--{e}") from e

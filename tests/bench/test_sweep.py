@@ -79,3 +79,16 @@ def test_shared_sft_checkpoint_rl_seeds_first_and_reasoning_budget(tmp_path, mon
   calls.clear()
   assert sweep.run_sweep(runner, [0, 1], ["grpo"], ["direct", "check"], "check") == per_seed
   assert calls == []
+
+
+def test_rl_data_trains_rl_runs_only_and_every_run_is_evaluated_on_data(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(sweep, "_launch", _fake_launch(calls))
+  runner = sweep.Sweep(tmp_path, ["--data=/all"], sft_seed=0, reasoning_tokens=64,
+                       rl_data=pathlib.Path("/movement"))
+  sweep.run_sweep(runner, [0], ["grpo"], ["check"], rl_from="check")
+  data = lambda c: [f for f in c if f.startswith("--data=")][-1]  # absl keeps the last one
+  rl = [c for c in calls if c[0] == "--stage=rl"]
+  others = [c for c in calls if c[0] != "--stage=rl"]
+  assert [data(c) for c in rl] == ["--data=/movement"]
+  assert len(others) == 3 and all(data(c) == "--data=/all" for c in others)  # SFT, 2 evals

@@ -196,3 +196,13 @@ def test_command_line(tmp_path, make_episode):
   bad = subprocess.run(command[:-2] + ["--val_fraction=1.5"], env=env, capture_output=True,
                        text=True, timeout=120, check=False)
   assert bad.returncode != 0 and "--val_fraction=1.5 must be in [0, 1)" in bad.stderr
+  command = [f"--out={tmp_path / 'movement'}" if c.startswith("--out=") else c for c in command]
+  subset = subprocess.run(command + ["--question_types=movement"], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+  assert subset.returncode == 0, subset.stderr
+  shards = sorted((tmp_path / "movement").glob("*.array_record"))
+  types = {r.question.question_type for s in shards for r in records.read_records(s)}
+  assert types == {"movement"}
+  bad = subprocess.run(command + ["--question_types=movement,grasp"], env=env,
+                       capture_output=True, text=True, timeout=120, check=False)
+  assert bad.returncode != 0 and "--question_types=('movement', 'grasp')" in bad.stderr

@@ -157,6 +157,19 @@ def test_episode_questions(make_demo):
   assert mcqa.Question.from_dict(json.loads(json.dumps(q.to_dict()))) == q
 
 
+def test_a_subset_of_types_asks_the_same_questions(make_demo):
+  """What lets an RL stage train on movement alone and be scored on a full extraction's val."""
+  demo, _ = make_demo(num_frames=60)
+  ask = lambda **kw: mcqa.episode_questions(
+      demo, discover_keyframes(demo), task="t", episode="t/variation0/episode0",
+      description="do it", seed=3, config=mcqa.McqaConfig(**kw))
+  key = lambda q: (q.frame, q.question_type)
+  full = ask()
+  for subset in [("movement",), ("current_state", "waypoint")]:
+    want = [q for q in full if q.question_type in subset]
+    assert want and sorted(ask(question_types=subset), key=key) == sorted(want, key=key)
+
+
 def test_config_errors_name_the_field():
   for kwargs, field in [({"frame_interval": 0}, "frame_interval"),
                         ({"question_types": ("waypoint", "grasp")}, "question_types"),

@@ -15,17 +15,19 @@ sweep = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(sweep)
 
 
-def _seed(sft: float, rl: float, movement_rl: float) -> dict:
-  return {"direct-SFT": {"waypoint": sft, "current_state": 0.25, "movement": 0.30, "all": None},
+def _seed(sft: float, rl: float, movement_rl: float, rl_one_answer: tuple = ()) -> dict:
+  return {"direct-SFT": {"waypoint": sft, "current_state": 0.25, "movement": 0.30, "all": None,
+                         "one_answer": ["current_state"]},
           "direct-SFT→grpo": {"waypoint": rl, "current_state": 0.25, "movement": movement_rl,
-                              "all": None}}
+                              "all": None, "one_answer": list(rl_one_answer)}}
 
 
 def test_summary_means_spreads_and_verdicts():
   per_seed = {0: _seed(0.20, 0.41, 0.33), 1: _seed(0.26, 0.47, 0.25), 2: _seed(0.23, 0.44, 0.35)}
   table, stats = sweep.summarise(per_seed)
   assert stats["direct-SFT→grpo"]["waypoint"] == {
-      "mean": pytest.approx(0.44), "spread": pytest.approx(0.06), "n": 3}
+      "mean": pytest.approx(0.44), "spread": pytest.approx(0.06), "n": 3, "one_answer": False}
+  assert stats["direct-SFT"]["current_state"]["one_answer"]
   assert stats["direct-SFT"]["all"]["n"] == 0  # no seed reported it: left out, not zero
   assert "| direct-SFT→grpo | 44.0 ± 3.0 | 25.0 ± 0.0 | 31.0 ± 5.0 |" in table
   lines = sweep.verdicts(stats, "direct-SFT")
@@ -37,6 +39,13 @@ def test_summary_means_spreads_and_verdicts():
       "does not beat it",
       "direct-SFT→grpo vs direct-SFT on movement: +1.0 points, seed spread 10.0 -> "
       "does not beat it"]
+  # A gain made by one answer to (nearly) every question on every seed is a constant's.
+  per_seed = {s: _seed(0.20, 0.44, 0.30, ("waypoint",)) for s in range(3)}
+  assert sweep.verdicts(sweep.summarise(per_seed)[1], "direct-SFT")[0] == (
+      "direct-SFT→grpo vs direct-SFT on waypoint: +24.0 points, seed spread 0.0 -> beats it only "
+      "by giving one answer to >= 95% of the questions on every seed (a constant)")
+  per_seed[1] = _seed(0.20, 0.44, 0.30)  # one seed varies its answers: not a constant
+  assert sweep.verdicts(sweep.summarise(per_seed)[1], "direct-SFT")[0].endswith("-> beats it")
 
 
 def _fake_launch(calls: list[list[str]]):
@@ -49,7 +58,8 @@ def _fake_launch(calls: list[list[str]]):
     if "--mode=eval" in flags:
       acc = 0.1 * int(values["seed"]) + (0.5 if "-grpo" in workdir.name else 0.2)
       (workdir / "eval.json").write_text(json.dumps(
-          {"overall": {"accuracy": acc}, "by_type": {"waypoint": {"accuracy": acc}}}))
+          {"overall": {"accuracy": acc, "top_answer_share": 0.5},
+           "by_type": {"waypoint": {"accuracy": acc, "top_answer_share": 1.0}}}))
   return launch
 
 
@@ -75,6 +85,7 @@ def test_shared_sft_checkpoint_rl_seeds_first_and_reasoning_budget(tmp_path, mon
   assert per_seed[1]["check-SFT"]["waypoint"] == pytest.approx(0.9)  # seed 7's checkpoint
   assert per_seed[1]["check-SFT→grpo"]["waypoint"] == pytest.approx(0.6)
   assert per_seed[0]["check-SFT→grpo"]["all"] == pytest.approx(0.5)
+  assert per_seed[0]["check-SFT→grpo"]["one_answer"] == ["waypoint"]  # share 1.0, all 0.5
   # Finished runs are reused: a second sweep launches nothing.
   calls.clear()
   assert sweep.run_sweep(runner, [0, 1], ["grpo"], ["direct", "check"], "check") == per_seed

@@ -2,14 +2,17 @@
 
 python bench/sweep.py --out sweep --seeds 0,1,2 [--algos grpo,rloo,reinforce_pp]
     [--sft_targets direct,cot,check] [--rl_from direct] [--sft_seed N] [--rl_data DIR]
-    [-- LAUNCH FLAGS]
+    [--test_data DIR] [-- LAUNCH FLAGS]
 
 For each seed: one SFT run per target (the baselines), then GRPO / RLOO / REINFORCE++ each
 initialised from the `--rl_from` SFT checkpoint, every run evaluated greedily on the val split.
 `--sft_seed N` trains each SFT target once, with seed N, and starts every seed's RL runs from that
 one checkpoint: the spread is then the RL runs' own, over the same start. `--rl_data DIR` trains
 the RL runs on another extraction (e.g. `--question_types=movement` of the same demos); every run is
-still evaluated on the `--data` val split. Writes
+still evaluated on the `--data` val split. `--test_data DIR` also evaluates every run on DIR's val split
+(`RUN/test/eval.json`; e.g. fresh episodes extracted with `--val_fraction 0.99`, all of them val)
+and reports that instead: a larger, never-tuned-on test set, added to finished runs without
+retraining them. Writes
 `OUT/results.json`, `OUT/table.md` (accuracy per question type, mean ± half the spread over seeds)
 and `OUT/comparison.png`, and prints, per RL method and question type, whether its mean accuracy
 beats the SFT checkpoint it started from by more than the seed-to-seed spread. Runs are
@@ -57,9 +60,10 @@ class Sweep:
   """The sweep's runs, each made once (resumable) and evaluated."""
 
   def __init__(self, out: pathlib.Path, extra: list[str], *, sft_seed: int | None,
-               reasoning_tokens: int, rl_data: pathlib.Path | None = None):
+               reasoning_tokens: int, rl_data: pathlib.Path | None = None,
+               test_data: pathlib.Path | None = None):
     self.out, self.extra, self.sft_seed = out, extra, sft_seed
-    self.reasoning_tokens, self.rl_data = reasoning_tokens, rl_data
+    self.reasoning_tokens, self.rl_data, self.test_data = reasoning_tokens, rl_data, test_data
     self.data = out / "data"
 
   def _common(self, seed: int) -> list[str]:
@@ -71,14 +75,15 @@ class Sweep:
   def sft_run(self, target: str, seed: int) -> pathlib.Path:
     seed = seed if self.sft_seed is None else self.sft_seed
     run = self.out / f"seed{seed}" / f"sft_{target}"
+    budget = [] if target == "direct" else [f"--max_new_tokens={self.reasoning_tokens}"]
     if not (run / "eval.json").exists():
       common = self._common(seed)
       _launch("--stage=sft", f"--sft_target={target}", f"--workdir={run}", *common)
       if not any(f.startswith("--data=") for f in common):  # the first run made the data
         (run / "data").rename(self.data)
         common.append(f"--data={self.data / 'extracted'}")
-      budget = [] if target == "direct" else [f"--max_new_tokens={self.reasoning_tokens}"]
       _launch("--mode=eval", f"--workdir={run}", *common, *budget)
+    self._test(run, seed, budget)
     return run
 
   def rl_run(self, algo: str, seed: int, init_from: pathlib.Path) -> pathlib.Path:
@@ -89,7 +94,17 @@ class Sweep:
       _launch("--stage=rl", f"--algo={algo}", f"--init_from={init_from}", f"--workdir={run}",
               *common, *train_data)
       _launch("--mode=eval", f"--workdir={run}", *common)
+    self._test(run, seed, [])
     return run
+
+  def _test(self, run: pathlib.Path, seed: int, budget: list[str]) -> None:
+    if self.test_data and not (run / "test" / "eval.json").exists():
+      _launch("--mode=eval", f"--init_from={run}", f"--workdir={run / 'test'}",
+              *self._common(seed), *budget, f"--data={self.test_data}")  # the last flag wins
+
+  def eval_json(self, run: pathlib.Path) -> pathlib.Path:
+    """The evaluation a run is reported by: --test_data's when given, else --data's val split."""
+    return run / "test" / "eval.json" if self.test_data else run / "eval.json"
 
 
 def run_sweep(sweep: Sweep, seeds: list[int], algos: list[str], targets: list[str],
@@ -98,13 +113,13 @@ def run_sweep(sweep: Sweep, seeds: list[int], algos: list[str], targets: list[st
   per_seed = {}
   for seed in seeds:
     start = sweep.sft_run(rl_from, seed)
-    per_seed[seed] = {f"{rl_from}-SFT": _accuracy(start / "eval.json")}
+    per_seed[seed] = {f"{rl_from}-SFT": _accuracy(sweep.eval_json(start))}
     for algo in algos:
       per_seed[seed][f"{rl_from}-SFT→{algo}"] = _accuracy(
-          sweep.rl_run(algo, seed, start) / "eval.json")
+          sweep.eval_json(sweep.rl_run(algo, seed, start)))
   for seed in seeds:
     for target in (t for t in targets if t != rl_from):
-      per_seed[seed][f"{target}-SFT"] = _accuracy(sweep.sft_run(target, seed) / "eval.json")
+      per_seed[seed][f"{target}-SFT"] = _accuracy(sweep.eval_json(sweep.sft_run(target, seed)))
   return per_seed
 
 
@@ -147,7 +162,7 @@ def verdicts(stats: dict, baseline: str) -> list[str]:
   return lines
 
 
-def plot(stats: dict, path: pathlib.Path) -> None:
+def plot(stats: dict, path: pathlib.Path, split: str) -> None:
   methods = list(stats)
   fig, ax = plt.subplots(figsize=(9, 3.8))
   width = 0.8 / len(methods)
@@ -156,7 +171,7 @@ def plot(stats: dict, path: pathlib.Path) -> None:
     errs = [100 * stats[method][t]["spread"] / 2 for t in TYPES]
     ax.bar(np.arange(len(TYPES)) + i * width, means, width, yerr=errs, label=method, capsize=2)
   ax.set_xticks(np.arange(len(TYPES)) + width * (len(methods) - 1) / 2, TYPES)
-  ax.set(ylabel="val accuracy (%)", title="SFT baselines and RL from the same SFT checkpoint")
+  ax.set(ylabel=f"{split} accuracy (%)", title="SFT baselines and RL from the same SFT checkpoint")
   ax.legend(fontsize=7, ncols=2)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -180,9 +195,12 @@ def main() -> None:
                       help="--max_new_tokens when evaluating cot / check SFT runs")
   parser.add_argument("--rl_data", type=pathlib.Path, default=None,
                       help="extracted questions for the RL runs (default: the runs' --data)")
+  parser.add_argument("--test_data", type=pathlib.Path, default=None,
+                      help="also evaluate every run on this extraction's val split, and report "
+                           "that (default: report --data's val split)")
   args = parser.parse_args(argv)
   sweep = Sweep(args.out, extra, sft_seed=args.sft_seed, reasoning_tokens=args.reasoning_tokens,
-                rl_data=args.rl_data)
+                rl_data=args.rl_data, test_data=args.test_data)
   per_seed = run_sweep(sweep, [int(s) for s in args.seeds.split(",")], args.algos.split(","),
                        args.sft_targets.split(","), args.rl_from)
   table, stats = summarise(per_seed)
@@ -190,7 +208,7 @@ def main() -> None:
                                                     indent=2) + "\n")
   lines = verdicts(stats, f"{args.rl_from}-SFT")
   (args.out / "table.md").write_text(table + "\n" + "\n".join(lines) + "\n")
-  plot(stats, args.out / "comparison.png")
+  plot(stats, args.out / "comparison.png", "test" if args.test_data else "val")
   print(table)
   print("\n".join(lines))
 

@@ -1,5 +1,5 @@
-"""bench/sweep.py: which runs it makes (shared or per-seed SFT, RL from the chosen target), the
-table's mean ± half-spread and the beats-the-spread verdict."""
+"""bench/sweep.py: which runs it makes (shared or per-seed SFT, RL from the chosen target), what
+each is trained and evaluated on, the table's mean ± half-spread and the beats-the-spread verdict."""
 
 from __future__ import annotations
 
@@ -49,14 +49,16 @@ def test_summary_means_spreads_and_verdicts():
 
 
 def _fake_launch(calls: list[list[str]]):
-  """Records launch flag lists; an eval writes eval.json with an accuracy that encodes the run."""
+  """Records launch flag lists; an eval writes eval.json with an accuracy that encodes the run (and
+  0.05 more on the test set)."""
   def launch(*flags: str) -> None:
     calls.append(list(flags))
-    values = dict(f[2:].split("=", 1) for f in flags if "=" in f)
+    values = dict(f[2:].split("=", 1) for f in flags if "=" in f)  # the last of a flag wins
     workdir = pathlib.Path(values["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
     if "--mode=eval" in flags:
-      acc = 0.1 * int(values["seed"]) + (0.5 if "-grpo" in workdir.name else 0.2)
+      acc = (0.1 * int(values["seed"]) + (0.5 if "-grpo" in str(workdir) else 0.2) +
+             (0.05 if values["data"] == "/test" else 0.0))
       (workdir / "eval.json").write_text(json.dumps(
           {"overall": {"accuracy": acc, "top_answer_share": 0.5},
            "by_type": {"waypoint": {"accuracy": acc, "top_answer_share": 1.0}}}))
@@ -103,3 +105,26 @@ def test_rl_data_trains_rl_runs_only_and_every_run_is_evaluated_on_data(tmp_path
   others = [c for c in calls if c[0] != "--stage=rl"]
   assert [data(c) for c in rl] == ["--data=/movement"]
   assert len(others) == 3 and all(data(c) == "--data=/all" for c in others)  # SFT, 2 evals
+
+
+def test_test_data_evaluates_every_run_again_and_is_what_is_reported(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(sweep, "_launch", _fake_launch(calls))
+  plain = sweep.Sweep(tmp_path, ["--data=/all"], sft_seed=0, reasoning_tokens=64)
+  before = sweep.run_sweep(plain, [0], ["grpo"], ["check", "direct"], rl_from="check")
+  calls.clear()
+  # Finished runs are not retrained: each is only evaluated on the test set, from its checkpoint.
+  tested = sweep.Sweep(tmp_path, ["--data=/all"], sft_seed=0, reasoning_tokens=64,
+                       test_data=pathlib.Path("/test"))
+  after = sweep.run_sweep(tested, [0], ["grpo"], ["check", "direct"], rl_from="check")
+  runs = [tmp_path / "seed0" / r for r in ("sft_check", "sft_check-grpo", "sft_direct")]
+  assert [c[:3] for c in calls] == [["--mode=eval", f"--init_from={r}", f"--workdir={r / 'test'}"]
+                                    for r in runs]
+  assert all(c[-1] == "--data=/test" for c in calls)
+  assert calls[0][-2] == "--max_new_tokens=64"  # a reasoning target keeps its budget
+  assert not any(f.startswith("--max_new_tokens") for f in calls[1] + calls[2])
+  for method in before[0]:
+    assert after[0][method]["waypoint"] == pytest.approx(before[0][method]["waypoint"] + 0.05)
+  calls.clear()
+  assert sweep.run_sweep(tested, [0], ["grpo"], ["check", "direct"], rl_from="check") == after
+  assert calls == []

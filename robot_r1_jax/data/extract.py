@@ -59,8 +59,8 @@ class ExtractConfig:
   progress: bool = True  # Show a progress bar (does not change the output).
 
   def __post_init__(self):
-    if not 0.0 <= self.val_fraction < 1.0:
-      raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+    if not 0.0 <= self.val_fraction <= 1.0:
+      raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1]")
     if self.image_size < 0:
       raise ValueError(f"image_size={self.image_size} must be >= 0")
     if self.shard_size < 1:
@@ -271,7 +271,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("camera", "front", "Camera whose <camera>_rgb images are used.")
   flags.DEFINE_integer("frame_interval", 10, "Ask about a state every this many frames.")
   flags.DEFINE_integer("image_size", 224, "Square image side in pixels (0: keep the source size).")
-  flags.DEFINE_float("val_fraction", 0.1, "Fraction of each task's episodes held out for val.")
+  flags.DEFINE_float("val_fraction", 0.1, "Fraction of each task's episodes held out for val "
+                     "(1: a test set of fresh episodes, every one in val).")
   flags.DEFINE_integer("seed", 0, "Seed for option shuffles, distractors and the split.")
   flags.DEFINE_integer("shard_size", 1024, "Records per ArrayRecord shard.")
   flags.DEFINE_enum("answer_format", "mcqa", ["mcqa", "xyz"],

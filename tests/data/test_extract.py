@@ -141,6 +141,7 @@ def test_split_is_per_task_and_seeded(tmp_path):
   assert split == extract.split_episodes(refs[::-1], 0.1, seed=0)  # Order of discovery is moot.
   assert split != extract.split_episodes(refs, 0.1, seed=1)
   assert set(extract.split_episodes(refs, 0.0, seed=0).values()) == {"train"}
+  assert set(extract.split_episodes(refs, 1.0, seed=0).values()) == {"val"}  # a test set
 
 
 def test_shards_rotate_and_output_is_replaced_atomically(tmp_path, make_episode, monkeypatch):
@@ -173,8 +174,8 @@ def test_refuses_dangerous_outputs(tmp_path, make_episode):
   assert (tmp_path / "precious" / "thesis.tex").read_text() == "x"
   with pytest.raises(rlbench_io.DemoError, match="no episodes under"):
     extract.extract(tmp_path / "precious", tmp_path / "out", _CONFIG)
-  with pytest.raises(ValueError, match="val_fraction=1.0"):
-    extract.ExtractConfig(val_fraction=1.0)
+  with pytest.raises(ValueError, match=r"val_fraction=1.5 must be in \[0, 1\]"):
+    extract.ExtractConfig(val_fraction=1.5)
 
 
 def test_command_line(tmp_path, make_episode):
@@ -195,7 +196,7 @@ def test_command_line(tmp_path, make_episode):
   assert "train:" in result.stdout and "val:" in result.stdout
   bad = subprocess.run(command[:-2] + ["--val_fraction=1.5"], env=env, capture_output=True,
                        text=True, timeout=120, check=False)
-  assert bad.returncode != 0 and "--val_fraction=1.5 must be in [0, 1)" in bad.stderr
+  assert bad.returncode != 0 and "--val_fraction=1.5 must be in [0, 1]" in bad.stderr
   command = [f"--out={tmp_path / 'movement'}" if c.startswith("--out=") else c for c in command]
   subset = subprocess.run(command + ["--question_types=movement"], env=env, capture_output=True,
                           text=True, timeout=120, check=False)

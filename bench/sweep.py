@@ -136,7 +136,7 @@ def summarise(per_seed: dict[int, dict]) -> tuple[str, dict]:
       stats[method][t] = {"mean": float(mean), "spread": float(spread), "n": int(values.size),
                           "one_answer": all(t in per_seed[s][method].get("one_answer", ())
                                             for s in per_seed)}
-      cells.append(f"{100 * mean:.1f} ± {100 * spread / 2:.1f}")
+      cells.append(f"{100 * mean:.1f} ± {100 * spread / 2:.1f}" if values.size else "–")
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n", stats
 

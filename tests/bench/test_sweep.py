@@ -29,7 +29,7 @@ def test_summary_means_spreads_and_verdicts():
       "mean": pytest.approx(0.44), "spread": pytest.approx(0.06), "n": 3, "one_answer": False}
   assert stats["direct-SFT"]["current_state"]["one_answer"]
   assert stats["direct-SFT"]["all"]["n"] == 0  # no seed reported it: left out, not zero
-  assert "| direct-SFT→grpo | 44.0 ± 3.0 | 25.0 ± 0.0 | 31.0 ± 5.0 |" in table
+  assert "| direct-SFT→grpo | 44.0 ± 3.0 | 25.0 ± 0.0 | 31.0 ± 5.0 | – |" in table
   lines = sweep.verdicts(stats, "direct-SFT")
   # waypoint: +21 points against a 6-point spread; current_state: no gain; movement: +1 point
   # against a 10-point spread (the RL runs' own spread counts, not only the baseline's).

@@ -15,7 +15,8 @@ and reports that instead: a larger, never-tuned-on test set, added to finished r
 retraining them. Writes
 `OUT/results.json`, `OUT/table.md` (accuracy per question type, mean ± half the spread over seeds)
 and `OUT/comparison.png`, and prints, per RL method and question type, whether its mean accuracy
-beats the SFT checkpoint it started from by more than the seed-to-seed spread. Runs are
+beats the SFT checkpoint it started from by more than the seed-to-seed spread, with the questions
+each seed's RL run answers right that its start got wrong, and the reverse. Runs are
 `python -m robot_r1_jax.launch` subprocesses sharing one data folder (`OUT/data`); finished runs
 are reused, so an interrupted sweep resumes. The RL runs come first, the other baselines last.
 Flags after `--` go to every run (e.g. `--model=small --sft_steps=200 --max_steps=40`). SFT runs on
@@ -45,6 +46,21 @@ ONE_ANSWER = 0.95  # a top-answer share from which a type's accuracy is a consta
 
 def _launch(*flags: str) -> None:
   subprocess.run([sys.executable, "-m", "robot_r1_jax.launch", *flags], check=True)
+
+
+def _paired(start_json: pathlib.Path, run_json: pathlib.Path) -> dict[str, list[int]] | None:
+  """Per type: [questions the run answers right that its start got wrong, the reverse], matched by
+  record index; None when either evaluation lacks indexed records (older eval.json files)."""
+  start, run = (json.loads(f.read_text()).get("records", []) for f in (start_json, run_json))
+  before = {r.get("record_index"): r["correct"] for r in start}
+  if not run or None in before or any(r.get("record_index") not in before for r in run):
+    return None
+  counts = {t: [0, 0] for t in TYPES}
+  for r in run:
+    if r["correct"] is not None and r["correct"] != before[r["record_index"]]:
+      for t in (r["question_type"], "all"):
+        counts[t][0 if r["correct"] else 1] += 1
+  return counts
 
 
 def _accuracy(eval_json: pathlib.Path) -> dict[str, Any]:
@@ -115,8 +131,9 @@ def run_sweep(sweep: Sweep, seeds: list[int], algos: list[str], targets: list[st
     start = sweep.sft_run(rl_from, seed)
     per_seed[seed] = {f"{rl_from}-SFT": _accuracy(sweep.eval_json(start))}
     for algo in algos:
-      per_seed[seed][f"{rl_from}-SFT→{algo}"] = _accuracy(
-          sweep.eval_json(sweep.rl_run(algo, seed, start)))
+      run = sweep.eval_json(sweep.rl_run(algo, seed, start))
+      per_seed[seed][f"{rl_from}-SFT→{algo}"] = {
+          **_accuracy(run), "paired": _paired(sweep.eval_json(start), run)}
   for seed in seeds:
     for target in (t for t in targets if t != rl_from):
       per_seed[seed][f"{target}-SFT"] = _accuracy(sweep.eval_json(sweep.sft_run(target, seed)))
@@ -136,6 +153,9 @@ def summarise(per_seed: dict[int, dict]) -> tuple[str, dict]:
       stats[method][t] = {"mean": float(mean), "spread": float(spread), "n": int(values.size),
                           "one_answer": all(t in per_seed[s][method].get("one_answer", ())
                                             for s in per_seed)}
+      paired = [per_seed[s][method].get("paired") for s in per_seed]
+      if paired and all(paired):  # [fixed, broken] per seed, against the checkpoint RL started from
+        stats[method][t]["paired"] = [p[t] for p in paired]
       cells.append(f"{100 * mean:.1f} ± {100 * spread / 2:.1f}" if values.size else "–")
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n", stats
@@ -144,7 +164,9 @@ def summarise(per_seed: dict[int, dict]) -> tuple[str, dict]:
 def verdicts(stats: dict, baseline: str) -> list[str]:
   """Per RL method (`baseline→algo`) and type: the mean gain over `baseline`, and whether it exceeds
   the seed-to-seed spread (max − min over seeds, the larger of the two methods'). A gain made by
-  giving one answer to ≥ 95% of the questions on every seed is called a constant, not a win."""
+  giving one answer to ≥ 95% of the questions on every seed is called a constant, not a win. Where
+  the evaluations hold indexed records, each seed's questions fixed / broken against its start
+  follow (a gain spread over many questions, or a few flips on a small split)."""
   lines = []
   for method in (m for m in stats if m.startswith(f"{baseline}→")):
     for t in TYPES:
@@ -157,8 +179,11 @@ def verdicts(stats: dict, baseline: str) -> list[str]:
         verdict = (f"beats it only by giving one answer to >= {ONE_ANSWER:.0%} of the questions "
                    "on every seed (a constant)"
                    if rl["one_answer"] else "beats it")
+      pairs = rl.get("paired")
+      paired = (f"; per seed it fixes / breaks {' '.join(f'{f}/{b}' for f, b in pairs)} questions"
+                if pairs else "")
       lines.append(f"{method} vs {baseline} on {t}: {100 * gain:+.1f} points, seed spread "
-                   f"{100 * spread:.1f} -> {verdict}")
+                   f"{100 * spread:.1f} -> {verdict}{paired}")
   return lines
 
 

@@ -48,6 +48,38 @@ def test_summary_means_spreads_and_verdicts():
   assert sweep.verdicts(sweep.summarise(per_seed)[1], "direct-SFT")[0].endswith("-> beats it")
 
 
+def _eval_json(path: pathlib.Path, correct: dict[int, bool | None], types: dict[int, str]):
+  path.write_text(json.dumps({"records": [
+      {"record_index": i, "question_type": types[i], "correct": c} for i, c in correct.items()]}))
+  return path
+
+
+def test_paired_counts_match_questions_by_record_index(tmp_path):
+  types = {0: "movement", 1: "movement", 2: "waypoint", 3: "waypoint", 4: "current_state"}
+  start = _eval_json(tmp_path / "start.json", {0: False, 1: True, 2: False, 3: True, 4: None},
+                     types)
+  # The run's records come in another order: they must be matched by index, not position.
+  run = _eval_json(tmp_path / "run.json", {4: None, 3: True, 2: False, 1: False, 0: True}, types)
+  assert sweep._paired(start, run) == {"waypoint": [0, 0], "current_state": [0, 0],
+                                       "movement": [1, 1], "all": [1, 1]}
+  fixed = _eval_json(tmp_path / "fixed.json", {0: True, 1: True, 2: True, 3: True, 4: None}, types)
+  assert sweep._paired(start, fixed)["all"] == [2, 0]
+  # Records of another split (an index the start lacks), or none at all: no pairing.
+  assert sweep._paired(start, _eval_json(tmp_path / "other.json", {7: True}, types | {7: "x"})) \
+      is None
+  (tmp_path / "old.json").write_text(json.dumps({"overall": {"accuracy": 0.5}}))
+  assert sweep._paired(start, tmp_path / "old.json") is None
+
+
+def test_verdicts_show_each_seeds_fixed_and_broken_questions():
+  per_seed = {s: _seed(0.20, 0.30 + s / 100, 0.30) for s in range(3)}
+  for s, (f, b) in enumerate([(9, 2), (7, 3), (8, 1)]):
+    per_seed[s]["direct-SFT→grpo"]["paired"] = {t: [f, b] for t in sweep.TYPES}
+  line = sweep.verdicts(sweep.summarise(per_seed)[1], "direct-SFT")[0]
+  assert line == ("direct-SFT→grpo vs direct-SFT on waypoint: +11.0 points, seed spread 2.0 -> "
+                  "beats it; per seed it fixes / breaks 9/2 7/3 8/1 questions")
+
+
 def _fake_launch(calls: list[list[str]]):
   """Records launch flag lists; an eval writes eval.json with an accuracy that encodes the run (and
   0.05 more on the test set)."""

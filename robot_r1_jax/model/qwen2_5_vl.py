@@ -53,7 +53,7 @@ class Qwen25VL(nnx.Module):
               rope_deltas: jax.Array | None = None, logits_from: int = 0,
               image_mask: jax.Array | None = None,
               unstacked: tuple[nnx.Module, ...] | None = None,
-              new_cache: int | None = None) -> Output:
+              new_cache: int | None = None, prefix: KVCache | None = None) -> Output:
     """Full forward, prefill (empty `cache`) or decode step (`positions` from `rope.decode_positions`).
 
     Args:
@@ -71,6 +71,8 @@ class Qwen25VL(nnx.Module):
         layers unrolled on weights sliced once, outside the loop (see `TextModel`).
       new_cache: instead of `cache`, the length of a new cache to return filled with this chunk (a
         prefill that attends to the chunk only).
+      prefix: a filled cache (a prompt's) that this chunk attends to after, read but not
+        extended; with `positions` (a trainer scoring completions after a shared prompt).
     """
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -88,7 +90,7 @@ class Qwen25VL(nnx.Module):
       positions, rope_deltas = index.positions, index.deltas
     elif rope_deltas is None:
       rope_deltas = jnp.zeros(input_ids.shape[:1], jnp.int32)
-    hidden, cache = self.text(x, positions, attention_mask, cache, unstacked, new_cache)
+    hidden, cache = self.text(x, positions, attention_mask, cache, unstacked, new_cache, prefix)
     return Output(logits=self.logits(hidden[:, logits_from:]), cache=cache,
                   rope_deltas=rope_deltas)
 

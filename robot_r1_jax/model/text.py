@@ -193,7 +193,8 @@ class TextModel(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
                cache: KVCache | None = None,
                unstacked: tuple[DecoderLayer, ...] | None = None,
-               new_cache: int | None = None) -> tuple[jax.Array, KVCache | None]:
+               new_cache: int | None = None,
+               prefix: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder on embeddings.
 
     Args:
@@ -205,13 +206,16 @@ class TextModel(nnx.Module):
         stacked layers.
       new_cache: instead of `cache`, the length S of a new cache to return holding this chunk (a
         prefill): the chunk attends to itself only, not to S empty slots.
+      prefix: instead of `cache`, filled keys/values the chunk attends to after (every slot
+        precedes it) without extending them; nothing is returned for it (scoring G completions
+        after one shared prompt).
 
     Returns:
       ([B, T, D] final-normed hidden states, the updated cache or None).
     """
     cfg = self.cfg
-    if cache is not None and new_cache is not None:
-      raise ValueError("pass either a cache to extend or new_cache, not both")
+    if sum(x is not None for x in (cache, new_cache, prefix)) > 1:
+      raise ValueError("pass at most one of a cache to extend, new_cache and prefix")
     cos, sin = rope.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
                                   self.dtype)
     t = x.shape[1]
@@ -219,18 +223,21 @@ class TextModel(nnx.Module):
     if unstacked is not None:
       return self._unrolled(unstacked, x, cos, sin, real, cache)
     # Causal within the chunk and blind to padding keys; padding queries see nothing useful but
-    # stay finite. With a cache, every filled real slot precedes the chunk: [B, T, S + T].
+    # stay finite. With a cache (or prefix), every filled real slot precedes the chunk:
+    # [B, T, S + T].
     mask = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None] & real[:, None, :]
-    if cache is not None:
+    before = cache if cache is not None else prefix
+    if before is not None:
       mask = jnp.concatenate(
-          [jnp.broadcast_to(cache.valid[:, None, :], (x.shape[0], t, cache.length)), mask], axis=2)
+          [jnp.broadcast_to(before.valid[:, None, :], (x.shape[0], t, before.length)), mask],
+          axis=2)
 
     def body(layer, h, kv):
       h, kv = layer(h, cos, sin, mask, kv)
       # Keys/values leave the scan only when a cache keeps them.
       return h, kv if cache is not None or new_cache is not None else None
 
-    kv_in = None if cache is None else (cache.k, cache.v)
+    kv_in = None if before is None else (before.k, before.v)
     x, new_kv = layers.scan(self.layers, body, x, kv_in, remat=self.remat)
     if new_cache is not None:
       cache = KVCache.zeros(cfg, x.shape[0], new_cache, self.dtype)

@@ -10,6 +10,7 @@ update pays for what was generated. The host only moves batches and turns comple
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -23,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from robot_r1_jax.data.mcqa import QUESTION_TYPES
 from robot_r1_jax.model import rope, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
+from robot_r1_jax.model.text import KVCache
 from robot_r1_jax.rl import advantages as adv_lib
 from robot_r1_jax.rl import losses, rewards
 from robot_r1_jax.rl.sampler import Sampler, SamplerOutput
@@ -68,6 +70,15 @@ class LearnerConfig:
         self.kl_in_reward and self.advantage.kl_coef > 0)
 
   @property
+  def prompt_share(self) -> int:
+    """Adjacent rows of a micro-batch that hold one prompt, scored with one prompt pass.
+
+    Rows keep the sampler's order (row b·G + g is sample g of prompt b) and updates shuffle whole
+    groups, so every aligned run of gcd(micro_batch_size, G) rows shares its prompt.
+    """
+    return math.gcd(self.micro_batch_size, self.num_generations)
+
+  @property
   def loss_config(self) -> losses.PolicyLossConfig:
     """The KL leaves the loss when it is in the reward."""
     return dataclasses.replace(self.loss, kl_coef=0.0) if self.kl_in_reward else self.loss
@@ -95,14 +106,33 @@ class TrainRows:
 
 
 def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] | None,
-                       temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                       temperature: float = 1.0, share: int = 1) -> tuple[jax.Array, jax.Array]:
   """(log-probs [B, N] f32 of the completion tokens, entropy [B, N] f32) under `model`.
 
   The distribution is softmax(logits / temperature), the one the sampler drew from, so that the
   policy, old and reference log-probs and the sampler's own all describe the same policy.
   Positions are the ones the sampler decoded with: the prompt's M-RoPE index, then one step per
   completion token. A generated `<|image_pad|>` id is therefore never mistaken for an image.
+
+  `share`: rows come in runs of `share` that hold one prompt and image (samples of one prompt,
+  kept adjacent). Each run's prompt and image then go through the model once and its completions
+  attend to that prompt's keys and values: the same numbers as scoring every row whole, up to
+  float rounding, for 1/share of the prompt's FLOPs. `share=1` is the single whole-row forward
+  (the pass compared against Hugging Face).
   """
+  if seqs.prompt_ids.shape[0] % share:
+    raise ValueError(f"{seqs.prompt_ids.shape[0]} rows do not come in runs of share={share}")
+  logits = (_whole_row_logits(model, seqs, image_grid) if share == 1
+            else _shared_prompt_logits(model, seqs, image_grid, share))
+  if temperature != 1.0:
+    logits = logits.astype(jnp.float32) / temperature
+  return (losses.token_log_probs(logits, seqs.completion),
+          jax.lax.stop_gradient(losses.token_entropy(logits)))
+
+
+def _whole_row_logits(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] | None
+                      ) -> jax.Array:
+  """[B, N, V]: one forward over every prompt + completion row."""
   prompt_len, n = seqs.prompt_ids.shape[1], seqs.completion.shape[1]
   cfg = model.cfg
   grids = None if image_grid is None else (image_grid,) * seqs.prompt_ids.shape[0]
@@ -119,13 +149,32 @@ def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, 
   # Logits at position t predict token t+1: the completion is predicted from [T−1, T+N−1).
   image_mask = jnp.concatenate([seqs.prompt_ids == cfg.image_token_id,
                                 jnp.zeros(seqs.completion.shape, bool)], axis=1)
-  out = model.forward(ids[:, :-1], mask[:, :-1], pixels, grids, positions=positions[:, :, :-1],
-                      logits_from=prompt_len - 1, image_mask=image_mask[:, :-1])
-  logits = out.logits
-  if temperature != 1.0:
-    logits = logits.astype(jnp.float32) / temperature
-  return (losses.token_log_probs(logits, seqs.completion),
-          jax.lax.stop_gradient(losses.token_entropy(logits)))
+  return model.forward(ids[:, :-1], mask[:, :-1], pixels, grids, positions=positions[:, :, :-1],
+                       logits_from=prompt_len - 1, image_mask=image_mask[:, :-1]).logits
+
+
+def _shared_prompt_logits(model: Qwen25VL, seqs: Sequences,
+                          image_grid: tuple[int, int, int] | None, share: int) -> jax.Array:
+  """[B, N, V]: each run's prompt once (its keys/values repeated to the run), then the
+  completions as one chunk that attends to them."""
+  t, n = seqs.prompt_ids.shape[1], seqs.completion.shape[1]
+  ids, mask = seqs.prompt_ids[::share], seqs.prompt_mask[::share]
+  grids = None if image_grid is None else (image_grid,) * ids.shape[0]
+  pixels = None if seqs.pixel_values is None else seqs.pixel_values[::share].reshape(
+      -1, seqs.pixel_values.shape[-1])
+  prompt = model.forward(ids, mask, pixels, grids, new_cache=t, logits_from=t - 1)
+  rep = lambda x, axis=0: jnp.repeat(x, share, axis=axis)
+  logits = rep(prompt.logits)  # the last prompt position predicts completion token 0
+  if n == 1:
+    return logits
+  cache = prompt.cache
+  prefix = KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1), valid=rep(cache.valid), index=cache.index)
+  deltas = rep(prompt.rope_deltas)
+  positions = rope.decode_positions(rep(mask.sum(1).astype(jnp.int32)), deltas, n - 1)
+  # Without pixel values the completion is all text: a generated `<|image_pad|>` stays a token.
+  rest = model.forward(seqs.completion[:, :-1], seqs.completion_mask[:, :-1], prefix=prefix,
+                       positions=positions, rope_deltas=deltas)
+  return jnp.concatenate([logits, rest.logits], axis=1)
 
 
 class Learner:
@@ -158,13 +207,15 @@ class Learner:
     return nnx.merge(self.graphdef, params)
 
   def _log_probs_impl(self, params, seqs: Sequences, image_grid):
-    return sequence_log_probs(self._model(params), seqs, image_grid, self.temperature)[0]
+    return sequence_log_probs(self._model(params), seqs, image_grid, self.temperature,
+                              self.config.prompt_share)[0]
 
   def _train_step_impl(self, params, opt_state, rows: TrainRows, *, image_grid, on_policy: bool):
     cfg = self.config.loss_config
 
     def loss_sum(p, mb: TrainRows):
-      logp, entropy = sequence_log_probs(self._model(p), mb.seqs, image_grid, self.temperature)
+      logp, entropy = sequence_log_probs(self._model(p), mb.seqs, image_grid, self.temperature,
+                                         self.config.prompt_share)
       old = jax.lax.stop_gradient(logp) if on_policy else mb.old_logp
       out = losses.policy_loss(logp, old, mb.advantages, mb.seqs.completion_mask, cfg,
                                ref_logp=mb.ref_logp if cfg.kl_coef > 0 else None,
@@ -283,14 +334,15 @@ class Learner:
   def _update(self, rows: TrainRows, key: jax.Array, image_grid, on_policy: bool
               ) -> dict[str, float]:
     """μ passes over shuffled mini-batches; returns the mean update metrics."""
-    cfg = self.config
+    cfg, g = self.config, self.config.num_generations
     total = rows.seqs.completion.shape[0]
-    per_update = cfg.train_batch_size * cfg.num_generations
+    per_update = cfg.train_batch_size * g
     # Every process draws the same permutation (same key), so the global gather agrees.
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
     step_metrics = []
     for _ in range(cfg.num_updates_per_rollout):
-      order = rng.permutation(total)
+      # Whole groups, each in sample order: micro-batches keep runs of one prompt (prompt_share).
+      order = (rng.permutation(total // g)[:, None] * g + np.arange(g)).ravel()
       for start in range(0, total, per_update):
         mb = self._select(rows, jnp.asarray(order[start:start + per_update]))
         self.params, self.opt_state, m = self._train_step(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,7 +15,8 @@ from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model import processor
 from robot_r1_jax.model.qwen2_5_vl import init_model
 from robot_r1_jax.rl import losses, rewards, sampling
-from robot_r1_jax.rl.learner import Learner, LearnerConfig, completion_width
+from robot_r1_jax.rl.learner import (Learner, LearnerConfig, Sequences, completion_width,
+                                     sequence_log_probs)
 from robot_r1_jax.rl.sampler import Sampler, SamplerConfig
 
 G = 4
@@ -135,6 +137,58 @@ def test_completion_width_rounds_the_longest_up_to_a_step_of_the_bucket():
   assert width([7], 10, 3) == 8  # ⌈10 / 3⌉ = 4-token steps
   assert width([9], 10, 3) == 10  # capped at the bucket
   assert width([5], 16, 1) == 16  # one step: never cut
+
+
+def _grouped_rows(setup, g: int, n: int = 7) -> Sequences:
+  """Each setup prompt (with its image) repeated g times, under g different completions: ragged
+  lengths, one of them emitting the `<|image_pad|>` id, which must stay a text token."""
+  tokenizer, batch, _ = setup
+  rng = np.random.default_rng(5)
+  rows = PROMPTS * g
+  completion = rng.integers(0, 1000, (rows, n)).astype(np.int32)
+  completion[1, 2] = config_lib.tiny().image_token_id
+  lengths = rng.integers(1, n + 1, rows)
+  lengths[0] = n
+  completion_mask = (np.arange(n)[None] < lengths[:, None]).astype(np.int32)
+  pv = np.asarray(batch.pixel_values, np.float32)
+  return Sequences(prompt_ids=np.repeat(batch.input_ids, g, 0),
+                   prompt_mask=np.repeat(batch.attention_mask, g, 0),
+                   completion=np.where(completion_mask, completion, tokenizer.pad_token_id),
+                   completion_mask=completion_mask,
+                   pixel_values=np.repeat(pv.reshape(PROMPTS, -1, pv.shape[-1]), g, 0))
+
+
+def test_shared_prompt_scoring_gives_the_whole_row_log_probs_and_gradients(setup):
+  """One prompt pass per run of `share` rows is the whole-row forward, to float rounding, in
+  value and in gradient, while costing far fewer FLOPs."""
+  seqs = _grouped_rows(setup, g=3)
+  grid = tuple(int(v) for v in setup[1].image_grid_thw[0])
+  graphdef, params = nnx.split(init_model(config_lib.tiny(), seed=0), nnx.Param)
+  mask = jnp.asarray(seqs.completion_mask, jnp.float32)
+
+  def score(p, share):
+    logp, entropy = sequence_log_probs(nnx.merge(graphdef, p), seqs, grid, 0.7, share)
+    return jnp.sum(logp * mask * jnp.arange(1, mask.shape[0] + 1)[:, None]), (logp, entropy)
+
+  grad = jax.jit(jax.grad(score, has_aux=True), static_argnums=1)
+  (whole_grad, (whole_logp, whole_entropy)) = grad(params, 1)
+  (shared_grad, (shared_logp, shared_entropy)) = grad(params, 3)
+  np.testing.assert_allclose(shared_logp, whole_logp, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(shared_entropy, whole_entropy, rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(whole_logp)[seqs.completion_mask == 1] < 0)
+  for got, want in zip(jax.tree.leaves(shared_grad), jax.tree.leaves(whole_grad)):
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+  flops = lambda share: grad.lower(params, share).compile().cost_analysis()["flops"]
+  assert flops(3) < 0.6 * flops(1)
+  with pytest.raises(ValueError, match="runs of share=4"):
+    sequence_log_probs(nnx.merge(graphdef, params), seqs, grid, 1.0, 4)
+
+
+def test_prompt_share_is_the_run_of_one_prompt_inside_a_micro_batch():
+  assert LearnerConfig(num_generations=8, micro_batch_size=16).prompt_share == 8
+  assert LearnerConfig(num_generations=8, micro_batch_size=4).prompt_share == 4
+  assert LearnerConfig(num_generations=4, train_batch_size=3, micro_batch_size=6).prompt_share == 2
 
 
 def test_non_finite_rewards_skip_the_update(setup):

@@ -69,7 +69,9 @@ KL_IN_REWARD = flags.DEFINE_bool("kl_in_reward", False, "Put β·KL in the rewar
 NUM_GENERATIONS = flags.DEFINE_integer("num_generations", 5, "Completions per prompt (G).")
 ROLLOUT_BATCH = flags.DEFINE_integer("rollout_batch_size", 4, "Prompts per rollout.")
 TRAIN_BATCH = flags.DEFINE_integer("train_batch_size", 4, "Prompts per optimizer update.")
-MICRO_BATCH = flags.DEFINE_integer("micro_batch_size", 4, "Sequences per forward/backward.")
+MICRO_BATCH = flags.DEFINE_integer("micro_batch_size", 4, "Sequences per forward/backward. In RL, "
+                                   "a multiple of --num_generations runs each prompt once for all "
+                                   "its samples (gcd(this, G) samples share a prompt pass).")
 UPDATES_PER_ROLLOUT = flags.DEFINE_integer("num_updates_per_rollout", 1, "Passes (μ) over each "
                                            "rollout's mini-batches.")
 CLIP_LOW = flags.DEFINE_float("clip_low", 0.2, "PPO ε_low.")

@@ -4,12 +4,15 @@ The pieces that touch parameters are jitted once per shape: `sequence_log_probs`
 reference log-probs) and `train_step` (micro-batch gradient accumulation with `lax.scan`, clipping,
 AdamW, non-finite guard), with the parameters and optimizer state donated. Completions are cut to
 the rollout's longest at a few widths per new-token bucket (`LearnerConfig.width_steps`), so the
-update pays for what was generated. The host only moves batches and turns completions into rewards.
+update pays for what was generated, and each prompt (with its image) is run once for its G samples,
+whose completions attend to its keys and values (`LearnerConfig.prompt_share`). The host only moves
+batches and turns completions into rewards.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Callable
 
@@ -200,6 +203,11 @@ class Learner:
     self._train_step = update.jit_step(self._train_step_impl, params, self.opt_state,
                                        ("image_grid", "on_policy"))
     self.bad_steps = 0
+    if config.prompt_share < config.num_generations:
+      logging.info("micro_batch_size=%d holds runs of %d samples of a prompt (G=%d): each prompt is "
+                   "scored %d times per pass; a multiple of G scores it once",
+                   config.micro_batch_size, config.prompt_share, config.num_generations,
+                   config.num_generations // config.prompt_share)
 
   # ---------------------------------------------------------------------------- compiled pieces
 

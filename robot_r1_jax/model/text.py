@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,13 @@ class KVCache:
 
   def stack(self) -> "KVCache":
     return dataclasses.replace(self, k=jnp.stack(self.k), v=jnp.stack(self.v))
+
+  def map_rows(self, fn: Callable[[jax.Array, int], jax.Array]) -> "KVCache":
+    """`fn(buffer, row_axis)` applied to every per-row buffer of a stacked cache (e.g. repeating
+    each prompt's rows for its G samples)."""
+    if isinstance(self.k, tuple):
+      raise ValueError("map_rows reads a stacked cache (KVCache.stack())")
+    return dataclasses.replace(self, k=fn(self.k, 1), v=fn(self.v, 1), valid=fn(self.valid, 0))
 
   def write(self, k: jax.Array, v: jax.Array, real: jax.Array) -> "KVCache":
     """Writes a chunk's stacked keys [L, B, K, H, T] / values [L, B, K, T, H] and its mask [B, T]

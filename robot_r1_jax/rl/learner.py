@@ -27,7 +27,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from robot_r1_jax.data.mcqa import QUESTION_TYPES
 from robot_r1_jax.model import rope, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
-from robot_r1_jax.model.text import KVCache
 from robot_r1_jax.rl import advantages as adv_lib
 from robot_r1_jax.rl import losses, rewards
 from robot_r1_jax.rl.sampler import Sampler, SamplerOutput
@@ -170,8 +169,7 @@ def _shared_prompt_logits(model: Qwen25VL, seqs: Sequences,
   logits = rep(prompt.logits)  # the last prompt position predicts completion token 0
   if n == 1:
     return logits
-  cache = prompt.cache
-  prefix = KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1), valid=rep(cache.valid), index=cache.index)
+  prefix = prompt.cache.map_rows(rep)
   deltas = rep(prompt.rope_deltas)
   positions = rope.decode_positions(rep(mask.sum(1).astype(jnp.int32)), deltas, n - 1)
   # Without pixel values the completion is all text: a generated `<|image_pad|>` stays a token.

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from robot_r1_jax.model import processor
-from robot_r1_jax.rl import sampling
-from robot_r1_jax.rl.sampler import Sampler, SamplerConfig
+from robot_r1_jax.generate import sampling
+from robot_r1_jax.generate.sampler import Sampler, SamplerConfig
 
 from forward_vs_hf import BENCH, hf_twin  # the ≈74M-parameter config (run from the repository root)
 

@@ -20,7 +20,7 @@ import time
 from absl import flags
 import grain
 
-from robot_r1_jax.data import extract, loader
+from robot_r1_jax.data import extract, loader, records
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def main():
 
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = args.data or _synthetic_data(pathlib.Path(tmp), args.episodes, args.image_size)
-    manifest = extract.Manifest.load(data_dir)
+    manifest = records.Manifest.load(data_dir)
     print(f"{data_dir}: {manifest.splits['train'].num_records} train records, image_size "
           f"{manifest.config['image_size']}, batch {args.batch_size}, {args.epochs} epochs, "
           f"{args.read_threads} read thread(s)")

@@ -20,13 +20,13 @@ import numpy as np
 
 from robot_r1_jax.data.loader import Batch
 from robot_r1_jax.launch import mesh as mesh_lib
-from robot_r1_jax.launch import pipeline
 from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model import processor
 from robot_r1_jax.model.qwen2_5_vl import init_model
-from robot_r1_jax.rl import sampling
-from robot_r1_jax.rl.learner import Learner, LearnerConfig
-from robot_r1_jax.rl.sampler import Sampler, SamplerConfig
+from robot_r1_jax.generate import sampling
+from robot_r1_jax.generate.sampler import Sampler, SamplerConfig
+from robot_r1_jax.stages.rl_step import Learner, LearnerConfig
+from robot_r1_jax.train.optim import OptimizerConfig, build_optimizer
 
 
 def gemm_flops_per_second(n: int = 1024, repeats: int = 30) -> float:
@@ -103,9 +103,7 @@ def main():
       prompt_buckets=(args.prompt_length,), new_token_buckets=(args.new_tokens,),
       sampling=sampling.SamplingParams(temperature=1.0, top_p=1.0)), mesh=mesh,
       tokenizer=tokenizer)
-  optimizer, _ = pipeline.build_optimizer(learning_rate=1e-6, schedule="constant",
-                                          warmup_steps=0, total_steps=10, weight_decay=0.01,
-                                          grad_clip=1.0)
+  optimizer, _ = build_optimizer(OptimizerConfig(learning_rate=1e-6), total_steps=10)
   learner = Learner(model, optimizer, sampler, LearnerConfig(
       num_generations=args.generations, train_batch_size=args.prompts, micro_batch_size=rows,
       max_new_tokens=args.new_tokens), mesh)

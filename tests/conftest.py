@@ -1,4 +1,4 @@
-"""Test-wide setup: 8 fake CPU devices for sharding tests, and no network."""
+"""Test-wide setup: 8 fake CPU devices for sharding tests, no network, the shared fixtures."""
 
 import os
 
@@ -14,3 +14,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                    ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+# tests/testing.py's fixtures (the tokenizer, meshes) for every test.
+pytest_plugins = ("testing",)

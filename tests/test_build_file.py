@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from testing import imported_modules
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,14 +45,7 @@ def _package_of(module: str) -> str | None:
 
 
 def _project_imports(path: Path) -> set[str]:
-  found = set()
-  for node in ast.walk(ast.parse(path.read_text())):
-    if isinstance(node, ast.ImportFrom) and node.module:
-      found.add(node.module)
-      found.update(f"{node.module}.{a.name}" for a in node.names)
-    elif isinstance(node, ast.Import):
-      found.update(a.name for a in node.names)
-  return {lib for m in found if (lib := _package_of(m))}
+  return {lib for m in imported_modules(path) if (lib := _package_of(m))}
 
 
 def test_every_source_file_has_exactly_one_target():

@@ -1,5 +1,8 @@
 """Offline extractor: RLBench demo tree -> Robot-R1 question shards (ArrayRecord) + manifest.json.
 
+The writer and its command line; the record schema, the manifest and how a split is read back
+live in `records`.
+
     python -m robot_r1_jax.data.extract --demos DIR --out DIR [--tasks a,b] [--camera front]
         [--frame_interval 10] [--image_size 224] [--val_fraction 0.1] [--seed 0]
 
@@ -41,7 +44,6 @@ from robot_r1_jax.data.mcqa import QUESTION_TYPES, McqaConfig, Question, episode
 from robot_r1_jax.data.rlbench_io import (EpisodeRef, encode_png, list_episodes, load_demo,
                                           load_episode_variation)
 
-MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
 
@@ -67,68 +69,8 @@ class ExtractConfig:
       raise ValueError(f"shard_size={self.shard_size} must be >= 1")
 
 
-@dataclasses.dataclass(frozen=True)
-class ShardInfo:
-  path: str  # Relative to the output folder.
-  num_records: int
-  sha256: str
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitInfo:
-  num_records: int
-  shards: tuple[ShardInfo, ...]
-  episodes: tuple[str, ...]
-  by_task: dict[str, int]
-  by_type: dict[str, int]
-
-
-@dataclasses.dataclass(frozen=True)
-class SkippedEpisode:
-  episode: str
-  path: str  # Relative to the demo folder.
-  reason: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Manifest:
-  """manifest.json. `schema_version` is the record schema (see `records`)."""
-
-  schema_version: int
-  record_format: str
-  demos_dir: str
-  config: dict[str, Any]
-  episodes_found: int
-  splits: dict[str, SplitInfo]
-  skipped: tuple[SkippedEpisode, ...]
-
-  def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
-
-  @classmethod
-  def load(cls, out_dir: str | pathlib.Path) -> Manifest:
-    """Reads `<out_dir>/manifest.json`; errors name the file."""
-    path = pathlib.Path(out_dir) / MANIFEST
-    try:
-      data = json.loads(path.read_text())
-      version = data.get("schema_version")
-      if version != records.SCHEMA_VERSION:
-        raise ValueError(f"schema_version={version}, this code reads {records.SCHEMA_VERSION}")
-      splits = {name: SplitInfo(**dict(split, episodes=tuple(split["episodes"]),
-                                       shards=tuple(ShardInfo(**s) for s in split["shards"])))
-                for name, split in data["splits"].items()}
-      return cls(**dict(data, splits=splits,
-                        skipped=tuple(SkippedEpisode(**s) for s in data["skipped"])))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-      raise ValueError(f"{path}: not a usable manifest ({type(e).__name__}: {e})") from e
-
-  def shard_paths(self, out_dir: str | pathlib.Path, split: str) -> list[pathlib.Path]:
-    """The shard files of `split` ("train" or "val") under `out_dir`, in record order."""
-    return [pathlib.Path(out_dir) / shard.path for shard in self.splits[split].shards]
-
-
 def extract(demos_dir: str | pathlib.Path, out_dir: str | pathlib.Path,
-            config: ExtractConfig = ExtractConfig()) -> Manifest:
+            config: ExtractConfig = ExtractConfig()) -> records.Manifest:
   """Builds the question shards of every episode under `demos_dir` into `out_dir` (atomically)."""
   demos_dir, out_dir = pathlib.Path(demos_dir).resolve(), pathlib.Path(out_dir).resolve()
   _check_output(demos_dir, out_dir)
@@ -146,18 +88,18 @@ def extract(demos_dir: str | pathlib.Path, out_dir: str | pathlib.Path,
       except Exception as e:  # A bad episode must never stop the run; report it instead.
         reason = f"{type(e).__name__}: {e}"
         logging.warning("skipping %s: %s", ref.name, reason)
-        skipped.append(SkippedEpisode(ref.name, str(ref.episode_dir.relative_to(demos_dir)),
-                                      reason))
+        skipped.append(records.SkippedEpisode(
+            ref.name, str(ref.episode_dir.relative_to(demos_dir)), reason))
         continue
       writers[split_of[ref.name]].add(ref.name, episode_records)
-    manifest = Manifest(
+    manifest = records.Manifest(
         schema_version=records.SCHEMA_VERSION,
         record_format=("b'RR1Q' + uint32-le JSON length + JSON question (sorted keys) + PNG; see "
                        "robot_r1_jax.data.records"),
         demos_dir=str(demos_dir), config=_config_dict(config), episodes_found=len(refs),
         splits={split: writer.close() for split, writer in writers.items()},
         skipped=tuple(skipped))
-    (tmp / MANIFEST).write_text(manifest.to_json())
+    (tmp / records.MANIFEST).write_text(manifest.to_json())
   return manifest
 
 
@@ -232,14 +174,15 @@ class _ShardWriter:
       self._writer.close()
       self._writer = None
 
-  def close(self) -> SplitInfo:
+  def close(self) -> records.SplitInfo:
     self._close_current()
-    shards = tuple(ShardInfo(name, count,
-                             hashlib.sha256((self._folder / name).read_bytes()).hexdigest())
+    shards = tuple(records.ShardInfo(
+        name, count, hashlib.sha256((self._folder / name).read_bytes()).hexdigest())
                    for name, count in self._shards)
-    return SplitInfo(num_records=sum(s.num_records for s in shards), shards=shards,
-                     episodes=tuple(self._episodes), by_task=dict(sorted(self._by_task.items())),
-                     by_type=dict(sorted(self._by_type.items())))
+    return records.SplitInfo(
+        num_records=sum(s.num_records for s in shards), shards=shards,
+        episodes=tuple(self._episodes), by_task=dict(sorted(self._by_task.items())),
+        by_type=dict(sorted(self._by_type.items())))
 
 
 def _check_output(demos_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
@@ -247,9 +190,9 @@ def _check_output(demos_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
     raise ValueError(f"--out {out_dir} would replace the demos in --demos {demos_dir}")
   if out_dir.exists() and not out_dir.is_dir():
     raise ValueError(f"--out {out_dir} exists and is not a folder")
-  if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-    raise ValueError(f"--out {out_dir} exists and is not an extractor output (no {MANIFEST}); "
-                     "refusing to replace it")
+  if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / records.MANIFEST).is_file():
+    raise ValueError(f"--out {out_dir} exists and is not an extractor output (no "
+                     f"{records.MANIFEST}); refusing to replace it")
 
 
 def _config_dict(config: ExtractConfig) -> dict[str, Any]:

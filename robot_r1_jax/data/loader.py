@@ -58,7 +58,6 @@ import jax
 import numpy as np
 
 from robot_r1_jax.data import records
-from robot_r1_jax.data.extract import Manifest, ShardInfo
 from robot_r1_jax.data.mcqa import Question
 from robot_r1_jax.model import processor
 
@@ -161,23 +160,8 @@ def make_loader(data_dir: str | pathlib.Path, split: str, config: LoaderConfig =
     FileNotFoundError: no manifest.json, a missing shard, or `config.tokenizer_path` is not a
       directory.
   """
-  data_dir = pathlib.Path(data_dir)
-  manifest = Manifest.load(data_dir)
-  if split not in manifest.splits:
-    raise ValueError(f"{data_dir / 'manifest.json'} has no split {split!r}; it has "
-                     f"{sorted(manifest.splits)}")
-  num_records = manifest.splits[split].num_records
-  if num_records == 0:
-    raise ValueError(f"split {split!r} of {data_dir} has no records (see manifest.json)")
-  paths = manifest.shard_paths(data_dir, split)
-  for path in paths:
-    if not path.is_file():
-      raise FileNotFoundError(f"shard {path} listed in {data_dir / 'manifest.json'} does not "
-                              "exist")
-  source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
-  if len(source) != num_records:
-    raise ValueError(f"the {split!r} shards under {data_dir} hold {len(source)} records but "
-                     f"manifest.json says {num_records}; re-run the extractor")
+  opened = records.open_split(data_dir, split)
+  num_records = len(opened)
   if shard is None:
     shard = (grain.sharding.ShardByJaxProcess() if config.shard_by_process else
              grain.sharding.NoSharding())
@@ -192,28 +176,36 @@ def make_loader(data_dir: str | pathlib.Path, split: str, config: LoaderConfig =
   tokenizer = processor.load_tokenizer(config.tokenizer_path)
   if tokenizer.pad_token_id is None:
     raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad token to left-pad with")
-  positions = grain.MapDataset.range(num_records)
+  if config.worker_count and not flags.FLAGS.is_parsed():
+    # grain reads its own absl flags when it starts workers and would fail there, less clearly.
+    raise ValueError(f"worker_count={config.worker_count} needs parsed absl flags: run under "
+                     "absl.app.run, or call absl.flags.FLAGS.mark_as_parsed() first")
+  return Loader(dataset=_pipeline(opened, tokenizer, config, shard, num_steps),
+                num_records=num_records, shard=shard, steps_per_epoch=steps_per_epoch,
+                num_steps=num_steps)
+
+
+def _pipeline(split: records.Split, tokenizer: PreTrainedTokenizerBase, config: LoaderConfig,
+              shard: grain.sharding.ShardOptions, num_steps: int | None) -> grain.IterDataset:
+  """Steps 1–5 of the module docstring, as a grain dataset of `Batch`."""
+  # 1–2. This process's stream of record indices.
+  positions = grain.MapDataset.range(len(split))
   if config.shuffle:
     positions = positions.shuffle(config.seed)
   positions = positions.repeat()[shard.shard_index::shard.shard_count]
   if num_steps is not None:
     positions = positions[:num_steps * config.batch_size]
-  examples = positions.map_with_index(_MakeExample(
-      source, paths, manifest.splits[split].shards, tokenizer, config,
-      num_records=num_records, shard=shard))
+  # 3–4. Records → examples → bucket-padded batches.
+  examples = positions.map_with_index(_MakeExample(split, tokenizer, config, shard=shard))
   batches = examples.batch(config.batch_size, drop_remainder=True,
                            batch_fn=_Collate(config.length_buckets, tokenizer.pad_token_id))
   dataset = batches.to_iter_dataset(grain.ReadOptions(
       num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_batches))
+  # 5. Worker processes.
   if config.worker_count:
-    if not flags.FLAGS.is_parsed():
-      # grain reads its own absl flags when it starts workers and would fail there, less clearly.
-      raise ValueError(f"worker_count={config.worker_count} needs parsed absl flags: run under "
-                       "absl.app.run, or call absl.flags.FLAGS.mark_as_parsed() first")
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
-  return Loader(dataset=dataset, num_records=num_records, shard=shard,
-                steps_per_epoch=steps_per_epoch, num_steps=num_steps)
+  return dataset
 
 
 def _num_steps(positions: int, shard_count: int, config: LoaderConfig) -> int:
@@ -240,12 +232,12 @@ class _MakeExample(grain.transforms.MapWithIndex):
   `tokenizer_path` on first use.
   """
 
-  def __init__(self, source: grain.sources.ArrayRecordDataSource, paths: Sequence[pathlib.Path],
-               shards: Sequence[ShardInfo], tokenizer: PreTrainedTokenizerBase,
-               config: LoaderConfig, *, num_records: int, shard: grain.sharding.ShardOptions):
-    self._source = source
-    self._paths = [str(p) for p in paths]
-    self._shard_starts = np.cumsum([0] + [s.num_records for s in shards])[:-1].tolist()
+  def __init__(self, split: records.Split, tokenizer: PreTrainedTokenizerBase,
+               config: LoaderConfig, *, shard: grain.sharding.ShardOptions):
+    num_records = len(split)
+    self._source = split.source
+    self._paths = [str(p) for p in split.paths]
+    self._shard_starts = np.cumsum([0] + [s.num_records for s in split.info.shards])[:-1].tolist()
     self._tokenizer_path = config.tokenizer_path
     self._min_pixels, self._max_pixels = config.min_pixels, config.max_pixels
     self._max_length = config.length_buckets[-1]

@@ -14,6 +14,10 @@ question_type ("waypoint" | "current_state" | "movement"), answer_format ("mcqa"
 episode (e.g. "pick_up_cup/variation0/episode3"), frame, next_keyframe, description, camera,
 state_xyz, next_xyz ([x, y, z] floats, metres), target_xyz ([x, y, z] or null), target_tokens
 ([i, j, k] or null). Decoding needs only this module; `read_records` reads a whole shard.
+
+An extractor output folder holds the shards and `manifest.json` (`Manifest`: splits, shards with
+their sha256, skipped episodes, the extraction config). `open_split` is how every reader (the
+loader, SFT's question lookup) opens one split of it, with the same checks.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import io
 import json
 import pathlib
 import struct
-from typing import Iterator
+from typing import Any, Iterator
 
 from array_record.python.array_record_module import ArrayRecordReader
 import numpy as np
@@ -32,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from robot_r1_jax.data.mcqa import Question
 
 SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
 MAGIC = b"RR1Q"
 _HEADER = struct.Struct("<4sI")
 # Shards are read by random access (grain), so each record is its own chunk group.
@@ -104,3 +109,115 @@ def read_records(shard_path: str | pathlib.Path) -> Iterator[Record]:
         yield decode_record(data)
   finally:
     reader.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# The extractor output: manifest.json and its splits.
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+  path: str  # Relative to the output folder.
+  num_records: int
+  sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+  num_records: int
+  shards: tuple[ShardInfo, ...]
+  episodes: tuple[str, ...]
+  by_task: dict[str, int]
+  by_type: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedEpisode:
+  episode: str
+  path: str  # Relative to the demo folder.
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+  """manifest.json. `schema_version` is the record schema (`SCHEMA_VERSION`)."""
+
+  schema_version: int
+  record_format: str
+  demos_dir: str
+  config: dict[str, Any]
+  episodes_found: int
+  splits: dict[str, SplitInfo]
+  skipped: tuple[SkippedEpisode, ...]
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+  @classmethod
+  def load(cls, out_dir: str | pathlib.Path) -> Manifest:
+    """Reads `<out_dir>/manifest.json`; errors name the file."""
+    path = pathlib.Path(out_dir) / MANIFEST
+    try:
+      data = json.loads(path.read_text())
+      version = data.get("schema_version")
+      if version != SCHEMA_VERSION:
+        raise ValueError(f"schema_version={version}, this code reads {SCHEMA_VERSION}")
+      splits = {name: SplitInfo(**dict(split, episodes=tuple(split["episodes"]),
+                                       shards=tuple(ShardInfo(**s) for s in split["shards"])))
+                for name, split in data["splits"].items()}
+      return cls(**dict(data, splits=splits,
+                        skipped=tuple(SkippedEpisode(**s) for s in data["skipped"])))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f"{path}: not a usable manifest ({type(e).__name__}: {e})") from e
+
+  def shard_paths(self, out_dir: str | pathlib.Path, split: str) -> list[pathlib.Path]:
+    """The shard files of `split` ("train" or "val") under `out_dir`, in record order."""
+    return [pathlib.Path(out_dir) / shard.path for shard in self.splits[split].shards]
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split of an extractor output, opened for random access by record index."""
+
+  data_dir: pathlib.Path
+  name: str
+  manifest: Manifest
+  paths: tuple[pathlib.Path, ...]  # the shards, in record order
+  source: Any  # grain.sources.ArrayRecordDataSource: record index -> record bytes
+
+  @property
+  def info(self) -> SplitInfo:
+    return self.manifest.splits[self.name]
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+
+def open_split(data_dir: str | pathlib.Path, split: str) -> Split:
+  """Opens `split` of the extractor output in `data_dir`, checked against its manifest.
+
+  Raises:
+    ValueError: a bad manifest, no such split, an empty split, or shards holding another number of
+      records than the manifest says.
+    FileNotFoundError: no manifest.json, or a shard it lists is missing.
+  """
+  data_dir = pathlib.Path(data_dir)
+  manifest = Manifest.load(data_dir)
+  if split not in manifest.splits:
+    raise ValueError(f"{data_dir / MANIFEST} has no split {split!r}; it has "
+                     f"{sorted(manifest.splits)}")
+  num_records = manifest.splits[split].num_records
+  if num_records == 0:
+    raise ValueError(f"split {split!r} of {data_dir} has no records (see {MANIFEST})")
+  paths = manifest.shard_paths(data_dir, split)
+  for path in paths:
+    if not path.is_file():
+      raise FileNotFoundError(f"shard {path} listed in {data_dir / MANIFEST} does not exist")
+  import grain  # here, not at the top: 1.5 s that the extractor (which never reads) would pay
+
+  source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+  if len(source) != num_records:
+    raise ValueError(f"the {split!r} shards under {data_dir} hold {len(source)} records but "
+                     f"{MANIFEST} says {num_records}; re-run the extractor")
+  return Split(data_dir=data_dir, name=split, manifest=manifest, paths=tuple(paths),
+               source=source)

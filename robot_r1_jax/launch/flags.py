@@ -1,11 +1,23 @@
-"""Command-line flags of `python -m robot_r1_jax.launch` (use `--flagfile` for recipes)."""
+"""Command-line flags of `python -m robot_r1_jax.launch` (use `--flagfile` for recipes), and
+`run_config()`, which reads every one of them once into the run's typed `RunConfig`."""
 
 from __future__ import annotations
 
+import pathlib
+
 from absl import flags
 
+from robot_r1_jax.data.sft_targets import TargetConfig
+from robot_r1_jax.generate.sampling import SamplingParams
+from robot_r1_jax.launch.config import MODES, STAGES, DataSpec, Distributed, ModelSpec, RunConfig
 from robot_r1_jax.model import config as model_config
-from robot_r1_jax.rl import advantages, losses
+from robot_r1_jax.rl import advantages, kl, losses
+from robot_r1_jax.stages.evaluate import EvalConfig
+from robot_r1_jax.stages.rl import RLConfig
+from robot_r1_jax.stages.rl_step import LearnerConfig
+from robot_r1_jax.stages.sft import SftConfig
+from robot_r1_jax.train.loop import LoopSettings
+from robot_r1_jax.train.optim import SCHEDULES, OptimizerConfig
 
 # Where and what.
 WORKDIR = flags.DEFINE_string("workdir", "workdir", "Run directory: checkpoints (resumed "
@@ -30,10 +42,10 @@ PROMPT_STYLE = flags.DEFINE_enum("prompt_style", "paper", ["paper", "compact"], 
                                  "question (small models trained from scratch on a CPU).")
 
 # Stages.
-STAGE = flags.DEFINE_enum("stage", "sft_rl", ["sft_rl", "sft", "rl"], "sft_rl: an SFT warm-up "
+STAGE = flags.DEFINE_enum("stage", "sft_rl", list(STAGES), "sft_rl: an SFT warm-up "
                           "(WORKDIR/sft) then RL (WORKDIR/rl), evaluated before and after RL; "
                           "sft or rl: that stage alone, in WORKDIR.")
-MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "eval: greedy evaluation of the "
+MODE = flags.DEFINE_enum("mode", "train", list(MODES), "eval: greedy evaluation of the "
                          "newest checkpoint in WORKDIR (or --init_from) on the val split.")
 INIT_FROM = flags.DEFINE_string("init_from", None, "A run directory (or its checkpoints/) whose "
                                 "newest parameters initialise the model, e.g. an SFT run for RL.")
@@ -60,7 +72,7 @@ REMAT = flags.DEFINE_bool("remat", False, "Recompute decoder layers in the backw
 
 # Algorithm.
 ALGO = flags.DEFINE_enum("algo", "grpo", sorted(advantages.ESTIMATORS), "Advantage estimator.")
-KL_ESTIMATOR = flags.DEFINE_enum("kl_estimator", "k3", sorted(losses.KL_ESTIMATORS),
+KL_ESTIMATOR = flags.DEFINE_enum("kl_estimator", "k3", sorted(kl.KL_ESTIMATORS),
                                  "KL estimator (in the loss, or in the reward with "
                                  "--kl_in_reward).")
 KL_COEF = flags.DEFINE_float("kl_coef", 1e-2, "KL coefficient β (0 skips the reference model).")
@@ -83,7 +95,7 @@ LOSS_AGG = flags.DEFINE_enum("loss_aggregation", "token_mean", sorted(losses.AGG
 # Optimisation.
 LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-5, "RL peak learning rate (the paper "
                                    "uses 1e-6 on a pretrained 7B model).")
-LR_SCHEDULE = flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine", "linear"],
+LR_SCHEDULE = flags.DEFINE_enum("lr_schedule", "constant", list(SCHEDULES),
                                 "Decay after warm-up.")
 WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps.")
 WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1e-2, "AdamW weight decay.")
@@ -108,3 +120,48 @@ KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept
 EVAL_EVERY = flags.DEFINE_integer("eval_every", 0, "Steps between evaluations (0: off).")
 ROLLOUTS_EVERY = flags.DEFINE_integer("log_rollouts_every", 1, "Steps between rollout dumps to "
                                       "rollouts.jsonl.")
+
+
+def run_config() -> RunConfig:
+  """The flags, read once, as the run's typed configuration (raises ValueError naming a field
+  whose value a config refuses)."""
+  loop = LoopSettings(checkpoint_every=CHECKPOINT_EVERY.value,
+                      keep_checkpoints=KEEP_CHECKPOINTS.value,
+                      max_consecutive_bad_steps=MAX_BAD_STEPS.value,
+                      log_rollouts_every=ROLLOUTS_EVERY.value, eval_every=EVAL_EVERY.value)
+  step = LearnerConfig(
+      algo=ALGO.value, num_generations=NUM_GENERATIONS.value, train_batch_size=TRAIN_BATCH.value,
+      micro_batch_size=MICRO_BATCH.value, num_updates_per_rollout=UPDATES_PER_ROLLOUT.value,
+      max_new_tokens=MAX_NEW_TOKENS.value,
+      kl=kl.KLPenalty(coef=KL_COEF.value, estimator=KL_ESTIMATOR.value,
+                      placement="reward" if KL_IN_REWARD.value else "loss"),
+      loss=losses.PolicyLossConfig(clip_low=CLIP_LOW.value, clip_high=CLIP_HIGH.value,
+                                   dual_clip=DUAL_CLIP.value, aggregation=LOSS_AGG.value))
+  rl = RLConfig(
+      step=step, sampling=SamplingParams(temperature=TEMPERATURE.value, top_p=TOP_P.value,
+                                         top_k=TOP_K.value),
+      optimizer=OptimizerConfig(learning_rate=LEARNING_RATE.value, schedule=LR_SCHEDULE.value,
+                                warmup_steps=WARMUP_STEPS.value, weight_decay=WEIGHT_DECAY.value,
+                                grad_clip=GRAD_CLIP.value),
+      rollout_batch_size=ROLLOUT_BATCH.value, epochs=EPOCHS.value, max_steps=MAX_STEPS.value,
+      seed=SEED.value, loop=loop)
+  sft = SftConfig(
+      total_steps=SFT_STEPS.value, targets=TargetConfig(kind=SFT_TARGET.value),
+      batch_size=SFT_BATCH.value, micro_batch_size=MICRO_BATCH.value,
+      optimizer=OptimizerConfig(learning_rate=SFT_LEARNING_RATE.value, schedule="cosine",
+                                warmup_steps=5, weight_decay=WEIGHT_DECAY.value,
+                                grad_clip=GRAD_CLIP.value),
+      loop=loop)
+  return RunConfig(
+      workdir=pathlib.Path(WORKDIR.value), mode=MODE.value, stage=STAGE.value, seed=SEED.value,
+      mesh=MESH.value,
+      distributed=Distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value),
+      model=ModelSpec(name=MODEL.value, tokenizer=TOKENIZER.value,
+                      compute_dtype=COMPUTE_DTYPE.value, remat=REMAT.value),
+      data=DataSpec(path=pathlib.Path(DATA.value) if DATA.value else None,
+                    sim_tasks=tuple(SIM_TASKS.value), sim_episodes=SIM_EPISODES.value,
+                    image_size=IMAGE_SIZE.value, prompt_style=PROMPT_STYLE.value),
+      init_from=pathlib.Path(INIT_FROM.value) if INIT_FROM.value else None,
+      sft=sft, rl=rl,
+      eval=EvalConfig(max_new_tokens=MAX_NEW_TOKENS.value, batch_size=EVAL_BATCH.value),
+      flags={f.name: f.value for f in flags.FLAGS.get_flags_for_module(__name__)})

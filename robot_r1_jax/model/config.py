@@ -236,9 +236,18 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     raise ConfigError(f"model_type={hf['model_type']!r}: only 'qwen2_5_vl' is supported")
   text = dict(hf.get("text_config") or {})
   # Hub files are flat; transformers 5 nests the text fields. Nested values win where both exist.
-  flat = {k: v for k, v in hf.items() if k not in text}
-  merged = {**flat, **text}
+  merged = {**{k: v for k, v in hf.items() if k not in text}, **text}
+  tie = bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+  text_cfg = _text_config(merged, tie)
+  vision_cfg = _vision_config(dict(hf.get("vision_config") or {}), text_cfg.hidden_size)
+  tokens = {k: merged[k] for k in _TOKEN_KEYS if k in merged}
+  if isinstance(tokens.get("eos_token_id"), list):
+    tokens["eos_token_id"] = tokens["eos_token_id"][0]
+  return ModelConfig(text=text_cfg, vision=vision_cfg, **tokens)
 
+
+def _text_config(merged: dict[str, Any], tie: bool) -> TextConfig:
+  """The decoder's fields of a (flattened) config.json."""
   known = (set(_TEXT_KEYS) | set(_TOKEN_KEYS) | _IGNORED_TOP
            | {"hidden_act", "rope_scaling", "rope_parameters", "rope_theta", "tie_word_embeddings",
               "use_sliding_window"})
@@ -262,37 +271,32 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
   mrope = tuple(rope.get("mrope_section", (16, 24, 24)))
   theta = rope.get("rope_theta", merged.get("rope_theta", 1_000_000.0))
 
-  text_kwargs = {ours: merged[theirs] for theirs, ours in _TEXT_KEYS.items() if theirs in merged}
-  if text_kwargs.get("num_kv_heads") is None:
-    text_kwargs["num_kv_heads"] = text_kwargs["num_heads"]
-  tie = bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
-  text_cfg = TextConfig(**text_kwargs, rope_theta=float(theta), mrope_section=mrope,
-                        tie_word_embeddings=tie)
+  kwargs = {ours: merged[theirs] for theirs, ours in _TEXT_KEYS.items() if theirs in merged}
+  if kwargs.get("num_kv_heads") is None:
+    kwargs["num_kv_heads"] = kwargs["num_heads"]
+  return TextConfig(**kwargs, rope_theta=float(theta), mrope_section=mrope,
+                    tie_word_embeddings=tie)
 
-  vision = dict(hf.get("vision_config") or {})
-  unknown_v = sorted(set(vision) - set(_VISION_KEYS) - _IGNORED_VISION
-                     - {"hidden_act", "rope_parameters"})
-  if unknown_v:
-    raise ConfigError(f"unknown vision_config field(s): {', '.join(unknown_v)}")
+
+def _vision_config(vision: dict[str, Any], text_hidden: int) -> VisionConfig:
+  """The vision tower's fields (`vision_config` of config.json)."""
+  unknown = sorted(set(vision) - set(_VISION_KEYS) - _IGNORED_VISION
+                   - {"hidden_act", "rope_parameters"})
+  if unknown:
+    raise ConfigError(f"unknown vision_config field(s): {', '.join(unknown)}")
   if vision.get("hidden_act", "silu") != "silu":
     raise ConfigError(f"vision_config.hidden_act={vision['hidden_act']!r}: only 'silu' is "
                       "supported")
-  vision_kwargs = {ours: vision[theirs] for theirs, ours in _VISION_KEYS.items() if theirs in vision}
+  kwargs = {ours: vision[theirs] for theirs, ours in _VISION_KEYS.items() if theirs in vision}
   for name in ("depth", "hidden_size", "intermediate_size", "num_heads"):
-    if name not in vision_kwargs:
+    if name not in kwargs:
       raise ConfigError(f"config.json is missing vision_config.{name}")
-  vision_kwargs.setdefault("out_hidden_size", text_cfg.hidden_size)
-  vision_kwargs["fullatt_block_indexes"] = tuple(vision_kwargs.get("fullatt_block_indexes",
-                                                                   (7, 15, 23, 31)))
-  vision_rope = vision.get("rope_parameters") or {}
-  if "rope_theta" in vision_rope:
-    vision_kwargs["rope_theta"] = float(vision_rope["rope_theta"])
-  vision_cfg = VisionConfig(**vision_kwargs)
-
-  tokens = {k: merged[k] for k in _TOKEN_KEYS if k in merged}
-  if isinstance(tokens.get("eos_token_id"), list):
-    tokens["eos_token_id"] = tokens["eos_token_id"][0]
-  return ModelConfig(text=text_cfg, vision=vision_cfg, **tokens)
+  kwargs.setdefault("out_hidden_size", text_hidden)
+  kwargs["fullatt_block_indexes"] = tuple(kwargs.get("fullatt_block_indexes", (7, 15, 23, 31)))
+  rope = vision.get("rope_parameters") or {}
+  if "rope_theta" in rope:
+    kwargs["rope_theta"] = float(rope["rope_theta"])
+  return VisionConfig(**kwargs)
 
 
 def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:

@@ -15,19 +15,44 @@ from robot_r1_jax.model.text import KVCache, TextModel
 from robot_r1_jax.model.vision import VisionTower
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Output:
-  logits: jax.Array  # [B, T, V] in the compute dtype
-  cache: KVCache | None  # the extended (or new) cache when one was passed in (or asked for)
+  """A forward pass: logits and the M-RoPE deltas its positions imply."""
+
+  logits: jax.Array  # [B, T, V] in the compute dtype (positions from `logits_from` on)
   rope_deltas: jax.Array  # [B]: decode position = real tokens so far + delta
 
 
-jax.tree_util.register_dataclass(Output, data_fields=["logits", "cache", "rope_deltas"],
-                                 meta_fields=[])
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Prefill:
+  """A prefill: the forward's logits and deltas, and a new cache holding the chunk."""
+
+  logits: jax.Array  # [B, T, V] (positions from `logits_from` on)
+  cache: KVCache  # stacked; slots [0, T) filled
+  rope_deltas: jax.Array  # [B]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+  """One decode step: next-token logits and the cache with the step's token written."""
+
+  logits: jax.Array  # [B, T, V], T the tokens fed (1 in a decode loop)
+  cache: KVCache  # unstacked
 
 
 class Qwen25VL(nnx.Module):
-  """The full model. Parameters in `param_dtype`, compute in `dtype`."""
+  """The full model. Parameters in `param_dtype`, compute in `dtype`.
+
+  Entry points, one per way the model is run (each a plain function of its arguments):
+    `__call__` / `forward`   a full causal forward (HF parity, SFT and whole-row scoring);
+    `prefill`                the forward, and a new KV cache holding the prompt (the sampler);
+    `decode_step`            tokens at the cache's index, the layers unrolled (a decode loop);
+    `score_after_prefix`     a chunk after a filled, read-only cache (completions after a shared
+                             prompt, scored once per prompt for its G samples).
+  """
 
   def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
                param_dtype: jnp.dtype = jnp.float32, remat: bool = False,
@@ -43,37 +68,73 @@ class Qwen25VL(nnx.Module):
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                pixel_values: jax.Array | None = None,
                image_grid_thw: np.ndarray | tuple | None = None) -> jax.Array:
-    """[B, T] ids (+ images) → [B, T, V] logits. See `forward` for the cached variant."""
+    """[B, T] ids (+ images) → [B, T, V] logits."""
     return self.forward(input_ids, attention_mask, pixel_values, image_grid_thw).logits
 
   def forward(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
               pixel_values: jax.Array | None = None,
               image_grid_thw: np.ndarray | tuple | None = None, *,
-              cache: KVCache | None = None, positions: jax.Array | None = None,
-              rope_deltas: jax.Array | None = None, logits_from: int = 0,
-              image_mask: jax.Array | None = None,
-              unstacked: tuple[nnx.Module, ...] | None = None,
-              new_cache: int | None = None, prefix: KVCache | None = None) -> Output:
-    """Full forward, prefill (empty `cache`) or decode step (`positions` from `rope.decode_positions`).
+              positions: jax.Array | None = None, logits_from: int = 0,
+              image_mask: jax.Array | None = None) -> Output:
+    """A full causal forward.
 
     Args:
       input_ids: [B, T] token ids, left- or right-padded.
       attention_mask: [B, T], 1 for real tokens; None means all real.
-      pixel_values: [P, patch_dim] patches of every image in batch order (from the processor).
+      pixel_values: [P, 1176] patches of every image in batch order (from the processor).
       image_grid_thw: the images' (t, h, w) patch grids; static under jit (a tuple of tuples).
-      cache: a KV cache to extend at its index.
       positions: [3, B, T] M-RoPE positions; computed from the ids when None.
-      rope_deltas: [B], returned unchanged when `positions` is given (decode steps).
       logits_from: return logits only for positions [logits_from, T) (a trainer scoring the
         completion after a fixed-length prompt skips the [B, T_prompt, V] head output).
       image_mask: [B, T] image slots; default: the `<|image_pad|>` tokens.
-      unstacked: `self.text.unstacked_layers()`, with an unstacked `cache`: decode loops run the
-        layers unrolled on weights sliced once, outside the loop (see `TextModel`).
-      new_cache: instead of `cache`, the length of a new cache to return filled with this chunk (a
-        prefill that attends to the chunk only).
-      prefix: a filled cache (a prompt's) that this chunk attends to after, read but not
-        extended; with `positions` (a trainer scoring completions after a shared prompt).
     """
+    x, mask, positions, deltas = self._inputs(input_ids, attention_mask, pixel_values,
+                                              image_grid_thw, positions, image_mask)
+    hidden = self.text(x, positions, mask)
+    return Output(logits=self.logits(hidden[:, logits_from:]), rope_deltas=deltas)
+
+  def prefill(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+              pixel_values: jax.Array | None = None,
+              image_grid_thw: np.ndarray | tuple | None = None, *, cache_length: int,
+              logits_from: int = 0) -> Prefill:
+    """`forward` that also returns a new cache of `cache_length` slots holding the chunk (which
+    attends to itself only, not to the empty slots). Arguments as for `forward`."""
+    x, mask, positions, deltas = self._inputs(input_ids, attention_mask, pixel_values,
+                                              image_grid_thw, None, None)
+    hidden, cache = self.text.prefill(x, positions, mask, cache_length)
+    return Prefill(logits=self.logits(hidden[:, logits_from:]), cache=cache, rope_deltas=deltas)
+
+  def decode_layers(self) -> tuple[nnx.Module, ...]:
+    """The decoder layers for `decode_step`, each parameter sliced out once: a decode loop builds
+    them before it starts (see `TextModel.unstacked_layers`)."""
+    return self.text.unstacked_layers()
+
+  def decode_step(self, input_ids: jax.Array, cache: KVCache, positions: jax.Array, *,
+                  layers: tuple[nnx.Module, ...]) -> Decoded:
+    """Text tokens [B, T] (all real) at the cache's index.
+
+    Args:
+      input_ids: [B, T] ids, T = 1 in a decode loop.
+      cache: an unstacked cache (`KVCache.unstack()`); its buffers are updated in place.
+      positions: [3, B, T] from `rope.decode_positions`.
+      layers: `decode_layers()`.
+    """
+    x = self.text.embed(input_ids)
+    hidden, cache = self.text.decode(layers, x, positions, jnp.ones(input_ids.shape, jnp.int32),
+                                     cache)
+    return Decoded(logits=self.logits(hidden), cache=cache)
+
+  def score_after_prefix(self, input_ids: jax.Array, attention_mask: jax.Array,
+                         prefix: KVCache, positions: jax.Array) -> jax.Array:
+    """[B, T, V] logits of a text chunk [B, T] that follows `prefix` (a stacked, filled cache,
+    read and not extended) at M-RoPE `positions` [3, B, T]. A generated `<|image_pad|>` id stays
+    a text token: no image features are merged here."""
+    x = self.text.embed(input_ids)
+    return self.logits(self.text.after_prefix(x, positions, attention_mask, prefix))
+
+  def _inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, positions,
+              image_mask) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Embeddings with image features merged, the mask, positions and rope deltas."""
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     x = self.text.embed(input_ids)
@@ -87,12 +148,8 @@ class Qwen25VL(nnx.Module):
       index = rope.get_rope_index(input_ids, attention_mask, image_grid_thw,
                                   image_token_id=self.cfg.image_token_id,
                                   spatial_merge_size=self.cfg.vision.spatial_merge_size)
-      positions, rope_deltas = index.positions, index.deltas
-    elif rope_deltas is None:
-      rope_deltas = jnp.zeros(input_ids.shape[:1], jnp.int32)
-    hidden, cache = self.text(x, positions, attention_mask, cache, unstacked, new_cache, prefix)
-    return Output(logits=self.logits(hidden[:, logits_from:]), cache=cache,
-                  rope_deltas=rope_deltas)
+      return x, attention_mask, index.positions, index.deltas
+    return x, attention_mask, positions, jnp.zeros(input_ids.shape[:1], jnp.int32)
 
   def merge_image_features(self, input_ids: jax.Array, x: jax.Array, features: jax.Array,
                            image_mask: jax.Array | None = None) -> jax.Array:
@@ -119,9 +176,6 @@ class Qwen25VL(nnx.Module):
     if self.cfg.text.tie_word_embeddings:
       return jnp.einsum("BTD,VD->BTV", hidden, self.text.embedding[...].astype(self.dtype))
     return jnp.einsum("BTD,DV->BTV", hidden, self.lm_head[...].astype(self.dtype))
-
-  def init_cache(self, batch: int, length: int) -> KVCache:
-    return KVCache.zeros(self.cfg.text, batch, length, self.dtype)
 
 
 def init_model(cfg: ModelConfig, *, seed: int = 0, dtype: jnp.dtype = jnp.float32,

@@ -17,13 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RopeIndex:
   positions: jax.Array  # [3, B, T] int32: (temporal, height, width) position of every token
   deltas: jax.Array  # [B] int32: decode position = number of real tokens so far + delta
-
-
-jax.tree_util.register_dataclass(RopeIndex, data_fields=["positions", "deltas"], meta_fields=[])
 
 
 def get_rope_index(input_ids: jax.Array, attention_mask: jax.Array | None = None,

@@ -13,6 +13,7 @@ from robot_r1_jax.model import hf_names, layers, rope
 from robot_r1_jax.model.config import TextConfig
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
   """Keys/values of every layer for left-padded rows that share one write index.
@@ -69,9 +70,6 @@ def _write_chunk(k_buf: jax.Array, v_buf: jax.Array, k: jax.Array, v: jax.Array,
   return put(k_buf, k, -1), put(v_buf, v, -2)
 
 
-jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "valid", "index"], meta_fields=[])
-
-
 class Attention(nnx.Module):
   """Grouped-query self-attention with q/k/v biases and M-RoPE."""
 
@@ -108,7 +106,7 @@ class Attention(nnx.Module):
     groups = n // k.shape[2]
     # Query head n reads kv head n // groups, as HF's repeat_kv lays heads out. Keys, values and
     # queries are laid out kv-head-major ([B,K,…]) and keys transposed ([B,K,H,S]), so each
-    # attention dot is a plain GEMM per (b, k): the [B,K,G,T,S] scores are never transposed and
+    # attention dot is a plain GEMM per (b, k): the [B,K,Q,T,S] scores are never transposed and
     # the keys need no repacking (only the small q/k/v move).
     q = q.reshape(b, t, k.shape[2], groups, h).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
@@ -117,19 +115,19 @@ class Attention(nnx.Module):
       # lies (no [cache | chunk] concatenation of scores, no second dot).
       new = _write_chunk(*kv, k, v, write_at)
       (k, v), kv = (buf.astype(q.dtype) for buf in new), None
-    logits = jnp.einsum("BKGTH,BKHS->BKGTS", q, k) * (h**-0.5)
+    logits = jnp.einsum("BKQTH,BKHS->BKQTS", q, k) * (h**-0.5)
     if kv is not None:
       # Scores over [cache | this chunk]; the cache is read where it lies.
-      cached = jnp.einsum("BKGTH,BKHS->BKGTS", q, kv[0].astype(q.dtype)) * (h**-0.5)
+      cached = jnp.einsum("BKQTH,BKHS->BKQTS", q, kv[0].astype(q.dtype)) * (h**-0.5)
       logits = jnp.concatenate([cached, logits], axis=-1)
     # Softmax in fp32 (HF: softmax(dtype=float32) then back to the compute dtype).
     logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32),
                        jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     s = v.shape[2]  # the slots `v` holds: this chunk's, or with `write_at` the whole buffer's
-    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., -s:], v)
+    out = jnp.einsum("BKQTS,BKSH->BKQTH", probs[..., -s:], v)
     if kv is not None:
-      out = out + jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., :-s], kv[1].astype(q.dtype))
+      out = out + jnp.einsum("BKQTS,BKSH->BKQTH", probs[..., :-s], kv[1].astype(q.dtype))
     # One [B·T, N·H] × [N·H, D] GEMM: contracting N and H as two axes makes XLA re-lay out the
     # output projection's weight first.
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)
@@ -198,43 +196,69 @@ class TextModel(nnx.Module):
     return tuple(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
                  for i in range(self.cfg.num_layers))
 
-  def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-               cache: KVCache | None = None,
-               unstacked: tuple[DecoderLayer, ...] | None = None,
-               new_cache: int | None = None,
-               prefix: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-    """Runs the decoder on embeddings.
+  # Entry points: a full forward, a prefill into a new cache, one decode step over an unstacked
+  # cache, and scoring a chunk after a read-only prefix. Each takes embeddings x [B, T, D],
+  # M-RoPE positions [3, B, T] and the chunk's attention mask [B, T] (1 on real tokens).
 
-    Args:
-      x: [B, T, D] input embeddings.
-      positions: [3, B, T] M-RoPE positions.
-      attention_mask: [B, T] 1 for real tokens of this chunk.
-      cache: None for a full forward; else the cache to extend at `cache.index` (prefill or decode).
-      unstacked: `unstacked_layers()` to run unrolled, with an unstacked cache; None scans the
-        stacked layers.
-      new_cache: instead of `cache`, the length S of a new cache to return holding this chunk (a
-        prefill): the chunk attends to itself only, not to S empty slots.
-      prefix: instead of `cache`, filled keys/values the chunk attends to after (every slot
-        precedes it) without extending them; nothing is returned for it (scoring G completions
-        after one shared prompt).
+  def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """[B, T, D] final-normed hidden states of a causal forward over the chunk."""
+    hidden, _ = self._scanned(x, positions, attention_mask, before=None, keep_kv=False)
+    return hidden
 
-    Returns:
-      ([B, T, D] final-normed hidden states, the updated cache or None).
+  def prefill(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
+              cache_length: int) -> tuple[jax.Array, KVCache]:
+    """The forward, and a new cache of `cache_length` slots S holding the chunk's keys/values.
+
+    The chunk attends to itself only, not to S empty slots.
     """
+    hidden, kv = self._scanned(x, positions, attention_mask, before=None, keep_kv=True)
+    cache = KVCache.zeros(self.cfg, x.shape[0], cache_length, self.dtype)
+    # One in-place write of the chunk's keys/values (a decode loop's carry).
+    return hidden, cache.write(*kv, attention_mask.astype(bool))
+
+  def after_prefix(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
+                   prefix: KVCache) -> jax.Array:
+    """The forward of a chunk that follows a filled, read-only cache (every filled real slot
+    precedes it); nothing is written (scoring G completions after one shared prompt)."""
+    hidden, _ = self._scanned(x, positions, attention_mask, before=prefix, keep_kv=False)
+    return hidden
+
+  def decode(self, layers: tuple[DecoderLayer, ...], x: jax.Array, positions: jax.Array,
+             attention_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """The layers one after another (`unstacked_layers()`), each writing the chunk into its own
+    buffers of an unstacked cache (`KVCache.unstack()`) at `cache.index`."""
+    if not isinstance(cache.k, tuple):
+      raise ValueError("decode runs on an unstacked cache (KVCache.unstack())")
+    cos, sin = self._rope(positions)
+    index, t = cache.index, x.shape[1]
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask.astype(bool), index,
+                                                axis=1)
+    # Query i of the chunk (slot index + i) sees the real slots up to its own: [B, T, S].
+    slots = jnp.arange(cache.length)[None, None, :]
+    mask = valid[:, None, :] & (slots <= index + jnp.arange(t)[None, :, None])
+    new_k, new_v = [], []
+    for layer, k, v in zip(layers, cache.k, cache.v):
+      x, (k, v) = layer(x, cos, sin, mask, (k, v), write_at=index)
+      new_k.append(k)
+      new_v.append(v)
+    return self.final_norm(x), KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid,
+                                       index=index + t)
+
+  def _rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     cfg = self.cfg
-    if sum(x is not None for x in (cache, new_cache, prefix)) > 1:
-      raise ValueError("pass at most one of a cache to extend, new_cache and prefix")
-    cos, sin = rope.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
-                                  self.dtype)
+    return rope.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
+                              self.dtype)
+
+  def _scanned(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array, *,
+               before: KVCache | None, keep_kv: bool) -> tuple[jax.Array, tuple | None]:
+    """The scanned layers over the chunk (after `before`'s slots, when given); returns the hidden
+    states and, with `keep_kv`, the chunk's stacked keys/values."""
+    cos, sin = self._rope(positions)
     t = x.shape[1]
     real = attention_mask.astype(bool)
-    if unstacked is not None:
-      return self._unrolled(unstacked, x, cos, sin, real, cache)
     # Causal within the chunk and blind to padding keys; padding queries see nothing useful but
-    # stay finite. With a cache (or prefix), every filled real slot precedes the chunk:
-    # [B, T, S + T].
+    # stay finite. After a prefix, every filled real slot precedes the chunk: [B, T, S + T].
     mask = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None] & real[:, None, :]
-    before = cache if cache is not None else prefix
     if before is not None:
       mask = jnp.concatenate(
           [jnp.broadcast_to(before.valid[:, None, :], (x.shape[0], t, before.length)), mask],
@@ -242,36 +266,11 @@ class TextModel(nnx.Module):
 
     def body(layer, h, kv):
       h, kv = layer(h, cos, sin, mask, kv)
-      # Keys/values leave the scan only when a cache keeps them.
-      return h, kv if cache is not None or new_cache is not None else None
+      return h, kv if keep_kv else None  # keys/values leave the scan only when kept
 
     kv_in = None if before is None else (before.k, before.v)
-    x, new_kv = layers.scan(self.layers, body, x, kv_in, remat=self.remat)
-    if new_cache is not None:
-      cache = KVCache.zeros(cfg, x.shape[0], new_cache, self.dtype)
-    if cache is not None:
-      # One in-place write of this chunk's keys/values (a decode loop's carry).
-      cache = cache.write(*new_kv, real)
-    return self.final_norm(x), cache
-
-  def _unrolled(self, unstacked: tuple[DecoderLayer, ...], x: jax.Array, cos: jax.Array,
-                sin: jax.Array, real: jax.Array, cache: KVCache | None
-                ) -> tuple[jax.Array, KVCache]:
-    """The layers one after another, each writing the chunk into its own cache buffers."""
-    if cache is None or not isinstance(cache.k, tuple):
-      raise ValueError("unstacked layers run with an unstacked cache (KVCache.unstack())")
-    index, t = cache.index, x.shape[1]
-    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, real, index, axis=1)
-    # Query i of the chunk (slot index + i) sees the real slots up to its own: [B, T, S].
-    slots = jnp.arange(cache.length)[None, None, :]
-    mask = valid[:, None, :] & (slots <= index + jnp.arange(t)[None, :, None])
-    new_k, new_v = [], []
-    for layer, k, v in zip(unstacked, cache.k, cache.v):
-      x, (k, v) = layer(x, cos, sin, mask, (k, v), write_at=index)
-      new_k.append(k)
-      new_v.append(v)
-    return self.final_norm(x), KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid,
-                                       index=index + t)
+    x, kv = layers.scan(self.layers, body, x, kv_in, remat=self.remat)
+    return self.final_norm(x), kv
 
 
 def hf_rules(cfg: TextConfig) -> list[hf_names.Rule]:

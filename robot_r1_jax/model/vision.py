@@ -8,7 +8,7 @@ every call with the same grid. Attention is restricted by segment ids (one segme
 full-attention blocks, one per 4x4 merged-token window for the others); all blocks share one
 stacked parameter set and run under a single `scan`, the per-block choice arriving as scan input.
 
-Besides the package alphabet, einsums here use C for the fused (q, k, v) axis of length 3.
+Einsums use the package alphabet (`robot_r1_jax`), C among it for the fused (q, k, v) axis.
 """
 
 from __future__ import annotations

@@ -2,17 +2,17 @@
 
 Every estimator has one signature and is selected by name through `ESTIMATORS`:
 
-    advantages = ESTIMATORS[name](scores, response_mask, group_size, kl, options=options)
+    advantages = ESTIMATORS[name](scores, response_mask, group_size, kl_penalty, options=options)
 
   scores         [B·G] f32   one outcome reward per completion; the G completions of a prompt are
                              contiguous rows (g·G … g·G + G − 1).
-  response_mask  [B·G, T]    1 on response tokens that are trained, 0 on padding.
+  response_mask  [B·G, R]    1 on response tokens that are trained, 0 on padding.
   group_size     int         G; static under `jax.jit` (`static_argnums=2`).
-  kl             [B·G, T]    optional per-token KL to the reference policy (any estimator from
-                             `losses.KL_ESTIMATORS`, k1 in the REINFORCE++ recipe). When given, the
-                             KL goes *into the reward* with coefficient `options.kl_coef`: per token
-                             for REINFORCE++, summed over the response for the outcome estimators.
-  returns        [B·G, T] f32 token advantages, exactly 0 on padding.
+  kl_penalty     [B·G, R]    optional β·KL per token (`kl.KLPenalty` placed in the reward: β times
+                             any estimator of `kl.KL_ESTIMATORS`, k1 in the REINFORCE++ recipe).
+                             When given it is taken *from the reward*: per token for REINFORCE++,
+                             summed over the response for the outcome estimators.
+  returns        [B·G, R] f32 token advantages, exactly 0 on padding.
 
 Formulas follow DESIGN.md (EasyR1/verl as the paper ran them), with one deliberate difference:
 degenerate groups (all rewards equal, or G = 1) and empty batches give zero advantages where
@@ -35,12 +35,11 @@ import jax.numpy as jnp
 class AdvantageOptions:
   """Constants of the estimators (hashable, so it can be a static jit argument)."""
 
-  kl_coef: float = 1e-3  # β of KL-in-reward; only used when `kl` is passed.
   std_eps: float = 1e-6  # GRPO: A = (r − mean) / (std + std_eps).
   whiten_eps: float = 1e-8  # REINFORCE++: A = (x − mean) / sqrt(var + whiten_eps).
 
   def __post_init__(self):
-    for name in ("kl_coef", "std_eps", "whiten_eps"):
+    for name in ("std_eps", "whiten_eps"):
       value = getattr(self, name)
       if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"AdvantageOptions.{name}={value} must be finite and >= 0")
@@ -49,7 +48,7 @@ class AdvantageOptions:
 class AdvantageEstimator(Protocol):
 
   def __call__(self, scores: jax.Array, response_mask: jax.Array, group_size: int,
-               kl: jax.Array | None = None, *,
+               kl_penalty: jax.Array | None = None, *,
                options: AdvantageOptions = AdvantageOptions()) -> jax.Array:
     ...
 
@@ -74,32 +73,32 @@ def get_estimator(name: str) -> AdvantageEstimator:
 
 
 def _validate(scores: jax.Array, response_mask: jax.Array, group_size: int,
-              kl: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """Shape checks (static: they run once, at trace time); f32 scores, a bool mask, f32 kl."""
+              kl_penalty: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """Shape checks (static: they run once, at trace time); f32 scores, a bool mask, f32 penalty."""
   scores, response_mask = jnp.asarray(scores), jnp.asarray(response_mask)
-  kl = None if kl is None else jnp.asarray(kl)
+  penalty = None if kl_penalty is None else jnp.asarray(kl_penalty)
   if not isinstance(group_size, int) or group_size < 1:
     raise ValueError(f"group_size={group_size!r} must be a positive int (static under jit)")
   if scores.ndim != 1:
     raise ValueError(f"scores must be [B·G], got shape {scores.shape}")
   if response_mask.ndim != 2 or response_mask.shape[0] != scores.shape[0]:
-    raise ValueError(f"response_mask must be [B·G, T] with B·G={scores.shape[0]} rows, got shape "
+    raise ValueError(f"response_mask must be [B·G, R] with B·G={scores.shape[0]} rows, got shape "
                      f"{response_mask.shape}")
   if scores.shape[0] % group_size:
     raise ValueError(f"scores has {scores.shape[0]} rows, not a multiple of group_size="
                      f"{group_size}")
-  if kl is not None and kl.shape != response_mask.shape:
-    raise ValueError(f"kl must have the response_mask shape {response_mask.shape}, got {kl.shape}")
+  if penalty is not None and penalty.shape != response_mask.shape:
+    raise ValueError(f"kl_penalty must have the response_mask shape {response_mask.shape}, got "
+                     f"{penalty.shape}")
   mask = response_mask.astype(bool)
   # `where`, not a product: padding may hold anything (inf/nan from a padded forward pass).
-  kl = None if kl is None else jnp.where(mask, kl.astype(jnp.float32), 0.0)
-  return scores.astype(jnp.float32), mask, kl
+  penalty = None if penalty is None else jnp.where(mask, penalty.astype(jnp.float32), 0.0)
+  return scores.astype(jnp.float32), mask, penalty
 
 
-def _outcome_scores(scores: jax.Array, kl: jax.Array | None,
-                    options: AdvantageOptions) -> jax.Array:
-  """[B·G] sequence scores: the reward minus β·Σ_t KL when the KL goes into the reward."""
-  return scores if kl is None else scores - options.kl_coef * kl.sum(axis=-1)
+def _outcome_scores(scores: jax.Array, penalty: jax.Array | None) -> jax.Array:
+  """[B·G] sequence scores: the reward minus Σ_t β·KL when the KL goes into the reward."""
+  return scores if penalty is None else scores - penalty.sum(axis=-1)
 
 
 def _group_deviation(scores: jax.Array, group_size: int) -> jax.Array:
@@ -110,7 +109,7 @@ def _group_deviation(scores: jax.Array, group_size: int) -> jax.Array:
 
 
 def _per_token(advantages: jax.Array, mask: jax.Array) -> jax.Array:
-  """[B·G] sequence advantages → [B·G, T] on every response token."""
+  """[B·G] sequence advantages → [B·G, R] on every response token."""
   return jnp.where(mask, advantages.reshape(-1)[:, None], 0.0)
 
 
@@ -130,39 +129,39 @@ def _whiten(values: jax.Array, mask: jax.Array, eps: float) -> jax.Array:
 
 @_register("grpo")
 def grpo(scores: jax.Array, response_mask: jax.Array, group_size: int,
-         kl: jax.Array | None = None, *,
+         kl_penalty: jax.Array | None = None, *,
          options: AdvantageOptions = AdvantageOptions()) -> jax.Array:
   """GRPO: A = (r − mean_group) / (std_group + ε), unbiased std (0 when G = 1)."""
-  scores, mask, kl = _validate(scores, response_mask, group_size, kl)
-  dev = _group_deviation(_outcome_scores(scores, kl, options), group_size)
+  scores, mask, penalty = _validate(scores, response_mask, group_size, kl_penalty)
+  dev = _group_deviation(_outcome_scores(scores, penalty), group_size)
   std = jnp.sqrt(jnp.square(dev).sum(axis=1, keepdims=True) / max(group_size - 1, 1))
   return _per_token(dev / (std + options.std_eps), mask)
 
 
 @_register("dr_grpo")
 def dr_grpo(scores: jax.Array, response_mask: jax.Array, group_size: int,
-            kl: jax.Array | None = None, *,
+            kl_penalty: jax.Array | None = None, *,
             options: AdvantageOptions = AdvantageOptions()) -> jax.Array:
   """Dr. GRPO: A = r − mean_group, without the std division (pair it with a constant-norm loss)."""
-  scores, mask, kl = _validate(scores, response_mask, group_size, kl)
-  return _per_token(_group_deviation(_outcome_scores(scores, kl, options), group_size), mask)
+  scores, mask, penalty = _validate(scores, response_mask, group_size, kl_penalty)
+  return _per_token(_group_deviation(_outcome_scores(scores, penalty), group_size), mask)
 
 
 @_register("rloo")
 def rloo(scores: jax.Array, response_mask: jax.Array, group_size: int,
-         kl: jax.Array | None = None, *,
+         kl_penalty: jax.Array | None = None, *,
          options: AdvantageOptions = AdvantageOptions()) -> jax.Array:
   """RLOO: A_i = r_i − mean of the other G − 1 rewards = G/(G−1)·(r_i − mean); 0 when G = 1."""
-  scores, mask, kl = _validate(scores, response_mask, group_size, kl)
+  scores, mask, penalty = _validate(scores, response_mask, group_size, kl_penalty)
   if group_size == 1:  # No other sample to form a baseline from.
     return jnp.zeros(mask.shape, jnp.float32)
-  dev = _group_deviation(_outcome_scores(scores, kl, options), group_size)
+  dev = _group_deviation(_outcome_scores(scores, penalty), group_size)
   return _per_token(dev * (group_size / (group_size - 1)), mask)
 
 
 @_register("reinforce_pp")
 def reinforce_pp(scores: jax.Array, response_mask: jax.Array, group_size: int,
-                 kl: jax.Array | None = None, *,
+                 kl_penalty: jax.Array | None = None, *,
                  options: AdvantageOptions = AdvantageOptions()) -> jax.Array:
   """REINFORCE++: token rewards (score on the last response token, −β·KL on every token),
   returns-to-go with γ = 1, whitened over all valid tokens of the batch.
@@ -170,23 +169,23 @@ def reinforce_pp(scores: jax.Array, response_mask: jax.Array, group_size: int,
   The returns are a plain reverse cumulative sum; for prefix masks (all a sampler produces) this is
   EasyR1's loop with its reset after EOS. `group_size` only validates the batch layout.
   """
-  scores, mask, kl = _validate(scores, response_mask, group_size, kl)
+  scores, mask, penalty = _validate(scores, response_mask, group_size, kl_penalty)
   length = mask.shape[1]
   last = length - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # [B·G] last valid index
   at_last = (jnp.arange(length)[None, :] == last[:, None]) & mask.any(axis=1, keepdims=True)
   rewards = jnp.where(at_last, scores[:, None], 0.0)
-  if kl is not None:
-    rewards = rewards - options.kl_coef * kl
+  if penalty is not None:
+    rewards = rewards - penalty
   returns = jnp.cumsum(rewards[:, ::-1], axis=1)[:, ::-1]
   return _whiten(returns, mask, options.whiten_eps)
 
 
 @_register("reinforce_pp_baseline")
 def reinforce_pp_baseline(scores: jax.Array, response_mask: jax.Array, group_size: int,
-                          kl: jax.Array | None = None, *,
+                          kl_penalty: jax.Array | None = None, *,
                           options: AdvantageOptions = AdvantageOptions()) -> jax.Array:
   """REINFORCE++ with a group baseline: (r − β·ΣKL) − mean_group on every response token, then
   whitened over all valid tokens of the batch."""
-  scores, mask, kl = _validate(scores, response_mask, group_size, kl)
-  dev = _group_deviation(_outcome_scores(scores, kl, options), group_size)
+  scores, mask, penalty = _validate(scores, response_mask, group_size, kl_penalty)
+  dev = _group_deviation(_outcome_scores(scores, penalty), group_size)
   return _whiten(_per_token(dev, mask), mask, options.whiten_eps)

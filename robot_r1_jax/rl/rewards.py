@@ -51,17 +51,17 @@ class RewardWeights:
 
 @dataclasses.dataclass(frozen=True)
 class RewardOutput:
-  """Per-completion rewards, one float32 entry per completion [N], split by component.
+  """Per-completion rewards, one float32 entry per completion [B·G], split by component.
 
   `answer` is 0 for open-ended (coordinate) questions and `xyz` is 0 for multiple-choice ones;
   `open_ended` says which applies, so accuracies can be logged over the right subset.
   """
 
-  format: np.ndarray  # [N] f32
-  answer: np.ndarray  # [N] f32
-  xyz: np.ndarray  # [N] f32
-  open_ended: np.ndarray  # [N] bool
-  total: np.ndarray  # [N] f32
+  format: np.ndarray  # [B·G] f32
+  answer: np.ndarray  # [B·G] f32
+  xyz: np.ndarray  # [B·G] f32
+  open_ended: np.ndarray  # [B·G] bool
+  total: np.ndarray  # [B·G] f32
 
   def summary(self) -> dict[str, float]:
     """Means for logging; a component over a subset that is empty in this batch is left out."""
@@ -188,8 +188,8 @@ def compute_rewards(texts: Sequence[str], answers: Sequence[str],
   """Rewards for a batch of completions.
 
   Args:
-    texts: N completions.
-    answers: N references: an option ("B" / "[[B]]") for multiple-choice questions, or a position
+    texts: the B·G completions.
+    answers: B·G references: an option ("B" / "[[B]]") for multiple-choice questions, or a position
       "[x, y, z]" for open-ended ones (scored with `xyz_reward`).
     weights: weights of the components in `total`.
 

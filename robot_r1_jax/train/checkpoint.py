@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
 import signal
 import threading
 import types
@@ -56,6 +57,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 from jax.experimental import multihost_utils
 
 _STATE = "state"
@@ -190,6 +192,25 @@ class Checkpointer:
       logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return Restored(state=restored[_STATE], meta=restored[_META])
 
+  def restore_part(self, step: int, *, abstract_part: Any) -> Any:
+    """Restores only the subtrees of a step's state that `abstract_part` names (e.g.
+    `{"params": ...}` of a `{"params", "opt_state"}` state), onto its shardings.
+
+    Orbax ties an item to one handler per manager, so a Checkpointer that restores parts is one
+    that neither saves nor restores whole states.
+    """
+    self.wait()
+    if step not in self.all_steps():
+      raise CheckpointError(
+          f"step {step} is not a complete checkpoint in {self.directory}; available: "
+          f"{self.all_steps()}")
+    abstract = _abstract(abstract_part)
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
+                                       partial_restore=True)}))
+    return restored[_STATE]
+
   def wait(self) -> None:
     """Blocks until an in-flight asynchronous save is committed (re-raising its error)."""
     self._manager.wait_until_finished()
@@ -203,6 +224,31 @@ class Checkpointer:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def restore_params(model: nnx.Module, run_dir: str | os.PathLike[str]) -> int:
+  """Loads the newest parameters saved under `run_dir` into `model`; returns their step.
+
+  Looks in `run_dir/rl`, `run_dir`, `run_dir/sft` (an sft_rl run's stages, newest stage first) or
+  `run_dir` as a checkpoints folder itself. Only the parameters are read: the optimizer state saved
+  beside them stays on disk.
+  """
+  run_dir = pathlib.Path(run_dir)
+  candidates = [run_dir / "rl" / "checkpoints", run_dir / "checkpoints",
+                run_dir / "sft" / "checkpoints", run_dir]
+  for directory in candidates:
+    if not directory.is_dir():
+      continue
+    with Checkpointer(directory) as checkpoints:
+      step = checkpoints.latest_step()
+      if step is None:
+        continue
+      restored = checkpoints.restore_part(
+          step, abstract_part={"params": nnx.state(model, nnx.Param)})
+    nnx.update(model, restored["params"])
+    return step
+  raise FileNotFoundError(f"no checkpoint under {run_dir} (looked in "
+                          f"{', '.join(str(c) for c in candidates)})")
 
 
 def _abstract(tree: Any) -> Any:

@@ -1,10 +1,11 @@
-"""The training loop shared by the SFT and RL stages.
+"""The training loop every stage runs.
 
     resume (params, optimizer state, data iterator) → (batch → step → metrics → [eval] →
     [checkpoint])* → final save
 
 A stage supplies a trainer (its `params`, `opt_state`, `bad_steps` and `commit()`) and a step
-function; this loop owns checkpoints, preemption, metrics, evaluation and the progress bar.
+function returning a `StepResult`; this loop owns checkpoints, preemption, metrics, evaluation and
+the progress bar.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import pathlib
 from typing import Any, Callable, Iterator, Protocol
 
 import jax
+import numpy as np
 
 from robot_r1_jax.train.checkpoint import Checkpointer, PreemptionGuard
-from robot_r1_jax.train.evaluate import EvalResult
 from robot_r1_jax.train.metrics import MetricsWriter, ProgressBar
 
 
@@ -35,14 +36,49 @@ class Trainer(Protocol):
     """Makes the model object hold `params` (samplers and evaluation read it)."""
 
 
+class Evaluation(Protocol):
+  """What an evaluation callback returns (e.g. `stages.evaluate.EvalResult`)."""
+
+  def scalars(self) -> dict[str, float]: ...
+
+  def write(self, path: pathlib.Path) -> Any: ...
+
+
 @dataclasses.dataclass(frozen=True)
-class StepOutput:
-  metrics: dict[str, float]
-  rollouts: list[dict[str, Any]] | None = None  # records for rollouts.jsonl
+class StepResult:
+  """What one training step reports, in SFT and RL alike.
+
+  The arrays are this process's rows; only an RL step has them (and rollouts).
+  """
+
+  metrics: dict[str, float]  # scalars for logging
+  rollouts: list[dict[str, Any]] | None = None  # one record per completion, for rollouts.jsonl
+  scores: np.ndarray | None = None  # [B·G] total rewards
+  advantages: np.ndarray | None = None  # [B·G, R]
+  completion_mask: np.ndarray | None = None  # [B·G, R]
 
 
 # step(batch, step number) → what happened; the number seeds per-step randomness.
-StepFn = Callable[[Any, int], StepOutput]
+StepFn = Callable[[Any, int], StepResult]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  """The bookkeeping every stage's loop shares (one set of flags)."""
+
+  checkpoint_every: int = 10
+  keep_checkpoints: int = 3
+  max_consecutive_bad_steps: int = 3
+  log_rollouts_every: int = 1
+  eval_every: int = 0  # steps between evaluations (0: none; also skips the final one)
+
+  def __post_init__(self):
+    for name in ("checkpoint_every", "keep_checkpoints", "max_consecutive_bad_steps"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"LoopSettings.{name}={getattr(self, name)} must be >= 1")
+    for name in ("log_rollouts_every", "eval_every"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"LoopSettings.{name}={getattr(self, name)} must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,23 +86,17 @@ class LoopConfig:
   workdir: pathlib.Path
   total_steps: int  # the run ends at this step (resumed runs continue up to it)
   stage: str = "rl"  # recorded in checkpoint meta; names the progress bar
-  checkpoint_every: int = 10
-  keep_checkpoints: int = 3
-  max_consecutive_bad_steps: int = 3
-  log_rollouts_every: int = 1
-  eval_every: int = 0  # steps between evaluations (0: none; also skips the final one)
+  settings: LoopSettings = LoopSettings()
   progress: tuple[tuple[str, str], ...] = ()  # (label, metric) pairs on the progress bar
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. the flags
 
   def __post_init__(self):
-    for name in ("total_steps", "checkpoint_every", "keep_checkpoints",
-                 "max_consecutive_bad_steps"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"LoopConfig.{name}={getattr(self, name)} must be >= 1")
+    if self.total_steps < 1:
+      raise ValueError(f"LoopConfig.total_steps={self.total_steps} must be >= 1")
 
 
 def run(trainer: Trainer, step_fn: StepFn, data: Iterator[Any], config: LoopConfig,
-        evaluate: Callable[[], EvalResult] | None = None) -> list[dict[str, float]]:
+        evaluate: Callable[[], Evaluation] | None = None) -> list[dict[str, float]]:
   """Trains until `config.total_steps`, resuming from the newest checkpoint in the workdir.
 
   `data` is a checkpointable grain iterator. Returns this session's per-step metrics. A SIGTERM
@@ -74,19 +104,11 @@ def run(trainer: Trainer, step_fn: StepFn, data: Iterator[Any], config: LoopConf
   a row save and raise `TrainingStopped`. `evaluate` runs every `eval_every` steps and after the
   last; its scalars go to the metrics and its full result to `workdir/eval/step_<N>.json`.
   """
-  workdir = pathlib.Path(config.workdir)
-  checkpoints = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+  workdir, settings = pathlib.Path(config.workdir), config.settings
+  checkpoints = Checkpointer(workdir / "checkpoints", max_to_keep=settings.keep_checkpoints)
   writer = MetricsWriter(workdir)
   state = lambda: {"params": trainer.params, "opt_state": trainer.opt_state}
-  start = checkpoints.latest_step() or 0
-  if start:
-    # Live arrays describe the target: restore reshards onto their placements.
-    restored, _ = checkpoints.restore(start, abstract_state=state(), data_iterator=data)
-    trainer.params, trainer.opt_state = restored["params"], restored["opt_state"]
-    trainer.commit()
-    logging.info("%s resumed from %s at step %d", config.stage, workdir / "checkpoints", start)
-  writer.truncate_after(start)
-  last_saved = start
+  last_saved = 0
 
   def save(step: int, metrics: dict[str, float] | None = None) -> None:
     nonlocal last_saved
@@ -97,11 +119,13 @@ def run(trainer: Trainer, step_fn: StepFn, data: Iterator[Any], config: LoopConf
     writer.flush()
 
   history: list[dict[str, float]] = []
-  step = start
   try:
-    with PreemptionGuard() as guard, ProgressBar(config.total_steps, initial=start,
+    last_saved = step = _resume(trainer, checkpoints, data, config)
+    writer.truncate_after(step)
+    with PreemptionGuard() as guard, ProgressBar(config.total_steps, initial=step,
                                                  desc=config.stage) as bar:
       while step < config.total_steps:
+        # Batch → step → metrics.
         try:
           batch = next(data)
         except StopIteration:
@@ -111,24 +135,31 @@ def run(trainer: Trainer, step_fn: StepFn, data: Iterator[Any], config: LoopConf
         out = step_fn(batch, step)
         history.append({**out.metrics, "step": step})
         writer.scalars(step, out.metrics)
-        if out.rollouts and config.log_rollouts_every and step % config.log_rollouts_every == 0:
+        if out.rollouts and settings.log_rollouts_every and (
+            step % settings.log_rollouts_every == 0):
           writer.rollouts(step, out.rollouts)
         bar.update(step, {label: out.metrics[key] for label, key in config.progress
                           if key in out.metrics})
-        if evaluate is not None and config.eval_every and (
-            step % config.eval_every == 0 or step == config.total_steps):
+
+        # Evaluation.
+        if evaluate is not None and settings.eval_every and (
+            step % settings.eval_every == 0 or step == config.total_steps):
           result = evaluate()
           writer.scalars(step, result.scalars())
           if jax.process_index() == 0:
             result.write(workdir / "eval" / f"step_{step}.json")
-        if trainer.bad_steps >= config.max_consecutive_bad_steps:
+
+        # Stop on repeated non-finite updates, keeping the last finite parameters.
+        if trainer.bad_steps >= settings.max_consecutive_bad_steps:
           save(step, out.metrics)
           raise TrainingStopped(
               f"{trainer.bad_steps} consecutive {config.stage} steps produced non-finite loss or "
               f"gradients (last: step {step}); parameters are those of the last finite update, "
               f"saved in {workdir / 'checkpoints'}. Lower the learning rate or check the data.")
+
+        # Checkpoint: periodic, final, or on preemption (agreed across processes).
         preempted = guard.sync_requested()
-        if preempted or step % config.checkpoint_every == 0 or step == config.total_steps:
+        if preempted or step % settings.checkpoint_every == 0 or step == config.total_steps:
           save(step, out.metrics)
         if preempted:
           logging.warning("SIGTERM: saved %s step %d and stopping", config.stage, step)
@@ -139,6 +170,21 @@ def run(trainer: Trainer, step_fn: StepFn, data: Iterator[Any], config: LoopConf
     checkpoints.close()
     writer.close()
   return history
+
+
+def _resume(trainer: Trainer, checkpoints: Checkpointer, data: Iterator[Any],
+            config: LoopConfig) -> int:
+  """Restores the newest checkpoint into `trainer` and `data`; returns its step (0 if none)."""
+  start = checkpoints.latest_step() or 0
+  if start:
+    # Live arrays describe the target: restore reshards onto their placements.
+    restored, _ = checkpoints.restore(
+        start, abstract_state={"params": trainer.params, "opt_state": trainer.opt_state},
+        data_iterator=data)
+    trainer.params, trainer.opt_state = restored["params"], restored["opt_state"]
+    trainer.commit()
+    logging.info("%s resumed from %s at step %d", config.stage, checkpoints.directory, start)
+  return start
 
 
 def total_steps(max_steps: int, steps_per_epoch: int, epochs: int) -> int:

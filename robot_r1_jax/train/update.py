@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 class Sums(Protocol):
-  """Unreduced per-micro-batch sums (e.g. `rl.losses.LossOutput`, `train.sft_step.SftSums`)."""
+  """Unreduced per-micro-batch sums (e.g. `rl.losses.LossOutput`, `stages.sft_step.SftSums`)."""
 
   @property
   def denominator(self) -> jax.Array: ...

@@ -91,10 +91,10 @@ def test_faults_are_reported_and_output_is_deterministic(tmp_path, faulty_tree):
   assert _files(tmp_path / "again") == first
 
   # Shards hold what the manifest says; splits share no episode; images are resized.
-  assert extract.Manifest.load(tmp_path / "out") == manifest
+  assert records.Manifest.load(tmp_path / "out") == manifest
   (tmp_path / "again" / "manifest.json").write_text('{"schema_version": 2}')
   with pytest.raises(ValueError, match="manifest.json: not a usable manifest .*schema_version=2"):
-    extract.Manifest.load(tmp_path / "again")
+    records.Manifest.load(tmp_path / "again")
   episodes_by_split = {}
   for split, info in manifest.splits.items():
     questions = [r.question for path in manifest.shard_paths(tmp_path / "out", split)
@@ -153,7 +153,7 @@ def test_shards_rotate_and_output_is_replaced_atomically(tmp_path, make_episode,
   assert sizes[:-1] == [5] * (len(sizes) - 1) and 1 <= sizes[-1] <= 5 and len(sizes) > 1
   before = _files(tmp_path / "out")
   # A failure while writing leaves the previous output untouched and no temporary folders.
-  monkeypatch.setattr(extract.Manifest, "to_json", lambda self: 1 / 0)
+  monkeypatch.setattr(records.Manifest, "to_json", lambda self: 1 / 0)
   with pytest.raises(ZeroDivisionError):
     extract.extract(root, tmp_path / "out", config)
   assert _files(tmp_path / "out") == before

@@ -41,7 +41,7 @@ def _config(**overrides) -> loader.LoaderConfig:
 
 
 def _records(data_dir: pathlib.Path, split: str) -> list[records.Record]:
-  manifest = extract.Manifest.load(data_dir)
+  manifest = records.Manifest.load(data_dir)
   return [r for p in manifest.shard_paths(data_dir, split) for r in records.read_records(p)]
 
 
@@ -176,7 +176,7 @@ def test_a_prompt_longer_than_every_bucket_is_an_error(data_dir):
 
 
 def test_mixed_image_sizes_in_a_batch_are_an_error(data_dir):
-  manifest = extract.Manifest.load(data_dir)
+  manifest = records.Manifest.load(data_dir)
   [path] = manifest.shard_paths(data_dir, "val")
   rows = list(records.read_records(path))
   # Record 1 gets a 28×84 image: its grid differs from the 56×56 images of the others.

@@ -123,13 +123,9 @@ def test_bad_config_names_the_field(tmp_path):
     hf_io.load_hf(tmp_path)
 
 
-def test_sharded_save_and_mesh_placed_load(tmp_path):
-  import jax
+def test_sharded_save_and_mesh_placed_load(tmp_path, mesh8):
   from flax import nnx
-  from jax.sharding import Mesh
   from robot_r1_jax.model import sharding
-  if jax.device_count() < 8:
-    pytest.skip("needs 8 fake devices")
   cfg = tiny_config(tie=False)
   hf = build_hf(cfg, seed=4)
   hf.save_pretrained(tmp_path / "a")
@@ -142,7 +138,7 @@ def test_sharded_save_and_mesh_placed_load(tmp_path):
   ids, mask = _batch()
   np.testing.assert_allclose(hf_logits(again, ids, mask), hf_logits(hf, ids, mask), atol=0)
 
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), sharding.MESH_AXES)
+  mesh = mesh8
   _, placed = hf_io.load_hf(tmp_path / "b", mesh=mesh)
   state = nnx.state(placed, nnx.Param)
   want = sharding.param_shardings(state, mesh)

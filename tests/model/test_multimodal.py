@@ -8,6 +8,7 @@ import pytest
 from robot_r1_jax.model import hf_io, processor
 
 from hf_reference import build_hf, hf_logits, tiny_config
+from testing import image_prompts
 
 pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -23,29 +24,14 @@ def loaded(tmp_path_factory):
   return cfg, hf, model, path
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-  return processor.load_tokenizer()
-
-
 def _image(rng, h, w):
   return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
 
 
 def _batch(tokenizer, prompts_and_images):
-  """Left-pads prompts (each with one image) into ids/mask; concatenates their patches."""
-  rows, pixels, grids = [], [], []
-  for text, image in prompts_and_images:
-    pv, grid = processor.preprocess_image(image)
-    rows.append(processor.build_prompt_ids(tokenizer, text, grid))
-    pixels.append(pv)
-    grids.append(grid)
-  length = max(map(len, rows))
-  ids = np.zeros((len(rows), length), np.int64)
-  mask = np.zeros_like(ids)
-  for b, row in enumerate(rows):
-    ids[b, length - len(row):], mask[b, length - len(row):] = row, 1
-  return ids, mask, np.concatenate(pixels).astype(np.float32), np.array(grids)
+  """Left-padded ids/mask of prompts with one image each, their patches and grids."""
+  prompts = image_prompts(tokenizer, prompts_and_images)
+  return prompts.ids, prompts.mask, prompts.pixel_values, np.array(prompts.grids)
 
 
 def _assert_close(got, want, mask):

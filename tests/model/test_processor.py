@@ -53,12 +53,6 @@ def hf_image_processor():
   return make
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-  pytest.importorskip("transformers")
-  return processor.load_tokenizer()
-
-
 def _random_sizes(n: int, seed: int) -> list[tuple[int, int]]:
   rng = np.random.default_rng(seed)
   return [(int(rng.integers(28, 481)), int(rng.integers(28, 641))) for _ in range(n)]

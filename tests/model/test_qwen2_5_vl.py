@@ -29,34 +29,30 @@ def test_prefill_then_decode_equals_full_forward():
   mask = np.concatenate([mask[:, steps:], np.ones((3, steps), np.int64)], 1)
   full = np.asarray(model(ids, mask))
 
-  prefill = nnx.jit(lambda m, i, a, c: m.forward(i, a, cache=c))
-  decode = nnx.jit(lambda m, i, c, p, d: m.forward(i, cache=c, positions=p, rope_deltas=d))
-  out = prefill(model, ids[:, :prompt_len], mask[:, :prompt_len], model.init_cache(3, 32))
+  # The prefill attends to the prompt alone (not to the new cache's empty slots).
+  out = nnx.jit(lambda m, i, a: m.prefill(i, a, cache_length=32))(
+      model, ids[:, :prompt_len], mask[:, :prompt_len])
   real = mask[:, :prompt_len].astype(bool)
   np.testing.assert_allclose(np.asarray(out.logits)[real], full[:, :prompt_len][real], atol=1e-5)
-  # A prefill into a new cache attends to the prompt alone: the same logits and cache (padding
-  # slots aside: their keys/values are never read, and their all-masked queries average differently).
-  fresh = nnx.jit(lambda m, i, a: m.forward(i, a, new_cache=32))(model, ids[:, :prompt_len],
-                                                                   mask[:, :prompt_len])
-  np.testing.assert_allclose(np.asarray(fresh.logits)[real], np.asarray(out.logits)[real],
-                             atol=1e-6)
-  np.testing.assert_array_equal(fresh.cache.valid, out.cache.valid)
-  assert int(fresh.cache.index) == int(out.cache.index) == prompt_len
-  slots = np.asarray(out.cache.valid)  # [B, S]
-  rows_slots_first = dict(k=lambda a: np.moveaxis(np.asarray(a), (1, 4), (0, 1)),  # [L,B,K,H,S]
-                          v=lambda a: np.moveaxis(np.asarray(a), (1, 3), (0, 1)))  # [L,B,K,S,H]
-  for name, to_bs in rows_slots_first.items():
-    np.testing.assert_allclose(to_bs(getattr(fresh.cache, name))[slots],
-                               to_bs(getattr(out.cache, name))[slots], atol=1e-6, err_msg=name)
-  cache, deltas = out.cache, out.rope_deltas
+  np.testing.assert_array_equal(np.asarray(out.cache.valid)[:, :prompt_len], real)
+  assert not np.asarray(out.cache.valid)[:, prompt_len:].any()
+  assert int(out.cache.index) == prompt_len
+  # Decode steps over the unstacked cache, the layers unrolled, continue the full forward.
+  decode = nnx.jit(lambda m, i, c, p: m.decode_step(i, c, p, layers=m.decode_layers()))
+  cache, deltas = out.cache.unstack(), out.rope_deltas
   num_real = jnp.asarray(mask[:, :prompt_len].sum(1), jnp.int32)
   for k in range(steps):
     pos = rope.decode_positions(num_real + k, deltas)
-    out = decode(model, ids[:, prompt_len + k:prompt_len + k + 1], cache, pos, deltas)
-    cache = out.cache
-    np.testing.assert_allclose(np.asarray(out.logits)[:, 0], full[:, prompt_len + k], atol=1e-5,
+    step = decode(model, ids[:, prompt_len + k:prompt_len + k + 1], cache, pos)
+    cache = step.cache
+    np.testing.assert_allclose(np.asarray(step.logits)[:, 0], full[:, prompt_len + k], atol=1e-5,
                                err_msg=f"decode step {k}")
   assert int(cache.index) == prompt_len + steps
+  # Scoring the generated tokens after the prompt's cache, read-only, gives the same logits.
+  after = nnx.jit(lambda m, i, a, c, p: m.score_after_prefix(i, a, c, p))(
+      model, ids[:, prompt_len:], mask[:, prompt_len:], out.cache,
+      rope.decode_positions(num_real, deltas, steps))
+  np.testing.assert_allclose(np.asarray(after), full[:, prompt_len:], atol=1e-5)
 
 
 @pytest.mark.parametrize("preset, want", [("qwen2_5_vl_3b", 3_754_622_976),

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model import sharding
@@ -16,10 +16,8 @@ from hf_reference import left_padded_batch
 
 
 @pytest.fixture(scope="module")
-def mesh():
-  if jax.device_count() < 8:
-    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
-  return Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), sharding.MESH_AXES)
+def mesh(mesh8):
+  return mesh8
 
 
 def test_rules_cover_every_parameter_and_are_applied(mesh):

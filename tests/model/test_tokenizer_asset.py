@@ -20,12 +20,6 @@ ROBOT_TEXT = ("You are a Franka Panda robot assistant for task planning and exec
               "<think> The gripper is above the cup. </think> <answer> [[B]] </answer>")
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer():
-  pytest.importorskip("transformers")
-  return processor.load_tokenizer()
-
-
 def test_asset_is_reproducible_byte_for_byte(tmp_path):
   written = tokenizer_asset.write_asset(tmp_path)
   shipped = sorted(p.name for p in processor.TOKENIZER_ASSET_DIR.iterdir())
@@ -59,26 +53,26 @@ def test_vocabulary_layout():
   assert all(t not in regular for t in ADDED)
 
 
-def test_special_ids_match_the_tiny_model_config(hf_tokenizer):
+def test_special_ids_match_the_tiny_model_config(tokenizer):
   cfg = config_lib.tiny()
-  ids = hf_tokenizer.convert_tokens_to_ids
+  ids = tokenizer.convert_tokens_to_ids
   assert ids("<|endoftext|>") == cfg.bos_token_id == 1000
-  assert ids("<|im_end|>") == cfg.eos_token_id == hf_tokenizer.eos_token_id == 1002
+  assert ids("<|im_end|>") == cfg.eos_token_id == tokenizer.eos_token_id == 1002
   assert ids("<|vision_start|>") == cfg.vision_start_token_id == 1009
   assert ids("<|vision_end|>") == cfg.vision_end_token_id == 1010
   assert ids("<|image_pad|>") == cfg.image_token_id == 1012
   assert ids("<|video_pad|>") == cfg.video_token_id == 1013
-  assert hf_tokenizer.pad_token == "<|endoftext|>"
-  assert len(hf_tokenizer) == 1022 <= cfg.text.vocab_size
-  assert len(hf_tokenizer) <= config_lib.small().text.vocab_size
+  assert tokenizer.pad_token == "<|endoftext|>"
+  assert len(tokenizer) == 1022 <= cfg.text.vocab_size
+  assert len(tokenizer) <= config_lib.small().text.vocab_size
 
 
-def test_loads_as_qwen2_tokenizer_with_the_qwen_template(hf_tokenizer):
-  assert type(hf_tokenizer).__name__ == "Qwen2Tokenizer"
-  assert hf_tokenizer.chat_template == tokenizer_asset.QWEN2_5_VL_CHAT_TEMPLATE
+def test_loads_as_qwen2_tokenizer_with_the_qwen_template(tokenizer):
+  assert type(tokenizer).__name__ == "Qwen2Tokenizer"
+  assert tokenizer.chat_template == tokenizer_asset.QWEN2_5_VL_CHAT_TEMPLATE
   # Qwen's split: 14 special tokens (dropped by skip_special_tokens), 8 ordinary added tokens.
-  ids = [hf_tokenizer.convert_tokens_to_ids(t) for t in ADDED]
-  assert hf_tokenizer.decode(ids, skip_special_tokens=True) == "".join(
+  ids = [tokenizer.convert_tokens_to_ids(t) for t in ADDED]
+  assert tokenizer.decode(ids, skip_special_tokens=True) == "".join(
       tokenizer_asset.NON_SPECIAL_ADDED_TOKENS)
 
 
@@ -87,18 +81,18 @@ def test_pretokenizer_regex_is_qwen2s():
   assert tokenizer_asset.QWEN2_PRETOKENIZE_REGEX == qwen2.PRETOKENIZE_REGEX
 
 
-def test_robot_text_round_trips_compactly(hf_tokenizer):
-  ids = hf_tokenizer(ROBOT_TEXT)["input_ids"]
-  assert hf_tokenizer.decode(ids) == ROBOT_TEXT
+def test_robot_text_round_trips_compactly(tokenizer):
+  ids = tokenizer(ROBOT_TEXT)["input_ids"]
+  assert tokenizer.decode(ids) == ROBOT_TEXT
   assert max(ids) < 1000  # no added token is matched inside ordinary text
   # Trained merges: whole words, not bytes (digits stay single tokens by Qwen's split).
   assert len(ids) < len(ROBOT_TEXT) / 2.5
-  assert hf_tokenizer.tokenize(" Franka Panda robot") == ["ĠFranka", "ĠPanda", "Ġrobot"]
+  assert tokenizer.tokenize(" Franka Panda robot") == ["ĠFranka", "ĠPanda", "Ġrobot"]
 
 
 @hypothesis.settings(max_examples=60, deadline=None)
 @hypothesis.given(st.text(st.characters(exclude_categories=("Cs",)), max_size=80))
-def test_any_text_round_trips(hf_tokenizer, text):
+def test_any_text_round_trips(tokenizer, text):
   # The normaliser is NFC, as Qwen's: decoding gives the NFC form of the input.
-  ids = hf_tokenizer(text)["input_ids"]
-  assert hf_tokenizer.decode(ids) == unicodedata.normalize("NFC", text)
+  ids = tokenizer(text)["input_ids"]
+  assert tokenizer.decode(ids) == unicodedata.normalize("NFC", text)

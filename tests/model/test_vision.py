@@ -202,12 +202,10 @@ def test_program_size_does_not_grow_with_depth():
   assert sizes[0] == sizes[1]
 
 
-def test_sharded_params_give_the_same_output():
+def test_sharded_params_give_the_same_output(mesh8):
   """Every logical axis name resolves on a (data, fsdp, tensor) = (2, 2, 2) mesh and the sharded
   tower computes what the unsharded one does (up to summation order)."""
-  if jax.device_count() < 8:
-    pytest.skip("needs the 8 fake CPU devices from conftest")
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), sharding.MESH_AXES)
+  mesh = mesh8
   graphdef, state = nnx.split(_random_tower())
   grid = GRIDS["two_images"]
   pixels = jnp.asarray(_pixels(grid))

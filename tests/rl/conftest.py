@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from robot_r1_jax.rl import losses
+from robot_r1_jax.train.scoring import token_log_probs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,5 +46,5 @@ def toy_rollout() -> ToyRollout:
   ref_weights = weights + 0.3 * jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
   return ToyRollout(
       weights=weights, features=features, targets=targets, mask=mask, advantages=advantages,
-      old_logp=losses.token_log_probs(logits, targets),
-      ref_logp=losses.token_log_probs(ToyRollout.logits(ref_weights, features), targets))
+      old_logp=token_log_probs(logits, targets),
+      ref_logp=token_log_probs(ToyRollout.logits(ref_weights, features), targets))

@@ -49,12 +49,12 @@ def test_hand_computed_values(name):
   np.testing.assert_allclose(out, _expand(EXPECTED[name]), rtol=2e-6, atol=1e-6)
 
 
-# KL in the reward, β = 0.1, G = 2, T = 3: scores [1, 0], lengths 3 and 2, per-token KL
-# [.1, .2, .3] and [.5, −.4, <nan padding>].
+# KL in the reward, β = 0.1, G = 2, R = 3: scores [1, 0], lengths 3 and 2, per-token KL
+# [.1, .2, .3] and [.5, −.4, <nan padding>]; the estimators take the penalty β·KL.
 KL_SCORES = np.array([1.0, 0.0], np.float32)
 KL_MASK = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
 KL = np.array([[0.1, 0.2, 0.3], [0.5, -0.4, np.nan]], np.float32)
-KL_OPTIONS = adv.AdvantageOptions(kl_coef=0.1)
+KL_PENALTY = 0.1 * KL
 # Outcome estimators: scores − β·ΣKL = [1 − .06, 0 − .01] = [.94, −.01]: deviations ±.475,
 #   unbiased std .475·√2 → GRPO ±.475 / (.6717514 + 1e-6) = ±0.7071057; RLOO ±.95.
 # REINFORCE++: token rewards [−.01, −.02, −.03 + 1] and [−.05, .04 + 0]; returns-to-go
@@ -73,8 +73,8 @@ KL_EXPECTED = {
 
 @pytest.mark.parametrize("name", sorted(KL_EXPECTED))
 def test_hand_computed_values_with_kl_in_reward(name):
-  out = adv.ESTIMATORS[name](jnp.asarray(KL_SCORES), jnp.asarray(KL_MASK), 2, jnp.asarray(KL),
-                             options=KL_OPTIONS)
+  out = adv.ESTIMATORS[name](jnp.asarray(KL_SCORES), jnp.asarray(KL_MASK), 2,
+                             jnp.asarray(KL_PENALTY))
   np.testing.assert_allclose(out, KL_EXPECTED[name], rtol=2e-6, atol=1e-6)
 
 
@@ -82,9 +82,8 @@ def test_hand_computed_values_with_kl_in_reward(name):
 def test_jit_with_static_group_size_matches_eager(name):
   fn = adv.ESTIMATORS[name]
   jitted = jax.jit(fn, static_argnums=2, static_argnames="options")
-  eager = fn(jnp.asarray(KL_SCORES), jnp.asarray(KL_MASK), 2, jnp.asarray(KL), options=KL_OPTIONS)
-  out = jitted(jnp.asarray(KL_SCORES), jnp.asarray(KL_MASK), 2, jnp.asarray(KL),
-               options=KL_OPTIONS)
+  eager = fn(jnp.asarray(KL_SCORES), jnp.asarray(KL_MASK), 2, jnp.asarray(KL_PENALTY))
+  out = jitted(jnp.asarray(KL_SCORES), jnp.asarray(KL_MASK), 2, jnp.asarray(KL_PENALTY))
   np.testing.assert_allclose(out, eager, rtol=1e-6, atol=1e-7)
 
 
@@ -101,12 +100,12 @@ def test_registry_has_the_five_estimators_and_names_unknown_ones():
     ({"group_size": 0}, "group_size=0"),
     ({"scores": np.zeros((8, 1))}, r"scores must be \[B·G\]"),
     ({"response_mask": np.ones((7, 4))}, "response_mask must be"),
-    ({"kl": np.zeros((8, 3))}, "kl must have the response_mask shape"),
+    ({"kl_penalty": np.zeros((8, 3))}, "kl_penalty must have the response_mask shape"),
 ])
 def test_bad_shapes_name_the_argument(kwargs, match):
-  args = {"scores": SCORES, "response_mask": MASK, "group_size": 4, "kl": None} | kwargs
+  args = {"scores": SCORES, "response_mask": MASK, "group_size": 4, "kl_penalty": None} | kwargs
   with pytest.raises(ValueError, match=match):
-    adv.grpo(args["scores"], args["response_mask"], args["group_size"], args["kl"])
+    adv.grpo(args["scores"], args["response_mask"], args["group_size"], args["kl_penalty"])
 
 
 def test_bad_options_are_rejected():
@@ -177,7 +176,7 @@ def test_rloo_is_leave_one_out_and_scaled_deviation(batch):
 def test_reinforce_pp_is_whitened_over_valid_tokens(batch, with_kl, name):
   scores, mask, g, kl = batch
   kl = kl if with_kl else np.zeros_like(kl)  # (zeros rather than None: one compilation fewer)
-  out = np.asarray(JITTED[name](scores, mask, g, kl, options=adv.AdvantageOptions(kl_coef=0.5)))
+  out = np.asarray(JITTED[name](scores, mask, g, 0.5 * kl))
   valid = out[mask].astype(np.float64)
   hypothesis.assume(valid.size >= 2)
   np.testing.assert_allclose(valid.mean(), 0.0, atol=1e-5)
@@ -223,7 +222,6 @@ def test_padding_gets_zero_advantage_and_nothing_is_nan(batch, with_kl, name):
 @hypothesis.given(batch=batches(), name=st.sampled_from(["grpo", "dr_grpo", "rloo"]))
 def test_kl_in_reward_equals_penalised_scores(batch, name):
   scores, mask, g, kl = batch
-  options = adv.AdvantageOptions(kl_coef=0.3)
   penalised = scores - 0.3 * np.where(mask, kl, 0.0).sum(axis=1)
-  out = JITTED[name](scores, mask, g, kl, options=options)
+  out = JITTED[name](scores, mask, g, 0.3 * kl)
   np.testing.assert_allclose(out, JITTED[name](penalised, mask, g), rtol=1e-5, atol=1e-5)

@@ -18,11 +18,13 @@ import optax
 import pytest
 
 from robot_r1_jax.rl import advantages, losses, rewards
+from robot_r1_jax.train import update
+from robot_r1_jax.train.scoring import token_log_probs
 
 RIGHT = "CADB"  # the right option of each prompt
 PROMPTS, SAMPLES, LENGTH, VOCAB = len(RIGHT), 5, 2, 4  # B, G, T, V
 STEPS, UPDATES_PER_ROLLOUT, LEARNING_RATE = 25, 2, 0.1
-CONFIG = losses.PolicyLossConfig(kl_coef=0.0)
+CONFIG = losses.PolicyLossConfig()  # no KL term
 
 
 def _render(tokens: np.ndarray) -> str:
@@ -44,7 +46,7 @@ def _sample(table: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
   """G completions per prompt, contiguous per prompt: tokens [B·G, T] and their log-probs."""
   logits = jnp.repeat(table, SAMPLES, axis=0)  # [B·G, T, V]
   tokens = jax.random.categorical(key, logits)
-  return tokens, losses.token_log_probs(logits, tokens)
+  return tokens, token_log_probs(logits, tokens)
 
 
 @functools.partial(jax.jit, static_argnames="estimator")
@@ -53,15 +55,16 @@ def _update(table, opt_state, tokens, old_logp, scores, *, estimator: str):
   advs = advantages.ESTIMATORS[estimator](scores, mask, SAMPLES)
   optimizer = optax.adam(LEARNING_RATE)
 
-  def loss_sum(t):
-    logp = losses.token_log_probs(jnp.repeat(t, SAMPLES, axis=0), tokens)
-    out = losses.policy_loss(logp, old_logp, advs, mask, CONFIG)
+  def loss_sum(t, rows):
+    logp = token_log_probs(jnp.repeat(t, SAMPLES, axis=0), rows["tokens"])
+    out = losses.policy_loss(logp, rows["old_logp"], rows["advantages"], mask, CONFIG)
     return out.loss_sum, out
 
+  # The whole rollout as one micro-batch of the trainer's own update.
+  rows = jax.tree.map(lambda x: x[None], dict(tokens=tokens, old_logp=old_logp, advantages=advs))
   for _ in range(UPDATES_PER_ROLLOUT):  # μ-updates on one rollout: the ratio leaves 1.
-    grads, out = jax.grad(loss_sum, has_aux=True)(table)
-    updates, opt_state = optimizer.update(losses.finalize_grads(grads, out), opt_state)
-    table = optax.apply_updates(table, updates)
+    table, opt_state, *_ = update.accumulate_and_apply(optimizer, table, opt_state, rows,
+                                                       loss_sum, losses.finalize)
   return table, opt_state
 
 

@@ -1,11 +1,9 @@
-"""Log-probs, entropy, KL estimators and the clipped policy loss."""
+"""The clipped policy loss: hand-computed cases, padding, stale ratios, micro-batch sums."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -15,74 +13,8 @@ import optax
 import pytest
 
 from robot_r1_jax.rl import losses
-
-
-def test_token_log_probs_and_entropy_hand_computed():
-  # Position 0: probabilities [1/4, 3/4, 0] (a −inf logit); position 1: uniform over 3.
-  logits = jnp.array([[[0.0, math.log(3.0), -jnp.inf], [0.0, 0.0, 0.0]]])
-  targets = jnp.array([[1, 2]])
-  np.testing.assert_allclose(losses.token_log_probs(logits, targets), [[-0.2876821, -1.0986123]],
-                             rtol=1e-6)
-  # −(1/4·ln 1/4 + 3/4·ln 3/4) = 0.5623351; ln 3 = 1.0986123.
-  np.testing.assert_allclose(losses.token_entropy(logits), [[0.5623351, 1.0986123]], rtol=1e-6)
-  grad = jax.grad(lambda x: losses.token_entropy(x).sum())(logits)
-  assert np.isfinite(grad).all()
-
-
-def test_token_log_probs_are_fp32_log_softmax_for_bf16_logits():
-  rng = np.random.default_rng(1)
-  logits = jnp.asarray(4 * rng.normal(size=(2, 3, 50)), jnp.bfloat16)
-  targets = jnp.asarray(rng.integers(0, 50, (2, 3)))
-  out = losses.token_log_probs(logits, targets)
-  assert out.dtype == jnp.float32
-  reference = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)),
-                                  targets[..., None], axis=-1)[..., 0]
-  np.testing.assert_allclose(out, reference, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_token_log_probs_materialise_at_most_one_fp32_logits_array(dtype):
-  b, t, v = 4, 64, 4096
-  compiled = jax.jit(losses.token_log_probs).lower(
-      jax.ShapeDtypeStruct((b, t, v), dtype), jax.ShapeDtypeStruct((b, t), jnp.int32)).compile()
-  one_fp32_logits = b * t * v * 4
-  # One [B, T, V] f32 array (the bf16 upcast) plus a few [B, T] vectors at most.
-  assert compiled.memory_analysis().temp_size_in_bytes <= one_fp32_logits + 16 * b * t * 4
-
-
-def test_token_log_probs_rejects_mismatched_targets():
-  with pytest.raises(ValueError, match=r"logits \(1, 2, 3\) and targets \(1, 3\)"):
-    losses.token_log_probs(jnp.zeros((1, 2, 3)), jnp.zeros((1, 3), jnp.int32))
-
-
-# d = ref − logp = [−0.5, 1, 2, 15, −30].
-KL_LOGP = np.array([-1.0, -2.0, -1.0, -1.0, -1.0], np.float32)
-KL_REF = np.array([-1.5, -1.0, 1.0, 14.0, -31.0], np.float32)
-KL_EXPECTED = {
-    "k1": [0.5, -1.0, -2.0, -15.0, 30.0],  # −d
-    "k2": [0.125, 0.5, 2.0, 112.5, 450.0],  # d²/2
-    # exp(d) − d − 1: e^−.5 − .5 = .1065307, e − 2 = .7182818, e² − 3 = 4.389056; then d = 15
-    # gives 3.3e6 and d = −30 (clamped to −20) gives 19, both clamped to 10.
-    "k3": [0.1065307, 0.7182818, 4.389056, 10.0, 10.0],
-}
-
-
-@pytest.mark.parametrize("name", sorted(KL_EXPECTED))
-def test_kl_estimators_hand_computed(name):
-  out = losses.kl_divergence(jnp.asarray(KL_LOGP), jnp.asarray(KL_REF), name)
-  np.testing.assert_allclose(out, KL_EXPECTED[name], rtol=1e-6)
-
-
-def test_k3_gradient_is_finite_where_exp_would_overflow():
-  grad = jax.grad(lambda lp: losses.kl_k3(lp, jnp.array([200.0, -200.0, 0.5])).sum())(
-      jnp.zeros(3))
-  assert np.isfinite(grad).all()
-  np.testing.assert_allclose(grad, [0.0, 0.0, -(math.exp(0.5) - 1)], rtol=1e-6)
-
-
-def test_unknown_kl_estimator_is_named():
-  with pytest.raises(ValueError, match="'k4'.*k1"):
-    losses.kl_divergence(jnp.zeros(1), jnp.zeros(1), "k4")
+from robot_r1_jax.rl.kl import KLPenalty
+from robot_r1_jax.train.scoring import token_entropy, token_log_probs
 
 
 # Policy loss on B = 3 rows, T = 3 (lengths 3, 2, 0); ε_low .2, ε_high .3, dual clip c = 3.
@@ -113,11 +45,10 @@ AGGREGATION_CASES = [
 
 
 def _hand_case_loss(**config_overrides) -> losses.LossOutput:
-  config = losses.PolicyLossConfig(kl_coef=0.5, kl_estimator="k1", sum_norm_divisor=4.0,
-                                   **config_overrides)
+  config = losses.PolicyLossConfig(sum_norm_divisor=4.0, **config_overrides)
   return losses.policy_loss(jnp.asarray(LOGP), jnp.asarray(OLD_LOGP), jnp.asarray(ADVANTAGES),
                             jnp.asarray(LOSS_MASK), config, ref_logp=jnp.asarray(REF_LOGP),
-                            entropy=jnp.asarray(ENTROPY))
+                            entropy=jnp.asarray(ENTROPY), kl=KLPenalty(0.5, "k1"))
 
 
 @pytest.mark.parametrize("aggregation,pg,kl,denominator", AGGREGATION_CASES)
@@ -145,7 +76,7 @@ def test_without_dual_clip_the_negative_advantage_loss_is_unbounded():
 def test_empty_batch_gives_zero_loss_and_neutral_metrics():
   zeros = jnp.zeros((2, 3))
   out = losses.policy_loss(zeros, zeros, zeros, jnp.zeros((2, 3), bool),
-                           losses.PolicyLossConfig(kl_coef=0.0))
+                           losses.PolicyLossConfig())
   metrics = losses.loss_metrics(out)
   assert float(metrics["loss"]) == 0.0
   assert float(metrics["ratio_min"]) == float(metrics["ratio_max"]) == 1.0
@@ -156,8 +87,6 @@ def test_empty_batch_gives_zero_loss_and_neutral_metrics():
     ({"clip_low": 1.0}, "clip_low"),
     ({"clip_high": -0.1}, "clip_high"),
     ({"dual_clip": 1.0}, "dual_clip"),
-    ({"kl_coef": float("nan")}, "kl_coef"),
-    ({"kl_estimator": "k4"}, "kl_estimator"),
     ({"aggregation": "sum"}, "aggregation"),
     ({"aggregation": "seq_mean_token_sum_norm"}, "sum_norm_divisor"),
 ])
@@ -169,10 +98,13 @@ def test_bad_config_names_the_field(kwargs, match):
 def test_policy_loss_input_errors():
   x = jnp.zeros((2, 3))
   with pytest.raises(ValueError, match="ref_logp is required"):
-    losses.policy_loss(x, x, x, x, losses.PolicyLossConfig(kl_coef=0.1))
+    losses.policy_loss(x, x, x, x, losses.PolicyLossConfig(), kl=KLPenalty(0.1))
+  with pytest.raises(ValueError, match="goes to the advantage estimator"):
+    losses.policy_loss(x, x, x, x, losses.PolicyLossConfig(), ref_logp=x,
+                       kl=KLPenalty(0.1, placement="reward"))
   with pytest.raises(ValueError, match=r"advantages has shape \(2, 2\)"):
-    losses.policy_loss(x, x, jnp.zeros((2, 2)), x, losses.PolicyLossConfig(kl_coef=0.0))
-  out = losses.policy_loss(x, x, x, x, losses.PolicyLossConfig(kl_coef=0.0))
+    losses.policy_loss(x, x, jnp.zeros((2, 2)), x, losses.PolicyLossConfig())
+  out = losses.policy_loss(x, x, x, x, losses.PolicyLossConfig())
   with pytest.raises(ValueError, match="with and without entropy"):
     out.merge(dataclasses.replace(out, entropy_sum=jnp.zeros(())))
 
@@ -180,20 +112,21 @@ def test_policy_loss_input_errors():
 # ---------------------------------------------------------------------------------------------
 # Padding: garbage in masked positions changes nothing and receives no gradient.
 
+# (loss config, KL term) pairs: every aggregation, every estimator, with and without dual clip.
 _CONFIGS = [
-    losses.PolicyLossConfig(),
-    losses.PolicyLossConfig(aggregation="seq_mean_token_mean", kl_estimator="k1"),
-    losses.PolicyLossConfig(aggregation="seq_mean_token_sum_norm", sum_norm_divisor=5.0,
-                            kl_estimator="k2", dual_clip=None),
+    (losses.PolicyLossConfig(), KLPenalty()),
+    (losses.PolicyLossConfig(aggregation="seq_mean_token_mean"), KLPenalty(estimator="k1")),
+    (losses.PolicyLossConfig(aggregation="seq_mean_token_sum_norm", sum_norm_divisor=5.0,
+                             dual_clip=None), KLPenalty(estimator="k2")),
 ]
 
 
 @functools.cache
-def _loss_and_logp_grad(config: losses.PolicyLossConfig):
+def _loss_and_logp_grad(config: losses.PolicyLossConfig, kl: KLPenalty):
 
   def loss_sum(logp, old_logp, advantages, mask, ref_logp):
     out = losses.policy_loss(logp, old_logp, advantages, mask, config, ref_logp=ref_logp,
-                             entropy=ref_logp)
+                             entropy=ref_logp, kl=kl)
     return out.loss_sum, out
 
   return jax.jit(jax.grad(loss_sum, has_aux=True))
@@ -209,8 +142,8 @@ def test_padding_gets_zero_loss_and_zero_gradient(config, values, lengths, garba
   logp, old_logp, advantages, ref_logp = np.array(values, np.float32).reshape(4, 4, 5)
   logp, old_logp, ref_logp = logp - 3, old_logp - 3, ref_logp - 3  # log-probs are ≤ 0
   mask = np.arange(5)[None, :] < np.array(lengths)[:, None]
-  clean = _loss_and_logp_grad(config)(logp, old_logp, advantages, mask, ref_logp)
-  dirty = _loss_and_logp_grad(config)(*(np.where(mask, x, garbage).astype(np.float32)
+  clean = _loss_and_logp_grad(*config)(logp, old_logp, advantages, mask, ref_logp)
+  dirty = _loss_and_logp_grad(*config)(*(np.where(mask, x, garbage).astype(np.float32)
                                         for x in (logp, old_logp, advantages)), mask,
                                       np.where(mask, ref_logp, garbage).astype(np.float32))
   (grad_clean, out_clean), (grad_dirty, out_dirty) = clean, dirty
@@ -226,24 +159,31 @@ def test_padding_gets_zero_loss_and_zero_gradient(config, values, lengths, garba
 
 
 @functools.cache
-def _grad_fn(config: losses.PolicyLossConfig):
+def _grad_fn(config: losses.PolicyLossConfig, kl: KLPenalty):
   """Jitted (weights, rollout fields) -> (d loss_sum / d weights, LossOutput), one per config."""
 
   def loss_sum(weights, features, targets, old_logp, advantages, mask, ref_logp):
     logits = jnp.einsum("btd,dv->btv", features, weights)  # the conftest's log-linear policy
-    logp = losses.token_log_probs(logits, targets)
+    logp = token_log_probs(logits, targets)
     out = losses.policy_loss(logp, old_logp, advantages, mask, config, ref_logp=ref_logp,
-                             entropy=losses.token_entropy(logits))
+                             entropy=token_entropy(logits), kl=kl)
     return out.loss_sum, out
 
   return jax.jit(jax.grad(loss_sum, has_aux=True))
 
 
 def _grad(rollout, config: losses.PolicyLossConfig, weights: jax.Array,
-          rows: slice = slice(None)) -> tuple[jax.Array, losses.LossOutput]:
+          rows: slice = slice(None), kl: KLPenalty = KLPenalty()
+          ) -> tuple[jax.Array, losses.LossOutput]:
   fields = (rollout.features, rollout.targets, rollout.old_logp, rollout.advantages, rollout.mask,
             rollout.ref_logp)
-  return _grad_fn(config)(weights, *(x[rows] for x in fields))
+  return _grad_fn(config, kl)(weights, *(x[rows] for x in fields))
+
+
+def _mean_grads(grads: jax.Array, out: losses.LossOutput) -> jax.Array:
+  """Gradients of `finalize(out)` from the summed gradients of `loss_sum` (what train.update
+  applies)."""
+  return grads / jnp.maximum(out.denominator, 1).astype(jnp.float32)
 
 
 def test_second_update_on_the_same_rollout_sees_stale_ratios(toy_rollout):
@@ -255,7 +195,7 @@ def test_second_update_on_the_same_rollout_sees_stale_ratios(toy_rollout):
   assert float(metrics["clip_fraction"]) == 0.0
 
   optimizer = optax.adam(0.1)
-  updates, _ = optimizer.update(losses.finalize_grads(grads, first),
+  updates, _ = optimizer.update(_mean_grads(grads, first),
                                 optimizer.init(toy_rollout.weights))
   weights = optax.apply_updates(toy_rollout.weights, updates)
 
@@ -271,23 +211,23 @@ def test_second_update_on_the_same_rollout_sees_stale_ratios(toy_rollout):
   assert tight > default > loose == 0.0
 
 
-@pytest.mark.parametrize("config", _CONFIGS, ids=lambda c: c.aggregation)
-def test_four_micro_batches_equal_the_full_batch(toy_rollout, config):
+@pytest.mark.parametrize("config, kl", _CONFIGS, ids=[c.aggregation for c, _ in _CONFIGS])
+def test_four_micro_batches_equal_the_full_batch(toy_rollout, config, kl):
   # Off-policy weights, so clipping, dual clipping and the KL term all take part.
   weights = toy_rollout.weights + 0.3 * jnp.asarray(
       np.random.default_rng(3).normal(size=toy_rollout.weights.shape), jnp.float32)
-  grads, full = _grad(toy_rollout, config, weights)
+  grads, full = _grad(toy_rollout, config, weights, kl=kl)
   assert int(full.clip_count) > 0
 
   merged, summed = None, None
   for start in range(0, 8, 2):  # 4 micro-batches of 2 rows; the last holds the empty row.
-    g, out = _grad(toy_rollout, config, weights, slice(start, start + 2))
+    g, out = _grad(toy_rollout, config, weights, slice(start, start + 2), kl)
     merged = out if merged is None else merged.merge(out)
     summed = g if summed is None else summed + g
 
   assert int(merged.denominator) == int(full.denominator)
   np.testing.assert_allclose(losses.finalize(merged), losses.finalize(full), rtol=0, atol=1e-6)
-  np.testing.assert_allclose(losses.finalize_grads(summed, merged),
-                             losses.finalize_grads(grads, full), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(_mean_grads(summed, merged), _mean_grads(grads, full), rtol=0,
+                             atol=1e-6)
   for name, value in losses.loss_metrics(full).items():
     np.testing.assert_allclose(losses.loss_metrics(merged)[name], value, rtol=1e-6, err_msg=name)

@@ -11,17 +11,16 @@ import pytest
 from robot_r1_jax.data import extract
 from robot_r1_jax.data.loader import Batch, LoaderConfig
 from robot_r1_jax.data.mcqa import McqaConfig
+from robot_r1_jax.generate import sampling
 from robot_r1_jax.model import config as config_lib
-from robot_r1_jax.model import processor
 from robot_r1_jax.model.qwen2_5_vl import init_model
-from robot_r1_jax.rl import sampling
-from robot_r1_jax.rl.sampler import Sampler, SamplerConfig
-from robot_r1_jax.train import evaluate as ev
+from robot_r1_jax.stages import evaluate as ev
 from robot_r1_jax.train.metrics import MetricsWriter
 
 from data.conftest import write_episode
+from testing import EOS, PAD, image_prompts, make_sampler, question_batch
 
-STOP = (1002, 1000)  # <|im_end|>, <|endoftext|> of the tiny tokenizer
+STOP = (EOS, PAD)
 GREEDY = sampling.SamplingParams(temperature=0.0)
 
 # (question type, task, reference, completion, tokens, formatted, correct, L1, xyz reward).
@@ -171,11 +170,6 @@ def test_json_round_trip_scalars_and_tables(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-  return processor.load_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def model():
   return init_model(config_lib.tiny(), seed=0)
 
@@ -183,33 +177,22 @@ def model():
 @pytest.fixture(scope="module")
 def sampler(model, tokenizer):
   # 320 holds the extractor's movement prompts (≈310 tokens with a 56 px image).
-  return Sampler(model, SamplerConfig(stop_tokens=STOP, sampling=GREEDY,
-                                      pad_id=tokenizer.pad_token_id, prompt_buckets=(64, 320),
-                                      new_token_buckets=(16,)), tokenizer=tokenizer)
+  return make_sampler(model, tokenizer, stop_tokens=STOP, sampling=GREEDY,
+                      prompt_buckets=(64, 320), new_token_buckets=(16,))
 
 
 @pytest.fixture(scope="module")
 def batch(tokenizer) -> Batch:
   """Two questions and a padding row whose reference would make the scorer raise."""
   rng = np.random.default_rng(0)
-  rows, pixels, grids = [], [], []
-  for text in ("Which way? [[A]] up [[B]] down", "Where next? [[A]] left [[B]] right",
-               "Padding."):
-    pv, grid = processor.preprocess_image(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))
-    rows.append(processor.build_prompt_ids(tokenizer, text, grid))
-    pixels.append(pv)
-    grids.append(grid)
-  ids = np.full((3, 64), tokenizer.pad_token_id, np.int32)
-  mask = np.zeros((3, 64), np.int32)
-  for b, row in enumerate(rows):
-    ids[b, 64 - len(row):], mask[b, 64 - len(row):] = row, 1
-  arr = np.array
-  return Batch(input_ids=ids, attention_mask=mask, pixel_values=np.concatenate(pixels),
-               image_grid_thw=arr(grids, np.int32), answers=arr(["[[A]]", "[0.1, 0.2, 0.3]", "?"]),
-               question_types=arr(["movement", "waypoint", "movement"]),
-               tasks=arr(["cup", "cup", "padding"]), episodes=arr(["e0", "e1", "e2"]),
-               frames=arr([0, 10, 20], np.int32), record_indices=arr([4, 7, 0], np.int64),
-               epochs=arr([0, 0, 1], np.int32), valid=arr([True, True, False]))
+  prompts = image_prompts(tokenizer, [
+      (text, rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))
+      for text in ("Which way? [[A]] up [[B]] down", "Where next? [[A]] left [[B]] right",
+                   "Padding.")], length=64, pad_id=tokenizer.pad_token_id)
+  return question_batch(prompts, answers=["[[A]]", "[0.1, 0.2, 0.3]", "?"],
+                        question_types=["movement", "waypoint", "movement"],
+                        tasks=["cup", "cup", "padding"], record_indices=[4, 7, 0],
+                        epochs=[0, 0, 1], valid=[True, True, False])
 
 
 def test_evaluate_is_deterministic_and_leaves_out_padding(sampler, batch):
@@ -238,9 +221,9 @@ def test_evaluate_is_deterministic_and_leaves_out_padding(sampler, batch):
 ])
 def test_evaluate_refuses_a_nondeterministic_sampler(model, tokenizer, batch, change, message):
   tok = change.pop("tokenizer", tokenizer)
-  cfg = SamplerConfig(stop_tokens=STOP, **dict(dict(sampling=GREEDY), **change))
+  sampler = make_sampler(model, tok, stop_tokens=STOP, **dict(dict(sampling=GREEDY), **change))
   with pytest.raises(ValueError, match=message):
-    ev.evaluate(Sampler(model, cfg, tokenizer=tok), [batch])
+    ev.evaluate(sampler, [batch])
 
 
 def test_evaluate_split_scores_every_record_once_in_order(tmp_path, sampler):

@@ -1,14 +1,14 @@
 """The compiled SFT update: masked next-token cross-entropy on the target tokens, exact over
 micro-batches, AdamW through the run's optimizer, and a non-finite guard.
 
-The loss is built on `learner.sequence_log_probs`, the same scoring pass RL uses (prompt M-RoPE
+The loss is built on `train.scoring.sequence_log_probs`, the same scoring pass RL uses (prompt M-RoPE
 positions, then one step per completion token), so SFT trains exactly the distribution the sampler
 decodes from. Like `rl.losses`, each micro-batch returns unreduced sums (`SftSums`); their total
 divided by the total target-token count is the token-mean over the whole batch, whatever the
 micro-batch split.
 
-Dimensions: M micro-batches · R rows per micro-batch · T prompt length · N target length (a
-bucket) · P vision patches per image.
+Dimensions (the package alphabet): M micro-batches · B rows per micro-batch · T prompt length ·
+R target length (a bucket) · P vision patches per image.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, struct
+from flax import nnx
 from jax.sharding import Mesh
 
 from robot_r1_jax.model import sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
-from robot_r1_jax.rl.learner import Sequences, sequence_log_probs
 from robot_r1_jax.train import update
+from robot_r1_jax.train.loop import StepResult
+from robot_r1_jax.train.scoring import Sequences, sequence_log_probs
 
 # A token counts as right when p(target) > ½: then it is the greedy choice. (Exact greedy accuracy
 # needs the logits, which `sequence_log_probs` does not return; this is a lower bound that meets it
@@ -39,11 +40,12 @@ _CONFIDENT_LOGP = math.log(0.5)
 class SftBatch:
   """One host batch for `SftTrainer.step` (built by `sft.SftBatchBuilder`)."""
 
-  seqs: Sequences  # NumPy: prompts [B, T] left-, targets [B, N] right-padded; images [B, P, …]
+  seqs: Sequences  # NumPy: prompts [B, T] left-, targets [B, R] right-padded; images [B, P, …]
   image_grid: tuple[int, int, int] | None  # the (t, h, w) every row's image shares
 
 
-@struct.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class SftSums:
   """Unreduced sums over the target tokens of one (micro-)batch; sums of parts merge exactly."""
 
@@ -72,13 +74,13 @@ class SftSums:
 
 def sft_sums(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] | None
              ) -> SftSums:
-  """Cross-entropy sums of the completion (target) tokens of `seqs` [R, …] under `model`.
+  """Cross-entropy sums of the completion (target) tokens of `seqs` [B, …] under `model`.
 
   Only completion tokens under `completion_mask` count: prompt positions are conditioning, never
   predicted, and padding is replaced by 0 with `where` before any arithmetic, so whatever it holds
   contributes neither loss nor gradient.
   """
-  logp, _ = sequence_log_probs(model, seqs, image_grid)  # [R, N] f32; the entropy is unused
+  logp, _ = sequence_log_probs(model, seqs, image_grid)  # [B, R] f32; the entropy is unused
   mask = seqs.completion_mask.astype(bool)
   logp = jnp.where(mask, logp, 0.0)
   return SftSums(nll_sum=-logp.sum(), confident=(mask & (logp > _CONFIDENT_LOGP)).sum(),
@@ -88,7 +90,7 @@ def sft_sums(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] 
 class SftTrainer:
   """Owns the parameters and optimizer state during SFT and the compiled update.
 
-  `train_step(params, opt_state, seqs [M, R, …], image_grid=…)` is jitted once per (prompt
+  `train_step(params, opt_state, seqs [M, B, …], image_grid=…)` is jitted once per (prompt
   bucket, target bucket, image grid) with the parameters and optimizer state donated; `step` feeds
   it one host batch.
   """
@@ -97,7 +99,7 @@ class SftTrainer:
                micro_batch_size: int, lr_schedule: optax.Schedule | None = None):
     """Args:
       model: the model to train; `commit` writes the trained parameters back into it.
-      optimizer: e.g. `launch.pipeline.build_optimizer` (global-norm clipping, then AdamW).
+      optimizer: e.g. `train.optim.build_optimizer` (global-norm clipping, then AdamW).
       mesh: parameters stay where the model put them; micro-batch rows go over (data, fsdp).
       micro_batch_size: rows per forward/backward pass over all processes, as `LearnerConfig`'s;
         each process contributes micro_batch_size / process_count of its batch's rows.
@@ -127,7 +129,7 @@ class SftTrainer:
                "target_tokens": sums.tokens, "finite": finite}
     return params, opt_state, metrics
 
-  def step(self, batch: SftBatch) -> dict[str, float]:
+  def step(self, batch: SftBatch) -> StepResult:
     """One optimizer update on this process's loader batch, in micro-batch shares of its rows."""
     tic = time.perf_counter()
     seqs = batch.seqs
@@ -136,7 +138,7 @@ class SftTrainer:
       raise ValueError(f"this process's batch of {rows} rows does not split into micro-batches "
                        f"of {local} rows (micro_batch_size={self.micro_batch_size} over "
                        f"{jax.process_count()} process(es))")
-    # [M, R, …] with the rows over (data, fsdp). Global micro-batch m stacks every process's m-th
+    # [M, B, …] with the rows over (data, fsdp). Global micro-batch m stacks every process's m-th
     # slice of its own rows (any split of the rows gives the same token-mean).
     stacked = jax.tree.map(lambda x: sharding.global_rows(
         x.reshape((-1, local) + x.shape[1:]), self.mesh, leading=1), seqs)
@@ -156,7 +158,7 @@ class SftTrainer:
     if self.lr_schedule is not None:
       # Adam's own count of applied updates: skipped non-finite steps do not advance it.
       out["learning_rate"] = float(self.lr_schedule(update.update_count(self.opt_state)))
-    return out
+    return StepResult(out)
 
   def commit(self) -> None:
     """Makes `model` hold the current parameters."""

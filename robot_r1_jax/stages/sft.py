@@ -7,6 +7,8 @@ the warm-up before RL.
     history = run_sft(model, optimizer, data, tokenizer, config, workdir, mesh,
                       questions=questions, lr_schedule=schedule)
 
+or, from a stage context (what the launcher does): `train_sft(context, config, workdir)`.
+
 Data path: the loader's batches as they are (left-padded chat-template prompts with their images,
 the same ones RL samples from), plus one target completion per row
 (`data.sft_targets.target_text`) tokenized with the same tokenizer and ended with `<|im_end|>`,
@@ -32,22 +34,22 @@ import os
 import pathlib
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-import grain
 import jax
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from robot_r1_jax.data import loader as loader_lib
 from robot_r1_jax.data import records, sft_targets
-from robot_r1_jax.data.extract import Manifest
 from robot_r1_jax.data.loader import Batch
 from robot_r1_jax.data.mcqa import Question
 from robot_r1_jax.data.prompts import RobotMetadata
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
-from robot_r1_jax.rl.learner import Sequences
-from robot_r1_jax.train import loop
-from robot_r1_jax.train.sft_step import SftBatch, SftTrainer
+from robot_r1_jax.stages.context import StageContext
+from robot_r1_jax.stages.sft_step import SftBatch, SftTrainer
+from robot_r1_jax.train import loop, optim
+from robot_r1_jax.train.scoring import Sequences
 
 if TYPE_CHECKING:
   from transformers import PreTrainedTokenizerBase
@@ -59,19 +61,11 @@ class SplitQuestions:
   """The questions of one split of an extractor output, by record index (`Batch.record_indices`)."""
 
   def __init__(self, data_dir: str | os.PathLike[str], split: str):
-    """Raises ValueError (bad manifest or split) or FileNotFoundError (a missing shard)."""
-    data_dir = pathlib.Path(data_dir)
-    self.manifest = Manifest.load(data_dir)
-    if split not in self.manifest.splits:
-      raise ValueError(f"{data_dir / 'manifest.json'} has no split {split!r}; it has "
-                       f"{sorted(self.manifest.splits)}")
-    paths = self.manifest.shard_paths(data_dir, split)
-    for path in paths:
-      if not path.is_file():
-        raise FileNotFoundError(f"shard {path} listed in {data_dir / 'manifest.json'} does not "
-                                "exist")
+    """Raises as `records.open_split` (a bad manifest, split or shard)."""
+    opened = records.open_split(data_dir, split)
+    self.manifest = opened.manifest
     self._where = f"split {split!r} of {data_dir}"
-    self._source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+    self._source = opened.source
 
   def __len__(self) -> int:
     return len(self._source)
@@ -166,20 +160,37 @@ class SftConfig:
 
   total_steps: int  # the run ends at this step (a resumed run continues up to it)
   targets: sft_targets.TargetConfig = sft_targets.TargetConfig()  # see SplitQuestions.target_config
-  # Increasing target lengths N, in tokens with <|im_end|>. With the tiny tokenizer a direct target
+  # Increasing target lengths R, in tokens with <|im_end|>. With the tiny tokenizer a direct target
   # is ≈ 15 (open-ended ≈ 33) tokens and a CoT one 120–230.
   target_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+  batch_size: int = 8  # questions per step, all processes together (`train_sft`'s loader)
   micro_batch_size: int = 8  # rows (all processes) per forward/backward; exact accumulation
-  checkpoint_every: int = 50
-  keep_checkpoints: int = 3
-  max_consecutive_bad_steps: int = 3
+  optimizer: optim.OptimizerConfig = optim.OptimizerConfig(
+      learning_rate=3e-3, schedule="cosine", warmup_steps=5)  # `train_sft`'s optimizer
+  loop: loop.LoopSettings = loop.LoopSettings(checkpoint_every=50)
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. the flags, for the record
 
   def __post_init__(self):
-    for name in ("total_steps", "micro_batch_size", "checkpoint_every", "keep_checkpoints",
-                 "max_consecutive_bad_steps"):
+    for name in ("total_steps", "batch_size", "micro_batch_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"SftConfig.{name}={getattr(self, name)} must be >= 1")
+
+
+def train_sft(context: StageContext, config: SftConfig, workdir: str | os.PathLike[str]
+              ) -> list[dict[str, float]]:
+  """The SFT stage on the context's train split: its loader, `config.optimizer` and `run_sft`.
+
+  The targets are of `config.targets.kind`, built with the geometry the questions were extracted
+  with (the manifest's, `SplitQuestions.target_config`).
+  """
+  questions = SplitQuestions(context.data_dir, "train")
+  data = loader_lib.make_loader(context.data_dir, "train", dataclasses.replace(
+      context.loader, batch_size=config.batch_size // jax.process_count()))
+  optimizer, schedule = optim.build_optimizer(config.optimizer, config.total_steps)
+  config = dataclasses.replace(config, targets=questions.target_config(config.targets.kind),
+                               meta={**context.meta, **config.meta})
+  return run_sft(context.model, optimizer, iter(data), context.tokenizer, config, workdir,
+                 context.mesh, questions=questions, lr_schedule=schedule)
 
 
 def run_sft(model: Qwen25VL, optimizer: optax.GradientTransformation, data: Iterator[Batch],
@@ -191,10 +202,10 @@ def run_sft(model: Qwen25VL, optimizer: optax.GradientTransformation, data: Iter
 
   Args:
     model: trained in place: on return it holds the last parameters.
-    optimizer: e.g. `launch.pipeline.build_optimizer(...)[0]`.
+    optimizer: e.g. `train.optim.build_optimizer(...)[0]`.
     data: a checkpointable grain iterator of loader batches (`iter(make_loader(...))`).
     tokenizer: the loader's tokenizer.
-    config: see `SftConfig`.
+    config: see `SftConfig` (its batch size and optimizer are `train_sft`'s business).
     workdir: checkpoints/, metrics.jsonl and tb/ go here.
     mesh: the model's mesh.
     questions: record indices -> questions, usually `SplitQuestions` of the loader's split.
@@ -206,11 +217,8 @@ def run_sft(model: Qwen25VL, optimizer: optax.GradientTransformation, data: Iter
   trainer = SftTrainer(model, optimizer, mesh, micro_batch_size=config.micro_batch_size,
                        lr_schedule=lr_schedule)
   build = SftBatchBuilder(tokenizer, config.targets, config.target_buckets)
-  step_fn = lambda batch, step: loop.StepOutput(
-      trainer.step(build(batch, questions(batch.record_indices))))
+  step_fn = lambda batch, step: trainer.step(build(batch, questions(batch.record_indices)))
   return loop.run(trainer, step_fn, data, loop.LoopConfig(
       workdir=pathlib.Path(workdir), total_steps=config.total_steps, stage="sft",
-      checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
-      max_consecutive_bad_steps=config.max_consecutive_bad_steps,
-      progress=(("loss", "loss"), ("acc", "token_accuracy")),
+      settings=config.loop, progress=(("loss", "loss"), ("acc", "token_accuracy")),
       meta={**config.meta, "target": config.targets.kind}))

@@ -7,6 +7,9 @@ the rollout's longest at a few widths per new-token bucket (`LearnerConfig.width
 update pays for what was generated, and each prompt (with its image) is run once for its G samples,
 whose completions attend to its keys and values (`LearnerConfig.prompt_share`). The host only moves
 batches and turns completions into rewards.
+
+Dimensions (the package alphabet): B prompts · G samples per prompt · M micro-batches · T prompt
+bucket · R completion width.
 """
 
 from __future__ import annotations
@@ -20,18 +23,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, struct
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from robot_r1_jax.data.mcqa import QUESTION_TYPES
-from robot_r1_jax.model import rope, sharding
+from robot_r1_jax.data.prompts import QUESTION_TYPES
+from robot_r1_jax.generate.sampler import Sampler, SamplerOutput
+from robot_r1_jax.model import sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 from robot_r1_jax.rl import advantages as adv_lib
+from robot_r1_jax.rl import kl as kl_lib
 from robot_r1_jax.rl import losses, rewards
-from robot_r1_jax.rl.sampler import Sampler, SamplerOutput
 from robot_r1_jax.train import update
+from robot_r1_jax.train.loop import StepResult
 from robot_r1_jax.train.metrics import StepTimer
+from robot_r1_jax.train.scoring import Sequences, sequence_log_probs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,31 +51,22 @@ class LearnerConfig:
   num_updates_per_rollout: int = 1  # μ passes over the rollout's mini-batches
   max_new_tokens: int = 256
   # Completions are cut to the rollout's longest, rounded up to k/width_steps of the new-token
-  # bucket N: the update pays for the tokens generated, not the budget, at ≤ width_steps compiled
-  # widths per bucket (32-token steps for N = 256).
+  # bucket R: the update pays for the tokens generated, not the budget, at ≤ width_steps compiled
+  # widths per bucket (32-token steps for R = 256).
   width_steps: int = 8
-  kl_in_reward: bool = False  # KL in the reward (through the estimator) instead of the loss
-  reward_kl_estimator: str = "k1"
+  kl: kl_lib.KLPenalty = kl_lib.KLPenalty()  # β, its estimator, and loss or reward
   loss: losses.PolicyLossConfig = losses.PolicyLossConfig()
   advantage: adv_lib.AdvantageOptions = adv_lib.AdvantageOptions()
   reward_weights: rewards.RewardWeights = rewards.RewardWeights()
 
   def __post_init__(self):
     adv_lib.get_estimator(self.algo)  # raises naming the valid estimators
-    if self.reward_kl_estimator not in losses.KL_ESTIMATORS:
-      raise ValueError(f"reward_kl_estimator={self.reward_kl_estimator!r} is not one of "
-                       f"{sorted(losses.KL_ESTIMATORS)}")
     if self.width_steps < 1:
       raise ValueError(f"width_steps={self.width_steps} must be >= 1")
     rows = self.train_batch_size * self.num_generations
     if rows % self.micro_batch_size:
       raise ValueError(f"train_batch_size × num_generations = {rows} sequences is not a multiple "
                        f"of micro_batch_size={self.micro_batch_size}")
-
-  @property
-  def needs_reference(self) -> bool:
-    return (self.loss.kl_coef > 0 and not self.kl_in_reward) or (
-        self.kl_in_reward and self.advantage.kl_coef > 0)
 
   @property
   def prompt_share(self) -> int:
@@ -80,102 +77,16 @@ class LearnerConfig:
     """
     return math.gcd(self.micro_batch_size, self.num_generations)
 
-  @property
-  def loss_config(self) -> losses.PolicyLossConfig:
-    """The KL leaves the loss when it is in the reward."""
-    return dataclasses.replace(self.loss, kl_coef=0.0) if self.kl_in_reward else self.loss
 
-
-@struct.dataclass
-class Sequences:
-  """Prompt + completion rows scored by a forward pass (row-major over B·G)."""
-
-  prompt_ids: jax.Array  # [B, T] int32, left-padded
-  prompt_mask: jax.Array  # [B, T] int32
-  completion: jax.Array  # [B, N] int32
-  completion_mask: jax.Array  # [B, N] int32 (a prefix of each row)
-  pixel_values: jax.Array | None  # [B, P, patch_dim] f32: each row's image, or None
-
-
-@struct.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainRows:
   """What one optimizer update consumes, stacked as [M micro-batches, rows, …]."""
 
   seqs: Sequences
-  old_logp: jax.Array  # [M, R, N] f32 (unused when on-policy)
-  ref_logp: jax.Array  # [M, R, N] f32 (zeros when no KL in the loss)
-  advantages: jax.Array  # [M, R, N] f32
-
-
-def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] | None,
-                       temperature: float = 1.0, share: int = 1) -> tuple[jax.Array, jax.Array]:
-  """(log-probs [B, N] f32 of the completion tokens, entropy [B, N] f32) under `model`.
-
-  The distribution is softmax(logits / temperature), the one the sampler drew from, so that the
-  policy, old and reference log-probs and the sampler's own all describe the same policy.
-  Positions are the ones the sampler decoded with: the prompt's M-RoPE index, then one step per
-  completion token. A generated `<|image_pad|>` id is therefore never mistaken for an image.
-
-  `share`: rows come in runs of `share` that hold one prompt and image (samples of one prompt,
-  kept adjacent). Each run's prompt and image then go through the model once and its completions
-  attend to that prompt's keys and values: the same numbers as scoring every row whole, up to
-  float rounding, for 1/share of the prompt's FLOPs. `share=1` is the single whole-row forward
-  (the pass compared against Hugging Face).
-  """
-  if seqs.prompt_ids.shape[0] % share:
-    raise ValueError(f"{seqs.prompt_ids.shape[0]} rows do not come in runs of share={share}")
-  logits = (_whole_row_logits(model, seqs, image_grid) if share == 1
-            else _shared_prompt_logits(model, seqs, image_grid, share))
-  if temperature != 1.0:
-    logits = logits.astype(jnp.float32) / temperature
-  return (losses.token_log_probs(logits, seqs.completion),
-          jax.lax.stop_gradient(losses.token_entropy(logits)))
-
-
-def _whole_row_logits(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] | None
-                      ) -> jax.Array:
-  """[B, N, V]: one forward over every prompt + completion row."""
-  prompt_len, n = seqs.prompt_ids.shape[1], seqs.completion.shape[1]
-  cfg = model.cfg
-  grids = None if image_grid is None else (image_grid,) * seqs.prompt_ids.shape[0]
-  index = rope.get_rope_index(seqs.prompt_ids, seqs.prompt_mask, grids,
-                              image_token_id=cfg.image_token_id,
-                              spatial_merge_size=cfg.vision.spatial_merge_size)
-  completion_pos = rope.decode_positions(seqs.prompt_mask.sum(1).astype(jnp.int32), index.deltas,
-                                         n)
-  positions = jnp.concatenate([index.positions, completion_pos], axis=2)
-  ids = jnp.concatenate([seqs.prompt_ids, seqs.completion], axis=1)
-  mask = jnp.concatenate([seqs.prompt_mask, seqs.completion_mask], axis=1)
-  pixels = None if seqs.pixel_values is None else seqs.pixel_values.reshape(
-      -1, seqs.pixel_values.shape[-1])
-  # Logits at position t predict token t+1: the completion is predicted from [T−1, T+N−1).
-  image_mask = jnp.concatenate([seqs.prompt_ids == cfg.image_token_id,
-                                jnp.zeros(seqs.completion.shape, bool)], axis=1)
-  return model.forward(ids[:, :-1], mask[:, :-1], pixels, grids, positions=positions[:, :, :-1],
-                       logits_from=prompt_len - 1, image_mask=image_mask[:, :-1]).logits
-
-
-def _shared_prompt_logits(model: Qwen25VL, seqs: Sequences,
-                          image_grid: tuple[int, int, int] | None, share: int) -> jax.Array:
-  """[B, N, V]: each run's prompt once (its keys/values repeated to the run), then the
-  completions as one chunk that attends to them."""
-  t, n = seqs.prompt_ids.shape[1], seqs.completion.shape[1]
-  ids, mask = seqs.prompt_ids[::share], seqs.prompt_mask[::share]
-  grids = None if image_grid is None else (image_grid,) * ids.shape[0]
-  pixels = None if seqs.pixel_values is None else seqs.pixel_values[::share].reshape(
-      -1, seqs.pixel_values.shape[-1])
-  prompt = model.forward(ids, mask, pixels, grids, new_cache=t, logits_from=t - 1)
-  rep = lambda x, axis=0: jnp.repeat(x, share, axis=axis)
-  logits = rep(prompt.logits)  # the last prompt position predicts completion token 0
-  if n == 1:
-    return logits
-  prefix = prompt.cache.map_rows(rep)
-  deltas = rep(prompt.rope_deltas)
-  positions = rope.decode_positions(rep(mask.sum(1).astype(jnp.int32)), deltas, n - 1)
-  # Without pixel values the completion is all text: a generated `<|image_pad|>` stays a token.
-  rest = model.forward(seqs.completion[:, :-1], seqs.completion_mask[:, :-1], prefix=prefix,
-                       positions=positions, rope_deltas=deltas)
-  return jnp.concatenate([logits, rest.logits], axis=1)
+  old_logp: jax.Array  # [M, B·G/M, R] f32 (unused when on-policy)
+  ref_logp: jax.Array  # [M, B·G/M, R] f32 (zeros without a KL term in the loss)
+  advantages: jax.Array  # [M, B·G/M, R] f32
 
 
 class Learner:
@@ -195,7 +106,7 @@ class Learner:
     self.params = params
     self.opt_state = update.init_opt_state(optimizer, params, mesh)
     # A frozen copy of the initial policy, sharded like it (copies, so donation cannot alias).
-    self.ref_params = (jax.tree.map(jnp.copy, params) if config.needs_reference else None)
+    self.ref_params = jax.tree.map(jnp.copy, params) if config.kl.active else None
     self._log_probs = jax.jit(self._log_probs_impl, static_argnames=("image_grid",))
     self._select = jax.jit(self._select_impl)
     self._train_step = update.jit_step(self._train_step_impl, params, self.opt_state,
@@ -217,27 +128,26 @@ class Learner:
                               self.config.prompt_share)[0]
 
   def _train_step_impl(self, params, opt_state, rows: TrainRows, *, image_grid, on_policy: bool):
-    cfg = self.config.loss_config
+    cfg = self.config
+    kl = cfg.kl if cfg.kl.in_loss else None
 
     def loss_sum(p, mb: TrainRows):
       logp, entropy = sequence_log_probs(self._model(p), mb.seqs, image_grid, self.temperature,
-                                         self.config.prompt_share)
+                                         cfg.prompt_share)
       old = jax.lax.stop_gradient(logp) if on_policy else mb.old_logp
-      out = losses.policy_loss(logp, old, mb.advantages, mb.seqs.completion_mask, cfg,
-                               ref_logp=mb.ref_logp if cfg.kl_coef > 0 else None,
-                               entropy=entropy)
+      out = losses.policy_loss(logp, old, mb.advantages, mb.seqs.completion_mask, cfg.loss,
+                               ref_logp=mb.ref_logp if kl else None, entropy=entropy, kl=kl)
       return out.loss_sum, out
 
     params, opt_state, out, grad_norm, finite = update.accumulate_and_apply(
         self.optimizer, params, opt_state, rows, loss_sum, losses.finalize)
-    metrics = {**losses.loss_metrics(out), "loss": losses.finalize(out), "grad_norm": grad_norm,
-               "finite": finite}
+    metrics = {**losses.loss_metrics(out), "grad_norm": grad_norm, "finite": finite}
     return params, opt_state, metrics
 
   # ------------------------------------------------------------------------------- host side
 
   def log_probs(self, params, seqs: Sequences, image_grid) -> jax.Array:
-    """Log-probs [B, N] computed micro-batch by micro-batch (bounded activation memory)."""
+    """Log-probs [B·G, R] computed micro-batch by micro-batch (bounded activation memory)."""
     mb = self.config.micro_batch_size
     rows = seqs.prompt_ids.shape[0]
     parts = [self._log_probs(params, jax.tree.map(lambda x: x[i:i + mb], seqs),
@@ -251,15 +161,15 @@ class Learner:
     Arrays that cross processes are global (rows split over data×fsdp); text, rewards and the
     returned `StepResult` arrays are this process's rows. Metrics are over all processes.
     """
-    cfg, g = self.config, self.config.num_generations
+    g = self.config.num_generations
     timer = StepTimer()
     grids = np.asarray(batch.image_grid_thw) if batch.pixel_values is not None else None
     image_grid = None if grids is None else _single_grid(grids)
 
     with timer("rollout"):  # G completions per prompt from one prefill
       out = self.sampler(batch.input_ids, batch.attention_mask, jax.random.fold_in(key, 0),
-                         max_new_tokens=cfg.max_new_tokens, pixel_values=batch.pixel_values,
-                         image_grid_thw=grids)
+                         max_new_tokens=self.config.max_new_tokens,
+                         pixel_values=batch.pixel_values, image_grid_thw=grids)
 
     with timer("reward"):  # rule-based, on this process's detokenised completions
       answers = np.repeat(np.asarray(batch.answers), g)
@@ -267,58 +177,56 @@ class Learner:
       reward = self.reward_fn(list(out.text), [str(a) for a in answers])
 
     with timer("advantage"):  # reference / old log-probs, then the estimator
-      seqs, sampled_logp = self._sequences(batch, out)
-      rows = seqs.completion.shape[0]
-      per_update = cfg.train_batch_size * g
-      if rows % per_update:
-        raise ValueError(f"a rollout of {rows} sequences does not split into updates of "
-                         f"train_batch_size × G = {per_update}")
-      on_policy = rows // per_update * cfg.num_updates_per_rollout == 1
-      zeros = jnp.zeros(seqs.completion.shape, jnp.float32)
-      ref_logp = (self.log_probs(self.ref_params, seqs, image_grid) if cfg.needs_reference
-                  else zeros)
-      old_logp = zeros if on_policy else self.log_probs(self.params, seqs, image_grid)
-      behaviour = sampled_logp if on_policy else old_logp
-      kl = losses.kl_divergence(behaviour, ref_logp, cfg.reward_kl_estimator)
-      kl = kl * seqs.completion_mask
-      scores = sharding.global_rows(np.asarray(reward.total, np.float32), self.mesh)
-      advantages = adv_lib.get_estimator(cfg.algo)(
-          scores, seqs.completion_mask, g, kl if cfg.kl_in_reward else None,
-          options=cfg.advantage)
-      # Dispatch is asynchronous: wait here so the phase times are the phases' own.
-      jax.block_until_ready((ref_logp, old_logp, advantages))
+      rows, kl, on_policy = self._score(batch, out, reward, image_grid)
 
     with timer("update"):  # μ passes of mini-batch updates over micro-batch gradients
-      update_metrics = self._update(TrainRows(seqs=seqs, old_logp=old_logp, ref_logp=ref_logp,
-                                      advantages=advantages), key, image_grid, on_policy)
+      update_metrics = self._update(rows, key, image_grid, on_policy)
 
     self.bad_steps = self.bad_steps + 1 if update_metrics["updates/skipped_non_finite"] else 0
-    mask = seqs.completion_mask.astype(bool)
-    tokens = jnp.maximum(mask.sum(), 1)
-    adv_mean = jnp.sum(jnp.where(mask, advantages, 0.0)) / tokens
-    metrics = {
-        **_all_processes_summary(reward, types),
-        "kl/policy_ref": float(kl.sum() / tokens),
-        "response_length/mean": float(mask.sum(1).mean()),
-        "response_length/clipped_fraction": float(jnp.mean(out.finish_reasons == 1)),
-        "advantage/mean": float(adv_mean),
-        "advantage/std": float(jnp.sqrt(jnp.sum(jnp.where(mask, (advantages - adv_mean)**2, 0.0))
-                                        / tokens)),
-        "tokens/generated": float(mask.sum()),
-        **update_metrics,
-        **({"update/learning_rate": float(self.lr_schedule(update.update_count(self.opt_state)))}
-           if self.lr_schedule else {}),
-        **timer.summary(),
-        # Executables built so far; growth after the first steps means shapes escape the buckets.
-        "compiles/train_step": float(self._train_step._cache_size()),
-        "compiles/log_probs": float(self._log_probs._cache_size()),
-        **{f"compiles/sampler_{k}": float(v) for k, v in self.sampler.traces.counts.items()},
-    }
-    rollouts = [dict(completion=t, answer=str(a), reward=float(r), question_type=str(q))
-                for t, a, r, q in zip(out.text, answers, reward.total, types)]
-    return StepResult(metrics=metrics, rollouts=rollouts, scores=np.asarray(reward.total),
-                      advantages=sharding.local_rows(advantages),
-                      completion_mask=sharding.local_rows(seqs.completion_mask))
+    metrics = {**_all_processes_summary(reward, types),
+               **_rollout_metrics(rows, kl, out),
+               **update_metrics,
+               **({"update/learning_rate": float(self.lr_schedule(
+                   update.update_count(self.opt_state)))} if self.lr_schedule else {}),
+               **timer.summary(),
+               **self._compile_counts()}
+    records = [dict(completion=t, answer=str(a), reward=float(r), question_type=str(q))
+               for t, a, r, q in zip(out.text, answers, reward.total, types)]
+    return StepResult(metrics=metrics, rollouts=records, scores=np.asarray(reward.total),
+                      advantages=sharding.local_rows(rows.advantages),
+                      completion_mask=sharding.local_rows(rows.seqs.completion_mask))
+
+  def _score(self, batch: Any, out: SamplerOutput, reward: rewards.RewardOutput, image_grid
+             ) -> tuple[TrainRows, jax.Array, bool]:
+    """The rollout's rows with their reference/old log-probs and advantages, the per-token KL
+    [B·G, R] to the reference, and whether the rollout feeds a single on-policy update."""
+    cfg, g = self.config, self.config.num_generations
+    seqs, sampled_logp = self._sequences(batch, out)
+    total = seqs.completion.shape[0]
+    per_update = cfg.train_batch_size * g
+    if total % per_update:
+      raise ValueError(f"a rollout of {total} sequences does not split into updates of "
+                       f"train_batch_size × G = {per_update}")
+    on_policy = total // per_update * cfg.num_updates_per_rollout == 1
+    zeros = jnp.zeros(seqs.completion.shape, jnp.float32)
+    ref_logp = self.log_probs(self.ref_params, seqs, image_grid) if cfg.kl.active else zeros
+    old_logp = zeros if on_policy else self.log_probs(self.params, seqs, image_grid)
+    behaviour = sampled_logp if on_policy else old_logp
+    kl = kl_lib.kl_divergence(behaviour, ref_logp, cfg.kl.estimator) * seqs.completion_mask
+    scores = sharding.global_rows(np.asarray(reward.total, np.float32), self.mesh)
+    advantages = adv_lib.get_estimator(cfg.algo)(
+        scores, seqs.completion_mask, g, cfg.kl.coef * kl if cfg.kl.in_reward else None,
+        options=cfg.advantage)
+    # Dispatch is asynchronous: wait here so the phase times are the phases' own.
+    jax.block_until_ready((ref_logp, old_logp, advantages))
+    return (TrainRows(seqs=seqs, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages),
+            kl, on_policy)
+
+  def _compile_counts(self) -> dict[str, float]:
+    """Executables built so far; growth after the first steps means shapes escape the buckets."""
+    return {"compiles/train_step": float(self._train_step._cache_size()),
+            "compiles/log_probs": float(self._log_probs._cache_size()),
+            **{f"compiles/sampler_{k}": float(v) for k, v in self.sampler.traces.counts.items()}}
 
   def _sequences(self, batch: Any, out: SamplerOutput) -> tuple[Sequences, jax.Array]:
     """Prompt + completion rows (global), each with its prompt's image repeated G times, and the
@@ -375,13 +283,18 @@ class Learner:
 RewardFn = Callable[[list[str], list[str]], rewards.RewardOutput]
 
 
-@dataclasses.dataclass(frozen=True)
-class StepResult:
-  metrics: dict[str, float]  # scalars for logging
-  rollouts: list[dict[str, Any]]  # one record per completion
-  scores: np.ndarray  # [B·G] total rewards
-  advantages: np.ndarray  # [B·G, N]
-  completion_mask: np.ndarray  # [B·G, N]
+def _rollout_metrics(rows: TrainRows, kl: jax.Array, out: SamplerOutput) -> dict[str, float]:
+  """KL to the reference, response lengths and advantage statistics over the valid tokens."""
+  mask = rows.seqs.completion_mask.astype(bool)
+  tokens = jnp.maximum(mask.sum(), 1)
+  adv_mean = jnp.sum(jnp.where(mask, rows.advantages, 0.0)) / tokens
+  adv_var = jnp.sum(jnp.where(mask, (rows.advantages - adv_mean)**2, 0.0)) / tokens
+  return {"kl/policy_ref": float(kl.sum() / tokens),
+          "response_length/mean": float(mask.sum(1).mean()),
+          "response_length/clipped_fraction": float(jnp.mean(out.finish_reasons == 1)),
+          "advantage/mean": float(adv_mean),
+          "advantage/std": float(jnp.sqrt(adv_var)),
+          "tokens/generated": float(mask.sum())}
 
 
 def completion_width(lengths: jax.Array, bucket: int, steps: int) -> int:

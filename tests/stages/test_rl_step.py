@@ -8,57 +8,43 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from robot_r1_jax.data.loader import Batch
-from robot_r1_jax.launch import mesh as mesh_lib
-from robot_r1_jax.launch import pipeline
+from robot_r1_jax.generate import sampling
 from robot_r1_jax.model import config as config_lib
-from robot_r1_jax.model import processor
 from robot_r1_jax.model.qwen2_5_vl import init_model
-from robot_r1_jax.rl import losses, rewards, sampling
-from robot_r1_jax.rl.learner import (Learner, LearnerConfig, Sequences, completion_width,
-                                     sequence_log_probs)
-from robot_r1_jax.rl.sampler import Sampler, SamplerConfig
+from robot_r1_jax.rl import kl as kl_lib
+from robot_r1_jax.rl import rewards
+from robot_r1_jax.stages.rl_step import Learner, LearnerConfig, completion_width
+from robot_r1_jax.train.optim import OptimizerConfig, build_optimizer
+from robot_r1_jax.train.scoring import Sequences, sequence_log_probs
+
+from testing import EOS, PAD, image_prompts, make_sampler, question_batch
 
 G = 4
 PROMPTS = 2
 
 
 @pytest.fixture(scope="module")
-def setup():
-  tokenizer = processor.load_tokenizer()
+def setup(tokenizer, one_device_mesh):
   rng = np.random.default_rng(0)
-  rows, pixels, grids = [], [], []
-  for text in ("Which way? [[A]] up [[B]] down", "Where next? [[A]] left [[B]] right [[C]] on"):
-    pv, grid = processor.preprocess_image(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8))
-    rows.append(processor.build_prompt_ids(tokenizer, text, grid))
-    pixels.append(pv)
-    grids.append(grid)
-  length = 64
-  ids = np.full((PROMPTS, length), tokenizer.pad_token_id, np.int32)
-  mask = np.zeros((PROMPTS, length), np.int32)
-  for b, row in enumerate(rows):
-    ids[b, length - len(row):], mask[b, length - len(row):] = row, 1
-  arr = lambda *v: np.array(v)
-  batch = Batch(input_ids=ids, attention_mask=mask, pixel_values=np.concatenate(pixels),
-                image_grid_thw=np.array(grids, np.int32), answers=arr("[[A]]", "[[C]]"),
-                question_types=arr("movement", "waypoint"), tasks=arr("t", "t"),
-                episodes=arr("e0", "e1"), frames=arr(0, 10), record_indices=arr(0, 1),
-                epochs=arr(0, 0), valid=arr(True, True))
-  mesh = mesh_lib.make_mesh("data=1,fsdp=1,tensor=1", devices=jax.devices()[:1])
-  return tokenizer, batch, mesh
+  prompts = image_prompts(tokenizer, [
+      (text, rng.integers(0, 255, (56, 84, 3), dtype=np.uint8))
+      for text in ("Which way? [[A]] up [[B]] down",
+                   "Where next? [[A]] left [[B]] right [[C]] on")],
+      length=64, pad_id=tokenizer.pad_token_id)
+  batch = question_batch(prompts, answers=["[[A]]", "[[C]]"],
+                         question_types=["movement", "waypoint"], tasks=["t", "t"])
+  return tokenizer, batch, one_device_mesh
 
 
 def _learner(setup, reward_fn=None, temperature=1.0, **overrides):
   tokenizer, _, mesh = setup
   model = init_model(config_lib.tiny(), seed=0, mesh=mesh)
-  sampler = Sampler(model, SamplerConfig(
-      stop_tokens=(1002, 1000), num_samples=G, pad_id=tokenizer.pad_token_id,
+  sampler = make_sampler(
+      model, tokenizer, mesh=mesh, stop_tokens=(EOS, PAD), num_samples=G,
       prompt_buckets=(64,), new_token_buckets=(16,),
-      sampling=sampling.SamplingParams(temperature=temperature, top_p=1.0, top_k=0)),
-      mesh=mesh, tokenizer=tokenizer)
-  optimizer, schedule = pipeline.build_optimizer(learning_rate=1e-3, schedule="constant",
-                                                 warmup_steps=0, total_steps=10,
-                                                 weight_decay=0.0, grad_clip=1.0)
+      sampling=sampling.SamplingParams(temperature=temperature, top_p=1.0, top_k=0))
+  optimizer, schedule = build_optimizer(OptimizerConfig(learning_rate=1e-3, weight_decay=0.0),
+                                        total_steps=10)
   cfg = LearnerConfig(**{"num_generations": G, "train_batch_size": PROMPTS,
                          "micro_batch_size": 4, "max_new_tokens": 16, **overrides})
   return Learner(model, optimizer, sampler, cfg, mesh, lr_schedule=schedule,
@@ -207,10 +193,9 @@ def test_non_finite_rewards_skip_the_update(setup):
 
 
 def test_kl_in_reward_moves_the_kl_out_of_the_loss():
-  cfg = LearnerConfig(kl_in_reward=True, loss=losses.PolicyLossConfig(kl_coef=0.05),
-                      micro_batch_size=5)
-  assert cfg.loss_config.kl_coef == 0.0 and cfg.needs_reference
-  assert not LearnerConfig(loss=losses.PolicyLossConfig(kl_coef=0.0)).needs_reference
+  cfg = LearnerConfig(kl=kl_lib.KLPenalty(coef=0.05, placement="reward"), micro_batch_size=5)
+  assert not cfg.kl.in_loss and cfg.kl.in_reward and cfg.kl.active
+  assert not LearnerConfig(kl=kl_lib.KLPenalty(coef=0.0)).kl.active
   with pytest.raises(ValueError, match="micro_batch_size"):
     LearnerConfig(train_batch_size=3, num_generations=5, micro_batch_size=4)
   with pytest.raises(ValueError, match="grpo"):

@@ -16,13 +16,14 @@ from flax import nnx
 
 from robot_r1_jax.data import extract, loader, mcqa, records, sft_targets
 from robot_r1_jax.data.rlbench_io import encode_png
-from robot_r1_jax.launch import mesh as mesh_lib
-from robot_r1_jax.launch import pipeline
 from robot_r1_jax.model import config as config_lib
-from robot_r1_jax.model import processor
 from robot_r1_jax.model.qwen2_5_vl import init_model
-from robot_r1_jax.train import sft
-from robot_r1_jax.train.sft_step import SftBatch, SftTrainer
+from robot_r1_jax.stages import sft
+from robot_r1_jax.stages.sft_step import SftBatch, SftTrainer
+from robot_r1_jax.train.loop import LoopSettings
+from robot_r1_jax.train.optim import OptimizerConfig, build_optimizer
+
+from testing import make_mesh
 
 ROWS = 4
 # Prompts with the tiny tokenizer and 56-px images are 310–460 tokens: one bucket for them all.
@@ -51,24 +52,19 @@ def data_dir(tmp_path_factory) -> pathlib.Path:
         writer.write(records.encode_record(records.Record(question, 0, image)))
         count += 1
   writer.close()
-  split = extract.SplitInfo(num_records=count, shards=(extract.ShardInfo(
+  split = records.SplitInfo(num_records=count, shards=(records.ShardInfo(
       "train-00000.array_record", count, ""),), episodes=tuple(episodes), by_task={}, by_type={})
-  manifest = extract.Manifest(
+  manifest = records.Manifest(
       schema_version=records.SCHEMA_VERSION, record_format="", demos_dir="",
       config=json.loads(json.dumps(dataclasses.asdict(config))), episodes_found=3,
       splits={"train": split}, skipped=())
-  (out / extract.MANIFEST).write_text(manifest.to_json())
+  (out / records.MANIFEST).write_text(manifest.to_json())
   return out
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-  return processor.load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def mesh():
-  return mesh_lib.make_mesh("data=1,fsdp=1,tensor=1", devices=jax.devices()[:1])
+def mesh(one_device_mesh):
+  return one_device_mesh
 
 
 def _loader(data_dir, **overrides) -> loader.Loader:
@@ -77,9 +73,8 @@ def _loader(data_dir, **overrides) -> loader.Loader:
 
 
 def _optimizer():
-  return pipeline.build_optimizer(learning_rate=LEARNING_RATE, schedule="constant",
-                                  warmup_steps=0, total_steps=100, weight_decay=0.0,
-                                  grad_clip=1.0)
+  return build_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE, weight_decay=0.0),
+                         total_steps=100)
 
 
 def _trainer(mesh, micro_batch_size: int = ROWS) -> SftTrainer:
@@ -97,7 +92,7 @@ def direct_batch(data_dir, tokenizer) -> SftBatch:
   built = sft.SftBatchBuilder(tokenizer, questions.target_config("direct"), (16, 32))(
       batch, questions(batch.record_indices))
   mask = built.seqs.completion_mask * (np.arange(16)[None, :] < [[15], [4], [9], [12]])
-  return dataclasses.replace(built, seqs=built.seqs.replace(completion_mask=mask))
+  return dataclasses.replace(built, seqs=dataclasses.replace(built.seqs, completion_mask=mask))
 
 
 def _params(trainer: SftTrainer) -> list[np.ndarray]:
@@ -177,7 +172,7 @@ def test_loss_is_the_cross_entropy_of_the_target_tokens_only(mesh, direct_batch)
   want = -picked[mask].mean()
 
   first = _trainer(mesh)
-  metrics = first.step(direct_batch)
+  metrics = first.step(direct_batch).metrics
   assert metrics["target_tokens"] == mask.sum() == 15 + 4 + 9 + 12
   assert metrics["loss"] == pytest.approx(want, rel=1e-5)
   assert metrics["token_accuracy"] == pytest.approx(np.mean(picked[mask] > np.log(0.5)))
@@ -186,22 +181,22 @@ def test_loss_is_the_cross_entropy_of_the_target_tokens_only(mesh, direct_batch)
   rng = np.random.default_rng(0)
   scrambled = np.where(mask, seqs.completion, rng.integers(0, 1000, seqs.completion.shape))
   second = _trainer(mesh)
-  other = second.step(dataclasses.replace(
-      direct_batch, seqs=seqs.replace(completion=scrambled.astype(np.int32))))
+  other = second.step(dataclasses.replace(direct_batch, seqs=dataclasses.replace(
+      seqs, completion=scrambled.astype(np.int32)))).metrics
   assert other["loss"] == metrics["loss"] and other["grad_norm"] == metrics["grad_norm"]
   for a, b in zip(_params(first), _params(second)):
     np.testing.assert_array_equal(a, b)
 
   # No target token at all: loss 0 and zero gradients, not 0/0.
-  empty = _trainer(mesh).step(dataclasses.replace(
-      direct_batch, seqs=seqs.replace(completion_mask=np.zeros_like(seqs.completion_mask))))
+  empty = _trainer(mesh).step(dataclasses.replace(direct_batch, seqs=dataclasses.replace(
+      seqs, completion_mask=np.zeros_like(seqs.completion_mask)))).metrics
   assert (empty["loss"], empty["grad_norm"], empty["target_tokens"]) == (0.0, 0.0, 0)
   assert empty["skipped_non_finite"] == 0.0
 
 
 def test_micro_batches_accumulate_to_the_full_batch(mesh, direct_batch):
   full, split = _trainer(mesh, micro_batch_size=ROWS), _trainer(mesh, micro_batch_size=2)
-  a, b = full.step(direct_batch), split.step(direct_batch)
+  a, b = full.step(direct_batch).metrics, split.step(direct_batch).metrics
   # Rows hold 15+4 and 9+12 tokens: a mean of micro-batch means would be off by ~1%.
   for key in ("loss", "grad_norm", "token_accuracy"):
     assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), key
@@ -214,12 +209,12 @@ def test_micro_batches_accumulate_to_the_full_batch(mesh, direct_batch):
 
 
 def test_sharded_rows_give_the_single_device_step(mesh, direct_batch):
-  reference = _trainer(mesh, micro_batch_size=2).step(direct_batch)
-  data_mesh = mesh_lib.make_mesh("data=2,fsdp=1,tensor=1", devices=jax.devices()[:2])
+  reference = _trainer(mesh, micro_batch_size=2).step(direct_batch).metrics
+  data_mesh = make_mesh(data=2)
   with pytest.raises(ValueError, match="multiple of the data×fsdp = 2 devices"):
     _trainer(data_mesh, micro_batch_size=1)
   trainer = _trainer(data_mesh, micro_batch_size=2)
-  first, second = trainer.step(direct_batch), trainer.step(direct_batch)
+  first, second = trainer.step(direct_batch).metrics, trainer.step(direct_batch).metrics
   # Summation order differs across devices (~1e-6 relative in f32).
   for key in ("loss", "grad_norm"):
     assert first[key] == pytest.approx(reference[key], rel=1e-5), key
@@ -230,7 +225,7 @@ def test_sharded_rows_give_the_single_device_step(mesh, direct_batch):
 def test_overfits_a_fixed_batch_without_recompiling(mesh, direct_batch):
   trainer = _trainer(mesh, micro_batch_size=2)
   before = _params(trainer)
-  history = [trainer.step(direct_batch) for _ in range(20)]
+  history = [trainer.step(direct_batch).metrics for _ in range(20)]
   losses = [m["loss"] for m in history]
   assert losses[-1] < 0.2 * losses[0], losses
   assert history[-1]["token_accuracy"] > 0.25 > history[0]["token_accuracy"]
@@ -248,9 +243,9 @@ def test_overfits_a_fixed_batch_without_recompiling(mesh, direct_batch):
 def test_a_non_finite_step_leaves_the_parameters(mesh, direct_batch):
   trainer = _trainer(mesh, micro_batch_size=2)
   before = _params(trainer)
-  poisoned = dataclasses.replace(direct_batch, seqs=direct_batch.seqs.replace(
-      pixel_values=np.full_like(direct_batch.seqs.pixel_values, np.nan)))
-  metrics = trainer.step(poisoned)
+  poisoned = dataclasses.replace(direct_batch, seqs=dataclasses.replace(
+      direct_batch.seqs, pixel_values=np.full_like(direct_batch.seqs.pixel_values, np.nan)))
+  metrics = trainer.step(poisoned).metrics
   assert metrics["skipped_non_finite"] == 1.0 and trainer.bad_steps == 1
   for x, y in zip(before, _params(trainer)):
     np.testing.assert_array_equal(x, y)
@@ -267,8 +262,8 @@ def _run(data_dir, tokenizer, mesh, workdir, total_steps: int, *, data=None):
   model = init_model(config_lib.tiny(), seed=0, mesh=mesh)
   questions = sft.SplitQuestions(data_dir, "train")
   config = sft.SftConfig(total_steps=total_steps, targets=questions.target_config("direct"),
-                         target_buckets=(16,), micro_batch_size=2, checkpoint_every=1,
-                         meta={"test": True})
+                         target_buckets=(16,), micro_batch_size=2,
+                         loop=LoopSettings(checkpoint_every=1), meta={"test": True})
   history = sft.run_sft(model, optimizer, data or iter(_loader(data_dir)), tokenizer, config,
                         workdir, mesh, questions=questions, lr_schedule=schedule)
   return history, model

@@ -9,17 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 
-from robot_r1_jax.model import hf_io, processor, sharding
+from robot_r1_jax.generate import sampling
+from robot_r1_jax.generate.sampler import FinishReason, Sampler
+from robot_r1_jax.model import hf_io
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL, init_model
-from robot_r1_jax.rl import sampling
-from robot_r1_jax.rl.sampler import FinishReason, Sampler, SamplerConfig
 
 from hf_reference import build_hf, left_padded_batch, tiny_config
+from testing import EOS, PAD, image_prompts as build_image_prompts, make_sampler
 
-EOS = 1002  # <|im_end|> of the tiny tokenizer, the tiny config's eos
-PAD = 1000  # <|endoftext|>
 BUCKETS = dict(prompt_buckets=(16, 32, 64), new_token_buckets=(24, 48))
 
 
@@ -33,36 +31,22 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-  pytest.importorskip("transformers")
-  return processor.load_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def image_prompts(tokenizer):
   """Three left-padded chat prompts of different lengths, each with a differently sized image."""
   rng = np.random.default_rng(6)
-  rows, pixels, grids = [], [], []
-  for text, (h, w) in [("Where is the cup?", (56, 56)),
-                       ("Move the gripper to the red block, then describe the path.", (84, 112)),
-                       ("Push the button.", (112, 112))]:
-    pv, grid = processor.preprocess_image(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
-    rows.append(processor.build_prompt_ids(tokenizer, text, grid))
-    pixels.append(pv)
-    grids.append(grid)
-  ids = np.zeros((len(rows), max(map(len, rows))), np.int64)
-  mask = np.zeros_like(ids)
-  for b, row in enumerate(rows):
-    ids[b, ids.shape[1] - len(row):], mask[b, ids.shape[1] - len(row):] = row, 1
-  return ids, mask, pixels, tuple(grids)
+  prompts = build_image_prompts(tokenizer, [
+      (text, rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)) for text, (h, w) in [
+          ("Where is the cup?", (56, 56)),
+          ("Move the gripper to the red block, then describe the path.", (84, 112)),
+          ("Push the button.", (112, 112))]])
+  return prompts.ids, prompts.mask, list(prompts.pixels), prompts.grids
 
 
 @pytest.fixture(scope="module")
 def sampler(model):
   """Temperature 1 with top-p 0.9 (the rollout setting, truncated a little more), G = 3."""
-  cfg = SamplerConfig(stop_tokens=(EOS,), sampling=sampling.SamplingParams(top_p=0.9),
-                      num_samples=3, **BUCKETS)
-  return Sampler(model, cfg)
+  return make_sampler(model, sampling=sampling.SamplingParams(top_p=0.9), num_samples=3,
+                      **BUCKETS)
 
 
 def _np(out):
@@ -141,8 +125,8 @@ def _assert_greedy_matches_hf(tmp_path, cfg, tokenizer, ids, mask, pixel_values=
                                     grids)
   assert want_lengths.min() < new_tokens == want_lengths.max()
 
-  greedy = Sampler(ours, SamplerConfig(stop_tokens=stops, sampling=sampling.SamplingParams(0.0),
-                                       **BUCKETS), tokenizer=tokenizer)
+  greedy = make_sampler(ours, tokenizer, stop_tokens=stops,
+                        sampling=sampling.SamplingParams(0.0), pad_id=0, **BUCKETS)
   out = greedy(ids, mask, jax.random.key(0), max_new_tokens=new_tokens,
                pixel_values=pixel_values, image_grid_thw=grids)
   got = _np(out)
@@ -206,8 +190,8 @@ def test_log_probs_equal_fresh_forward_with_images(image_prompts):
   ids, mask, pixels, grids = image_prompts
   model = init_model(tiny_config(tie=False), seed=8)
   g = 2
-  images = Sampler(model, SamplerConfig(stop_tokens=(EOS,), sampling=sampling.SamplingParams(
-      top_p=0.9), num_samples=g, **BUCKETS))
+  images = make_sampler(model, sampling=sampling.SamplingParams(top_p=0.9), num_samples=g,
+                        **BUCKETS)
   out = _np(images(ids, mask, jax.random.key(5), max_new_tokens=24,
                    pixel_values=np.concatenate(pixels), image_grid_thw=grids))
   _check_layout(out)
@@ -221,8 +205,7 @@ def test_log_probs_equal_fresh_forward_with_images(image_prompts):
 def test_log_probs_are_tempered_untruncated(model):
   """τ ≠ 1: log softmax(logits / τ) over the whole vocabulary, whatever top-k/top-p kept."""
   params = sampling.SamplingParams(temperature=0.7, top_k=50, top_p=0.95)
-  tempered = Sampler(model, SamplerConfig(stop_tokens=(EOS,), sampling=params, num_samples=2,
-                                          **BUCKETS))
+  tempered = make_sampler(model, sampling=params, num_samples=2, **BUCKETS)
   ids, mask = _prompts(seed=1)
   out = _np(tempered(ids, mask, jax.random.key(2), max_new_tokens=24))
   want = _fresh_log_probs(model, out, 0.7)
@@ -326,9 +309,8 @@ def test_sampler_frequencies_on_forced_logits():
   tokens = np.array([11, 22, 33, 44, 55, 66])
   target[tokens] = np.log(PROBS)
   params = sampling.SamplingParams(temperature=0.7, top_k=4, top_p=0.8)
-  forced = Sampler(_forced_model(target),
-                   SamplerConfig(stop_tokens=(EOS,), sampling=params, num_samples=512,
-                                 prompt_buckets=(8,), new_token_buckets=(32,)))
+  forced = make_sampler(_forced_model(target), sampling=params, num_samples=512,
+                        prompt_buckets=(8,), new_token_buckets=(32,))
   ids, mask = _prompts(lengths=[5], total=5)
   out = _np(forced(ids, mask, jax.random.key(3), max_new_tokens=32))
   assert out.mask.all()
@@ -371,11 +353,8 @@ def test_g_samples_share_one_prefill_and_follow_the_key(sampler):
 # Sharding and compilation.
 
 
-def test_sharded_sampling_equals_single_device(model, sampler):
-  if jax.device_count() < 8:
-    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), sharding.MESH_AXES)
-  sharded = Sampler(model, sampler.config, mesh=mesh)
+def test_sharded_sampling_equals_single_device(model, sampler, mesh8):
+  sharded = Sampler(model, sampler.config, mesh=mesh8)
   ids, mask = _prompts()
   want = _np(sampler(ids, mask, jax.random.key(4), max_new_tokens=24))
   out = sharded(ids, mask, jax.random.key(4), max_new_tokens=24)

@@ -37,18 +37,21 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import pathlib
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
 
-from robot_r1_jax.data import atomic
+from robot_r1_jax.data import atomic, records
 from robot_r1_jax.data.loader import Batch, LoaderConfig, make_loader
 from robot_r1_jax.data.prompts import QUESTION_TYPES
+from robot_r1_jax.generate import sampling
+from robot_r1_jax.generate.sampler import Sampler
 from robot_r1_jax.model import sharding
 from robot_r1_jax.rl import rewards
-from robot_r1_jax.rl.sampler import Sampler
+from robot_r1_jax.stages.context import StageContext
 from robot_r1_jax.train.metrics import ProgressBar
 
 _OVERALL = "all"  # The row/group name of all records together.
@@ -244,14 +247,14 @@ def compare_table(before: EvalResult, after: EvalResult,
 def score(completions: Sequence[str], *, answers: Sequence[str], question_types: Sequence[str],
           tasks: Sequence[str], lengths: Sequence[int],
           record_indices: Sequence[int] | None = None) -> tuple[RecordScore, ...]:
-  """Scores N completions against their records (see the module docstring for the metrics).
+  """Scores B completions against their records (see the module docstring for the metrics).
 
   Args:
-    completions: N completion texts.
-    answers: N references, "[[B]]" (or "B") for multiple choice, "[x, y, z]" for open-ended.
-    question_types, tasks: N labels to group by.
-    lengths: N completion lengths in tokens.
-    record_indices: N indices of the records in their split, if known.
+    completions: B completion texts.
+    answers: B references, "[[B]]" (or "B") for multiple choice, "[x, y, z]" for open-ended.
+    question_types, tasks: B labels to group by.
+    lengths: B completion lengths in tokens.
+    record_indices: B indices of the records in their split, if known.
 
   Raises:
     ValueError: the sequences differ in length, or a reference is neither an option nor a
@@ -347,6 +350,19 @@ def evaluate_split(sampler: Sampler, data_dir: str | pathlib.Path, split: str,
                                       num_epochs=1, drop_remainder=False, shard_by_process=False)
   data = make_loader(data_dir, split, loader_config)
   return evaluate(sampler, data, config, num_batches=data.num_steps)
+
+
+def split_evaluator(context: StageContext, config: EvalConfig = EvalConfig(),
+                    split: str = "val") -> Callable[[], EvalResult] | None:
+  """A callable that evaluates the context's model (its parameters at call time) greedily on
+  `split`; None, with a warning, when the split has no questions."""
+  info = records.Manifest.load(context.data_dir).splits.get(split)
+  if info is None or not info.num_records:
+    logging.warning("%s has no %s questions; evaluation is skipped", context.data_dir, split)
+    return None
+  sampler = context.sampler(sampling.SamplingParams(temperature=0.0))
+  return lambda: evaluate_split(sampler, context.data_dir, split, config,
+                                loader_config=context.loader)
 
 
 def _answer_l1(text: str, answer: str) -> float | None:

@@ -45,13 +45,11 @@ class SamplingParams:
     return self.temperature == 0
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Choice:
   tokens: jax.Array  # [B] int32
   log_probs: jax.Array  # [B] f32: log softmax(logits / τ) of `tokens` (see the module docstring)
-
-
-jax.tree_util.register_dataclass(Choice, data_fields=["tokens", "log_probs"], meta_fields=[])
 
 
 def top_k_mask(logits: jax.Array, k: int) -> jax.Array:

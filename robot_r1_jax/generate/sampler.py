@@ -1,10 +1,12 @@
-"""Batched generation for RL rollouts: one prefill per prompt, G samples each, one compiled loop.
+"""Batched generation: one prefill per prompt, G samples each, one compiled decode loop.
+
+Rollouts, evaluation and users share it.
 
 One call (`Sampler.__call__`):
-  1. host: left-pad the prompts to the prompt bucket T and pick the new-token bucket N (the
-     smallest declared buckets that fit), so that a training run compiles once per (T, N);
-  2. `prefill` (jit): one forward over the B prompts (and their images) into an empty cache of
-     S = T + N slots; the cache, the next-token logits and the M-RoPE deltas are then repeated G
+  1. host: left-pad the prompts to the prompt bucket T and pick the new-token bucket R (the
+     smallest declared buckets that fit), so that a training run compiles once per (T, R);
+  2. `prefill` (jit): one forward over the B prompts (and their images) into a new cache of
+     S = T + R slots; the cache, the next-token logits and the M-RoPE deltas are then repeated G
      times, giving B·G rows (row b·G + g is sample g of prompt b);
   3. decode (jit, cache donated): the first token comes from the prefill logits, then a
      `lax.while_loop` feeds back one token per step, at position `real tokens so far + delta` of its
@@ -13,8 +15,8 @@ One call (`Sampler.__call__`):
 
 With a mesh, rows are sharded over (data, fsdp) and parameters as in training (`sharding.RULES`).
 
-Dimensions: B prompts · G samples per prompt · T prompt bucket · N new-token bucket · S = T + N ·
-V vocab · P vision patches.
+Dimensions (the package alphabet): B prompts · G samples per prompt · T prompt bucket · R new-token
+bucket · S = T + R cache slots · V vocab · P vision patches.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from robot_r1_jax.model import processor, rope, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 from robot_r1_jax.model.text import KVCache
 from robot_r1_jax.model.vision import Grid
-from robot_r1_jax.rl import sampling
+from robot_r1_jax.generate import sampling
 
 if TYPE_CHECKING:
   from transformers import PreTrainedTokenizerBase
@@ -77,6 +79,7 @@ class SamplerConfig:
                          "positive lengths")
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
   """What the prefill hands to the decode loop: B·G rows, row b·G + g sampling prompt b."""
@@ -88,11 +91,8 @@ class DecodeState:
   prompt_mask: jax.Array  # [B·G, T] bool
 
 
-jax.tree_util.register_dataclass(
-    DecodeState, data_fields=["cache", "logits", "rope_deltas", "prompt_tokens", "prompt_mask"],
-    meta_fields=[])
 
-
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplerOutput:
   """B·G completions; row b·G + g is sample g of prompt b.
@@ -101,35 +101,30 @@ class SamplerOutput:
   a fresh forward over it gives, at each completion token, `log_probs` (see `sampling`).
   """
 
-  tokens: jax.Array  # [B·G, N] int32; `pad_id` after the end
-  mask: jax.Array  # [B·G, N] bool: the first `lengths` tokens (the stop token included)
-  log_probs: jax.Array  # [B·G, N] f32 sampling log-probs of `tokens`; 0 where not `mask`
+  tokens: jax.Array  # [B·G, R] int32; `pad_id` after the end
+  mask: jax.Array  # [B·G, R] bool: the first `lengths` tokens (the stop token included)
+  log_probs: jax.Array  # [B·G, R] f32 sampling log-probs of `tokens`; 0 where not `mask`
   lengths: jax.Array  # [B·G] int32
   finish_reasons: jax.Array  # [B·G] int32 `FinishReason` values
   prompt_tokens: jax.Array  # [B·G, T] int32, left-padded to the prompt bucket
   prompt_mask: jax.Array  # [B·G, T] bool
-  text: tuple[str, ...] = ()  # B·G detokenised completions when the sampler has a tokenizer
+  # B·G detokenised completions when the sampler has a tokenizer (static: not an array).
+  text: tuple[str, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
 
-jax.tree_util.register_dataclass(
-    SamplerOutput, data_fields=["tokens", "mask", "log_probs", "lengths", "finish_reasons",
-                                "prompt_tokens", "prompt_mask"], meta_fields=["text"])
 
-
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Loop:
   """The decode loop's carry."""
 
   step: jax.Array  # [] int32: the completion position chosen next
   cache: KVCache
-  tokens: jax.Array  # [B·G, N] int32
-  log_probs: jax.Array  # [B·G, N] f32
+  tokens: jax.Array  # [B·G, R] int32
+  log_probs: jax.Array  # [B·G, R] f32
   lengths: jax.Array  # [B·G] int32
   done: jax.Array  # [B·G] bool: the row has emitted a stop token
 
-
-jax.tree_util.register_dataclass(
-    _Loop, data_fields=["step", "cache", "tokens", "log_probs", "lengths", "done"], meta_fields=[])
 
 
 class TraceCounter:
@@ -301,7 +296,8 @@ class Sampler:
     model = nnx.merge(self._graphdef, params)
     b, t = ids.shape
     # Only the last position's logits are needed: skips a [B, T, V] head output.
-    out = model.forward(ids, mask, pixel_values, grid, new_cache=t + new_bucket, logits_from=t - 1)
+    out = model.prefill(ids, mask, pixel_values, grid, cache_length=t + new_bucket,
+                        logits_from=t - 1)
     g = self.config.num_samples
     # One prefill per prompt; the G samples share it. jnp.repeat keeps a prompt's copies adjacent.
     rep = lambda x, axis=0: self._rows(jnp.repeat(x, g, axis=axis), axis)
@@ -337,15 +333,14 @@ class Sampler:
 
     # Layers unrolled on per-layer weights and cache buffers sliced once here: a scan over the
     # stacked ones would copy every layer's weights and cache slice at every step.
-    unstacked = model.text.unstacked_layers()
+    layers = model.decode_layers()
 
     def step(loop: _Loop) -> _Loop:
       # Feed back the previous token: it is real token `num_real + step - 1` of its row.
       previous = jax.lax.dynamic_slice_in_dim(loop.tokens, loop.step - 1, 1, axis=1)
-      out = model.forward(previous, cache=loop.cache,
-                          positions=rope.decode_positions(num_real + loop.step - 1,
-                                                          state.rope_deltas),
-                          rope_deltas=state.rope_deltas, unstacked=unstacked)
+      out = model.decode_step(previous, loop.cache,
+                              rope.decode_positions(num_real + loop.step - 1, state.rope_deltas),
+                              layers=layers)
       return record(dataclasses.replace(loop, cache=out.cache), out.logits[:, 0])
 
     start = _Loop(step=jnp.zeros((), jnp.int32), cache=cache.unstack(),

@@ -1,0 +1,72 @@
+"""The run's typed configuration: what `flags.run_config()` reads the command line into."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+from robot_r1_jax.data.prompts import PAPER
+from robot_r1_jax.stages.evaluate import EvalConfig
+from robot_r1_jax.stages.rl import RLConfig
+from robot_r1_jax.stages.sft import SftConfig
+
+MODES = ("train", "eval")
+STAGES = ("sft_rl", "sft", "rl")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  name: str = "tiny"  # a preset (random weights) or a local Hugging Face directory
+  tokenizer: str | None = None  # a tokenizer directory; None: the model's, else the packaged one
+  compute_dtype: str = "float32"  # activations; parameters stay float32
+  remat: bool = False  # recompute decoder layers in the backward pass
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """Extracted shards, or the simulated demos the default job makes under WORKDIR/data."""
+
+  path: pathlib.Path | None = None
+  sim_tasks: tuple[str, ...] = ("pick_up_cup", "push_button")
+  sim_episodes: int = 3
+  image_size: int = 128
+  prompt_style: str = PAPER
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+  """jax.distributed settings (all None: one process, or auto-detection where JAX does it)."""
+
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  workdir: pathlib.Path
+  mode: str = "train"  # train | eval
+  stage: str = "sft_rl"  # sft_rl | sft | rl
+  seed: int = 0
+  mesh: str = "data=1,fsdp=-1,tensor=1"
+  distributed: Distributed = Distributed()
+  model: ModelSpec = ModelSpec()
+  data: DataSpec = DataSpec()
+  init_from: pathlib.Path | None = None  # a run whose newest parameters start this one
+  sft: SftConfig = SftConfig(total_steps=60)
+  rl: RLConfig = RLConfig()
+  eval: EvalConfig = EvalConfig()
+  flags: dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded with checkpoints
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"mode={self.mode!r} is not one of {list(MODES)}")
+    if self.stage not in STAGES:
+      raise ValueError(f"stage={self.stage!r} is not one of {list(STAGES)}")
+
+  @property
+  def batch_sizes(self) -> dict[str, int]:
+    """Every global batch the run splits over devices and processes, by its flag."""
+    return {"rollout_batch_size": self.rl.rollout_batch_size,
+            "sft_batch_size": self.sft.batch_size, "eval_batch_size": self.eval.batch_size}

@@ -1,0 +1,76 @@
+"""The RL stage: GRPO / RLOO / REINFORCE++ on the context's train split, from the model as it is.
+
+    history = train_rl(context, RLConfig(step=LearnerConfig(algo="grpo", ...)), workdir,
+                       evaluate=evaluator)
+
+The model as it is when the stage starts (pretrained, after SFT, or `--init_from`) is both the
+initial policy and the frozen reference of the KL penalty. One step is one rollout of
+`rollout_batch_size` prompts (`rl_step.Learner.step`); the loop checkpoints, evaluates and resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Callable
+
+import jax
+
+from robot_r1_jax.data import loader as loader_lib
+from robot_r1_jax.generate import sampling
+from robot_r1_jax.stages.context import StageContext
+from robot_r1_jax.stages.rl_step import Learner, LearnerConfig
+from robot_r1_jax.train import loop, optim
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """An RL run. Batch sizes count prompts over all processes."""
+
+  step: LearnerConfig = LearnerConfig()
+  sampling: sampling.SamplingParams = sampling.SamplingParams(top_p=0.99)
+  optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
+  rollout_batch_size: int = 512  # prompts per step (one rollout)
+  epochs: int = 5  # passes over the training questions
+  max_steps: int = 0  # stop after this many steps (0: run all epochs)
+  seed: int = 0  # the per-step sampling and shuffling keys
+  loop: loop.LoopSettings = loop.LoopSettings()
+
+  def __post_init__(self):
+    if self.rollout_batch_size < 1 or self.rollout_batch_size % self.step.train_batch_size:
+      raise ValueError(f"rollout_batch_size={self.rollout_batch_size} must be a positive multiple "
+                       f"of train_batch_size={self.step.train_batch_size}")
+    if self.epochs < 1 or self.max_steps < 0:
+      raise ValueError(f"epochs={self.epochs} must be >= 1 and max_steps={self.max_steps} >= 0")
+
+  @property
+  def updates_per_step(self) -> int:
+    """Optimizer updates per rollout: its mini-batches, μ times."""
+    return self.rollout_batch_size // self.step.train_batch_size * (
+        self.step.num_updates_per_rollout)
+
+
+def train_rl(context: StageContext, config: RLConfig, workdir: str | os.PathLike[str], *,
+             evaluate: Callable[[], loop.Evaluation] | None = None) -> list[dict[str, float]]:
+  """Trains until the run's last step, resuming from the newest checkpoint in `workdir`.
+
+  Returns this session's per-step metrics (see `train.loop.run`).
+  """
+  data = loader_lib.make_loader(context.data_dir, "train", dataclasses.replace(
+      context.loader, batch_size=config.rollout_batch_size // jax.process_count(),
+      num_epochs=config.epochs))
+  total = loop.total_steps(config.max_steps, data.steps_per_epoch, config.epochs)
+  optimizer, schedule = optim.build_optimizer(config.optimizer, total * config.updates_per_step)
+  sampler = context.sampler(config.sampling, num_samples=config.step.num_generations)
+  learner = Learner(context.model, optimizer, sampler, config.step, context.mesh,
+                    lr_schedule=schedule)
+  base_key = jax.random.key(config.seed)
+  return loop.run(
+      learner, lambda batch, step: learner.step(batch, jax.random.fold_in(base_key, step)),
+      iter(data), loop.LoopConfig(
+          workdir=pathlib.Path(workdir), total_steps=total, stage="rl", settings=config.loop,
+          progress=(("reward", "reward/total"), ("acc", "accuracy/all"),
+                    ("kl", "kl/policy_ref")),
+          meta=context.meta),
+      evaluate=evaluate)

@@ -1,0 +1,122 @@
+"""Scoring completions: per-token log-probabilities and entropy of prompt + completion rows.
+
+Every stage that trains on completions scores them here: SFT (its targets), the RL step (policy,
+old and reference log-probs). Positions are the ones the sampler decoded with (the prompt's M-RoPE
+index, then one step per completion token), so a generated `<|image_pad|>` id is never mistaken
+for an image and SFT trains exactly the distribution the sampler draws from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from robot_r1_jax.model import rope
+from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sequences:
+  """Prompt + completion rows scored by a forward pass (row-major over B·G)."""
+
+  prompt_ids: jax.Array  # [B, T] int32, left-padded
+  prompt_mask: jax.Array  # [B, T] int32
+  completion: jax.Array  # [B, R] int32
+  completion_mask: jax.Array  # [B, R] int32 (a prefix of each row)
+  pixel_values: jax.Array | None  # [B, P, 1176] f32: each row's image, or None
+
+
+def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log π(target) at each position: logits [B, R, V], integer targets [B, R] → [B, R] f32.
+
+  The log-softmax is taken in fp32 whatever the logits dtype (DESIGN.md numerics), but only its
+  [B, R] normaliser is formed: the upcast, max and exp-sum fuse into reductions under jit, and the
+  target logit is gathered from the original array (a bf16 → f32 cast is exact). No [B, R, V] fp32
+  array beyond the upcast input is materialised (see the memory test).
+  """
+  if logits.shape[:-1] != targets.shape:
+    raise ValueError(f"logits {logits.shape} and targets {targets.shape} disagree on [B, R]")
+  # fp32: a bf16 logsumexp over a 150K vocabulary loses ~2 significant digits.
+  normaliser = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return picked.astype(jnp.float32) - normaliser
+
+
+def token_entropy(logits: jax.Array) -> jax.Array:
+  """Entropy of the next-token distribution at each position: logits [B, R, V] → [B, R] f32."""
+  logits = logits.astype(jnp.float32)  # fp32 softmax, as for the log-probs.
+  log_p = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+  p = jnp.exp(log_p)
+  # A vocabulary entry masked to −inf has p = 0 and log p = −inf, and 0·(−inf) is nan. Replacing
+  # log p (not the product) keeps the gradient finite too.
+  return -(p * jnp.where(p > 0, log_p, 0.0)).sum(axis=-1)
+
+
+def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] | None,
+                       temperature: float = 1.0, share: int = 1) -> tuple[jax.Array, jax.Array]:
+  """(log-probs [B, R] f32 of the completion tokens, entropy [B, R] f32) under `model`.
+
+  The distribution is softmax(logits / temperature), the one the sampler drew from, so that the
+  policy, old and reference log-probs and the sampler's own all describe the same policy.
+
+  `share`: rows come in runs of `share` that hold one prompt and image (samples of one prompt,
+  kept adjacent). Each run's prompt and image then go through the model once and its completions
+  attend to that prompt's keys and values: the same numbers as scoring every row whole, up to
+  float rounding, for 1/share of the prompt's FLOPs. `share=1` is the single whole-row forward
+  (the pass compared against Hugging Face).
+  """
+  if seqs.prompt_ids.shape[0] % share:
+    raise ValueError(f"{seqs.prompt_ids.shape[0]} rows do not come in runs of share={share}")
+  logits = (_whole_row_logits(model, seqs, image_grid) if share == 1
+            else _shared_prompt_logits(model, seqs, image_grid, share))
+  if temperature != 1.0:
+    logits = logits.astype(jnp.float32) / temperature
+  return (token_log_probs(logits, seqs.completion),
+          jax.lax.stop_gradient(token_entropy(logits)))
+
+
+def _whole_row_logits(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] | None
+                      ) -> jax.Array:
+  """[B, R, V]: one forward over every prompt + completion row."""
+  prompt_len, r = seqs.prompt_ids.shape[1], seqs.completion.shape[1]
+  cfg = model.cfg
+  grids = None if image_grid is None else (image_grid,) * seqs.prompt_ids.shape[0]
+  index = rope.get_rope_index(seqs.prompt_ids, seqs.prompt_mask, grids,
+                              image_token_id=cfg.image_token_id,
+                              spatial_merge_size=cfg.vision.spatial_merge_size)
+  completion_pos = rope.decode_positions(seqs.prompt_mask.sum(1).astype(jnp.int32), index.deltas,
+                                         r)
+  positions = jnp.concatenate([index.positions, completion_pos], axis=2)
+  ids = jnp.concatenate([seqs.prompt_ids, seqs.completion], axis=1)
+  mask = jnp.concatenate([seqs.prompt_mask, seqs.completion_mask], axis=1)
+  pixels = None if seqs.pixel_values is None else seqs.pixel_values.reshape(
+      -1, seqs.pixel_values.shape[-1])
+  # Logits at position t predict token t+1: the completion is predicted from [T−1, T+R−1).
+  image_mask = jnp.concatenate([seqs.prompt_ids == cfg.image_token_id,
+                                jnp.zeros(seqs.completion.shape, bool)], axis=1)
+  return model.forward(ids[:, :-1], mask[:, :-1], pixels, grids, positions=positions[:, :, :-1],
+                       logits_from=prompt_len - 1, image_mask=image_mask[:, :-1]).logits
+
+
+def _shared_prompt_logits(model: Qwen25VL, seqs: Sequences,
+                          image_grid: tuple[int, int, int] | None, share: int) -> jax.Array:
+  """[B, R, V]: each run's prompt once (its keys/values repeated to the run), then the
+  completions as one chunk that attends to them."""
+  t, r = seqs.prompt_ids.shape[1], seqs.completion.shape[1]
+  ids, mask = seqs.prompt_ids[::share], seqs.prompt_mask[::share]
+  grids = None if image_grid is None else (image_grid,) * ids.shape[0]
+  pixels = None if seqs.pixel_values is None else seqs.pixel_values[::share].reshape(
+      -1, seqs.pixel_values.shape[-1])
+  prompt = model.prefill(ids, mask, pixels, grids, cache_length=t, logits_from=t - 1)
+  rep = lambda x, axis=0: jnp.repeat(x, share, axis=axis)
+  logits = rep(prompt.logits)  # the last prompt position predicts completion token 0
+  if r == 1:
+    return logits
+  positions = rope.decode_positions(rep(mask.sum(1).astype(jnp.int32)), rep(prompt.rope_deltas),
+                                    r - 1)
+  rest = model.score_after_prefix(seqs.completion[:, :-1], seqs.completion_mask[:, :-1],
+                                  prompt.cache.map_rows(rep), positions)
+  return jnp.concatenate([logits, rest], axis=1)

@@ -1,0 +1,134 @@
+"""Shared test fixtures and builders: the tiny tokenizer, meshes, prompt batches, samplers.
+
+The fixtures are registered for every test (`pytest_plugins` in conftest.py); the builders are
+imported (`from testing import image_prompts`), like `hf_reference`'s.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import pathlib
+from typing import Any, Collection, Sequence
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from robot_r1_jax.data.loader import Batch
+from robot_r1_jax.generate.sampler import Sampler, SamplerConfig
+from robot_r1_jax.launch import mesh as mesh_lib
+from robot_r1_jax.model import processor
+
+EOS = 1002  # <|im_end|> of the packaged tiny tokenizer, the tiny config's eos
+PAD = 1000  # <|endoftext|>, its pad token
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+  """The packaged tiny tokenizer (byte-level BPE + Qwen's special tokens)."""
+  pytest.importorskip("transformers")
+  return processor.load_tokenizer()
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1) -> Mesh:
+  """A (data, fsdp, tensor) mesh over the first data·fsdp·tensor devices, as `--mesh` makes it."""
+  devices = jax.devices()[:data * fsdp * tensor]
+  return mesh_lib.make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor}, devices)
+
+
+@pytest.fixture(scope="session")
+def one_device_mesh() -> Mesh:
+  return make_mesh()
+
+
+@pytest.fixture(scope="session")
+def mesh8() -> Mesh:
+  """2 × 2 × 2 over the 8 fake CPU devices of conftest.py."""
+  if jax.device_count() < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  return make_mesh(2, 2, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePrompts:
+  """Chat-template prompts, each with one image, left-padded into one batch."""
+
+  ids: np.ndarray  # [B, T]
+  mask: np.ndarray  # [B, T]
+  pixels: tuple[np.ndarray, ...]  # per prompt, [P_b, 1176] f32
+  grids: tuple[tuple[int, int, int], ...]
+
+  @property
+  def pixel_values(self) -> np.ndarray:
+    """[ΣP_b, 1176]: every prompt's patches in order, as the model and the sampler take them."""
+    return np.concatenate(self.pixels).astype(np.float32)
+
+
+def image_prompts(tokenizer: Any, prompts: Sequence[tuple[str, np.ndarray]], *,
+                  length: int | None = None, pad_id: int = 0,
+                  dtype: np.dtype = np.int64) -> ImagePrompts:
+  """(text, uint8 image) pairs → prompt ids with one image block each, left-padded to `length`
+  (default: the longest)."""
+  rows, pixels, grids = [], [], []
+  for text, image in prompts:
+    pv, grid = processor.preprocess_image(image)
+    rows.append(processor.build_prompt_ids(tokenizer, text, grid))
+    pixels.append(pv)
+    grids.append(grid)
+  length = max(map(len, rows)) if length is None else length
+  ids = np.full((len(rows), length), pad_id, dtype)
+  mask = np.zeros((len(rows), length), dtype)
+  for b, row in enumerate(rows):
+    ids[b, length - len(row):], mask[b, length - len(row):] = row, 1
+  return ImagePrompts(ids=ids, mask=mask, pixels=tuple(pixels), grids=tuple(grids))
+
+
+def question_batch(prompts: ImagePrompts, *, answers: Sequence[str],
+                   question_types: Sequence[str], tasks: Sequence[str],
+                   record_indices: Sequence[int] | None = None,
+                   epochs: Sequence[int] | None = None,
+                   valid: Sequence[bool] | None = None) -> Batch:
+  """A loader `Batch` of the prompts; row b is episode `e{b}`, frame 10·b."""
+  rows = len(prompts.ids)
+  return Batch(input_ids=prompts.ids.astype(np.int32),
+               attention_mask=prompts.mask.astype(np.int32),
+               pixel_values=prompts.pixel_values,
+               image_grid_thw=np.array(prompts.grids, np.int32), answers=np.array(answers),
+               question_types=np.array(question_types), tasks=np.array(tasks),
+               episodes=np.array([f"e{b}" for b in range(rows)]),
+               frames=np.arange(0, 10 * rows, 10, dtype=np.int32),
+               record_indices=np.asarray(range(rows) if record_indices is None
+                                         else record_indices, np.int64),
+               epochs=np.zeros(rows, np.int32) if epochs is None else np.array(epochs, np.int32),
+               valid=np.ones(rows, bool) if valid is None else np.array(valid, bool))
+
+
+def make_sampler(model: Any, tokenizer: Any = None, *, mesh: Mesh | None = None,
+                 stop_tokens: tuple[int, ...] = (EOS,), **config: Any) -> Sampler:
+  """A sampler of `model` (SamplerConfig fields as keywords; pad_id: the tokenizer's, else 0)."""
+  config.setdefault("pad_id", 0 if tokenizer is None else tokenizer.pad_token_id)
+  return Sampler(model, SamplerConfig(stop_tokens=stop_tokens, **config), mesh=mesh,
+                 tokenizer=tokenizer)
+
+
+def imported_modules(path: pathlib.Path, modules: Collection[str] | None = None) -> set[str]:
+  """Every module name a Python file imports, anywhere in it.
+
+  `from p import n` gives p and p.n (n may be a module); given the project's `modules`, it gives
+  p.n when that is one of them and p otherwise (importing p.n runs p's __init__ first, but that is
+  how packages work, not a dependency of the importer on p).
+  """
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    if isinstance(node, ast.ImportFrom) and node.module:
+      for alias in node.names:
+        full = f"{node.module}.{alias.name}"
+        if modules is None:
+          found.update((node.module, full))
+        else:
+          found.add(full if full in modules else node.module)
+    elif isinstance(node, ast.Import):
+      found.update(a.name for a in node.names)
+  return found

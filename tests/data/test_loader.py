@@ -54,10 +54,10 @@ def _assert_batches_equal(a: loader.Batch, b: loader.Batch) -> None:
     np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
 
 
-def test_batches_stay_in_the_declared_buckets(data_dir):
+def test_batches_stay_in_the_declared_buckets(data_dir, tokenizer):
   data = loader.make_loader(data_dir, "train", _config(num_epochs=3), shard=_single())
   assert (data.num_records, data.steps_per_epoch, data.num_steps) == (156, 39, 117)
-  pad_id = processor.load_tokenizer().pad_token_id
+  pad_id = tokenizer.pad_token_id
   lengths = collections.Counter()
   batches = list(data)
   assert len(batches) == data.num_steps
@@ -81,11 +81,10 @@ def test_batches_stay_in_the_declared_buckets(data_dir):
 
 
 @pytest.mark.parametrize("min_pixels, tokens", [(processor.MIN_PIXELS, 4), (112 * 112, 16)])
-def test_rows_equal_their_records(data_dir, min_pixels, tokens):
+def test_rows_equal_their_records(data_dir, tokenizer, min_pixels, tokens):
   """Each row is its record: prompt ids with one <|image_pad|> per merged patch, patches, labels."""
   data = loader.make_loader(data_dir, "val", _config(min_pixels=min_pixels), shard=_single())
   by_index = _records(data_dir, "val")
-  tokenizer = processor.load_tokenizer()
   it = iter(data)
   for _ in range(3):
     batch = next(it)

@@ -138,10 +138,9 @@ def test_sharded_save_and_mesh_placed_load(tmp_path, mesh8):
   ids, mask = _batch()
   np.testing.assert_allclose(hf_logits(again, ids, mask), hf_logits(hf, ids, mask), atol=0)
 
-  mesh = mesh8
-  _, placed = hf_io.load_hf(tmp_path / "b", mesh=mesh)
+  _, placed = hf_io.load_hf(tmp_path / "b", mesh=mesh8)
   state = nnx.state(placed, nnx.Param)
-  want = sharding.param_shardings(state, mesh)
+  want = sharding.param_shardings(state, mesh8)
   for (path, var), (_, sh) in zip(nnx.to_flat_state(state), nnx.to_flat_state(want)):
     assert var.get_value().sharding.is_equivalent_to(sh, var.get_value().ndim), path
   assert state["text"]["layers"]["mlp"]["gate"].get_value().sharding.spec[2] == "tensor"

@@ -15,15 +15,10 @@ from robot_r1_jax.model.qwen2_5_vl import init_model
 from hf_reference import left_padded_batch
 
 
-@pytest.fixture(scope="module")
-def mesh(mesh8):
-  return mesh8
-
-
-def test_rules_cover_every_parameter_and_are_applied(mesh):
+def test_rules_cover_every_parameter_and_are_applied(mesh8):
   model = init_model(config_lib.tiny())
   state = nnx.state(model, nnx.Param)
-  shardings = sharding.param_shardings(state, mesh)
+  shardings = sharding.param_shardings(state, mesh8)
   seen = set()
   for (path, var), (_, sh) in zip(nnx.to_flat_state(state), nnx.to_flat_state(shardings)):
     names = var.get_metadata()["out_sharding"]
@@ -39,14 +34,14 @@ def test_rules_cover_every_parameter_and_are_applied(mesh):
                                                                          None)
 
 
-def test_sharded_forward_equals_unsharded(mesh):
+def test_sharded_forward_equals_unsharded(mesh8):
   model = init_model(config_lib.tiny())
   ids, mask = left_padded_batch(np.random.default_rng(2), [11, 5, 8, 11], 11)
   want = np.asarray(model(ids, mask))
 
   graphdef, state = nnx.split(model)
-  state = jax.device_put(state, sharding.param_shardings(state, mesh))
-  batch = sharding.batch_sharding(mesh, 2)
+  state = jax.device_put(state, sharding.param_shardings(state, mesh8))
+  batch = sharding.batch_sharding(mesh8, 2)
 
   @jax.jit
   def forward(state, ids, mask):

@@ -205,12 +205,11 @@ def test_program_size_does_not_grow_with_depth():
 def test_sharded_params_give_the_same_output(mesh8):
   """Every logical axis name resolves on a (data, fsdp, tensor) = (2, 2, 2) mesh and the sharded
   tower computes what the unsharded one does (up to summation order)."""
-  mesh = mesh8
   graphdef, state = nnx.split(_random_tower())
   grid = GRIDS["two_images"]
   pixels = jnp.asarray(_pixels(grid))
   run = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, grid))
-  sharded = jax.device_put(state, sharding.param_shardings(state, mesh))
+  sharded = jax.device_put(state, sharding.param_shardings(state, mesh8))
   expected = jax.sharding.PartitionSpec(None, "fsdp", None, "tensor", None)
   assert sharded["blocks"]["attn"]["qkv"].sharding.spec == expected
   np.testing.assert_allclose(run(sharded, pixels), run(state, pixels), atol=1e-6, rtol=0)

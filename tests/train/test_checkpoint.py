@@ -74,14 +74,9 @@ def _dataset() -> grain.IterDataset:
   return grain.MapDataset.range(1000).shuffle(seed=3).map(lambda i: i * 10).to_iter_dataset()
 
 
-@pytest.fixture(scope="module")
-def mesh_2x2x2(mesh8) -> Mesh:
-  return mesh8
-
-
 @pytest.mark.parametrize("target", ["1x8", "replicated"])
-def test_restore_onto_a_different_mesh(tmp_path, mesh_2x2x2, target):
-  state = _place(_train_state(seed=1), mesh_2x2x2, P("data", ("fsdp", "tensor")))
+def test_restore_onto_a_different_mesh(tmp_path, mesh8, target):
+  state = _place(_train_state(seed=1), mesh8, P("data", ("fsdp", "tensor")))
   up_kernel = state["params"]["up"]["kernel"][...]
   assert len(up_kernel.sharding.device_set) == 8 and not up_kernel.sharding.is_fully_replicated
   meta = {"flags": {"algo": "grpo"}, "metrics": {"loss": 0.5, "kl": float("nan")}}

@@ -2,11 +2,18 @@
 
 Images arrive packed: `pixel_values [P, patch_dim]` holds every image's patches one after another and
 the static `grid_thw` says how many (t, h, w) patches each image has. Everything that depends only on
-the grid — the window permutation, its inverse, rotary positions and per-token segment ids — is
+the grid — the window permutation, its inverse, rotary positions and the attention groups — is
 computed once with NumPy and enters the compiled program as constants, so one XLA program serves
-every call with the same grid. Attention is restricted by segment ids (one segment per frame for
-full-attention blocks, one per 4x4 merged-token window for the others); all blocks share one
-stacked parameter set and run under a single `scan`, the per-block choice arriving as scan input.
+every call with the same grid.
+
+Attention runs per group: per frame in the full-attention blocks, per 4x4 merged-token window in
+the others, as batched [B, W, N, T, S] scores over the groups' own tokens (never over the packed
+batch, so memory and FLOPs grow linearly with the number of images). When every image has the same
+grid (the loader resizes to one size), the tower runs on an image axis B with one layout for all
+(B images × P/B patches), which the caller's sharding of the patch rows carries over; images of
+different sizes are packed into one sequence (B = 1) whose groups are padded to the longest. All
+blocks share one stacked parameter set under a single `scan`; each block's choice of groups is a
+`lax.cond` on a scan input.
 
 Einsums use the package alphabet (`robot_r1_jax`), C among it for the fused (q, k, v) axis.
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +34,8 @@ from robot_r1_jax.model.hf_names import Rule, dense, reshaped, same
 from robot_r1_jax.model.layers import RMSNorm, param, scan, stack
 
 Grid = tuple[tuple[int, int, int], ...]
+# attend(q, k, v) → the attention output, [B, T, N, H] each: one block's choice of groups.
+Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 # Hugging Face hard-codes this epsilon for every vision RMSNorm (blocks and merger).
 _NORM_EPS = 1e-6
@@ -51,6 +61,56 @@ class Layout:
   positions: np.ndarray
   frame_segments: np.ndarray
   window_segments: np.ndarray
+
+  @functools.cached_property
+  def frames(self) -> Groups:
+    return Groups.of(self.frame_segments)
+
+  @functools.cached_property
+  def windows(self) -> Groups:
+    return Groups.of(self.window_segments)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Groups:
+  """Contiguous runs of equal segment id (frames or windows) as a [W, L] table of positions,
+  padded to the longest run: the attention groups of one image layout.
+
+  index:   [W, L] int32, the position of each slot (0 in padding slots).
+  valid:   [W, L] bool, False on padding slots.
+  inverse: [T] int32, the flat slot w·L + l of each position.
+  regular: every run has length L and `index` is arange(T).reshape(W, L), so grouping is a
+           reshape (no gather, no padding).
+  """
+
+  index: np.ndarray
+  valid: np.ndarray
+  inverse: np.ndarray
+  regular: bool
+
+  @classmethod
+  def of(cls, segments: np.ndarray) -> Groups:
+    starts = np.flatnonzero(np.diff(segments, prepend=-1))
+    lengths = np.diff(np.append(starts, len(segments)))
+    slots = np.arange(lengths.max())
+    valid = slots[None] < lengths[:, None]
+    index = np.where(valid, starts[:, None] + slots[None], 0).astype(np.int32)
+    group = np.repeat(np.arange(len(starts)), lengths)
+    inverse = (group * len(slots) + np.arange(len(segments)) - starts[group]).astype(np.int32)
+    return cls(index=index, valid=valid, inverse=inverse,
+               regular=bool((lengths == len(slots)).all()))
+
+  def gather(self, x: jax.Array) -> jax.Array:
+    """[B, T, …] in layout order → [B, W, L, …] by group."""
+    w, l = self.index.shape
+    if not self.regular:
+      x = jnp.take(x, jnp.asarray(self.index.reshape(-1)), axis=1)
+    return x.reshape(x.shape[:1] + (w, l) + x.shape[2:])
+
+  def scatter(self, x: jax.Array) -> jax.Array:
+    """[B, W, L, …] by group → [B, T, …] in layout order (padding slots dropped)."""
+    x = x.reshape(x.shape[:1] + (-1,) + x.shape[3:])
+    return x if self.regular else jnp.take(x, jnp.asarray(self.inverse), axis=1)
 
 
 def _check_grid(cfg: VisionConfig, grid_thw: Grid) -> Grid:
@@ -133,7 +193,7 @@ def rotary_cos_sin(cfg: VisionConfig, positions: jax.Array) -> tuple[jax.Array, 
 
 
 def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x [T, N, H] rotated by cos/sin [T, H]; in fp32 and cast back, as HF's vision RoPE does."""
+  """x [B, T, N, H] rotated by cos/sin [T, H]; in fp32 and cast back, as HF's vision RoPE does."""
   x32 = x.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
@@ -146,17 +206,23 @@ def _affine(spec: str, x: jax.Array, kernel: nnx.Param, bias: nnx.Param) -> jax.
   return jnp.einsum(spec, x, kernel[...].astype(x.dtype)) + bias[...].astype(x.dtype)
 
 
-def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                      segments: jax.Array) -> jax.Array:
-  """Bidirectional attention within equal `segments [T]`; q, k, v `[T, N, H]` → `[T, N, H]`."""
+def group_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: Groups) -> jax.Array:
+  """Bidirectional attention within each group; q, k, v `[B, T, N, H]` → `[B, T, N, H]`.
+
+  Scores are [B, W, N, L, L]: each group's tokens against its own (a padding slot is never a key),
+  so nothing grows with the square of B·T.
+  """
   scale = q.shape[-1]**-0.5
+  q, k, v = groups.gather(q), groups.gather(k), groups.gather(v)  # [B, W, L, N, H]
   # Scaled after the product in the compute dtype, where HF's eager attention scales.
-  scores = jnp.einsum("TNH,SNH->NTS", q, k) * scale
-  visible = segments[:, None] == segments[None, :]  # [T, S]; a token always sees itself.
+  scores = jnp.einsum("BWTNH,BWSNH->BWNTS", q, k) * scale
   # Softmax in fp32 (HF: softmax(..., dtype=float32)), probabilities back in the compute dtype.
-  scores = jnp.where(visible, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+  scores = scores.astype(jnp.float32)
+  if not groups.regular:
+    keys = jnp.asarray(groups.valid)[None, :, None, None, :]
+    scores = jnp.where(keys, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("NTS,SNH->TNH", probs, v)
+  return groups.scatter(jnp.einsum("BWNTS,BWSNH->BWTNH", probs, v))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,12 +239,11 @@ class VisionAttention(nnx.Module):
     self.out = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
     self.out_bias = param(rngs, (d,), ("embed",), param_dtype)
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-               segments: jax.Array) -> jax.Array:
-    """x [T, D], cos/sin [T, H], segments [T] → [T, D]."""
-    q, k, v = jnp.unstack(_affine("TD,DCNH->TCNH", x, self.qkv, self.qkv_bias), axis=1)
-    attn = segment_attention(_rotate(q, cos, sin), _rotate(k, cos, sin), v, segments)
-    return _affine("TNH,NHD->TD", attn, self.out, self.out_bias)
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, attend: Attend) -> jax.Array:
+    """x [B, T, D], cos/sin [T, H] → [B, T, D]; `attend(q, k, v)` picks the groups."""
+    q, k, v = jnp.unstack(_affine("BTD,DCNH->BTCNH", x, self.qkv, self.qkv_bias), axis=2)
+    attn = attend(_rotate(q, cos, sin), _rotate(k, cos, sin), v)
+    return _affine("BTNH,NHD->BTD", attn, self.out, self.out_bias)
 
 
 class VisionMLP(nnx.Module):
@@ -194,10 +259,10 @@ class VisionMLP(nnx.Module):
     self.down_bias = param(rngs, (d,), ("embed",), param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x [T, D] → [T, D]."""
-    gate = _affine("TD,DF->TF", x, self.gate, self.gate_bias)
-    up = _affine("TD,DF->TF", x, self.up, self.up_bias)
-    return _affine("TF,FD->TD", jax.nn.silu(gate) * up, self.down, self.down_bias)
+    """x [B, T, D] → [B, T, D]."""
+    gate = _affine("BTD,DF->BTF", x, self.gate, self.gate_bias)
+    up = _affine("BTD,DF->BTF", x, self.up, self.up_bias)
+    return _affine("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down, self.down_bias)
 
 
 class VisionBlock(nnx.Module):
@@ -209,9 +274,8 @@ class VisionBlock(nnx.Module):
     self.attn = VisionAttention(cfg, param_dtype=param_dtype, rngs=rngs)
     self.mlp = VisionMLP(cfg, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-               segments: jax.Array) -> jax.Array:
-    x = x + self.attn(self.norm1(x), cos, sin, segments)
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, attend: Attend) -> jax.Array:
+    x = x + self.attn(self.norm1(x), cos, sin, attend)
     return x + self.mlp(self.norm2(x))
 
 
@@ -228,10 +292,11 @@ class PatchMerger(nnx.Module):
     self.fc2_bias = param(rngs, (cfg.out_hidden_size,), ("embed",), param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x [P, D] → [P / m², out_hidden_size]."""
-    x = _affine("TD,DF->TF", self.norm(x).reshape(-1, self.wide), self.fc1, self.fc1_bias)
+    """x [B, T, D] → [B, T / m², out_hidden_size]."""
+    x = self.norm(x).reshape(x.shape[0], -1, self.wide)
+    x = _affine("BTD,DF->BTF", x, self.fc1, self.fc1_bias)
     # HF's nn.GELU() is the exact erf form.
-    return _affine("TF,FD->TD", jax.nn.gelu(x, approximate=False), self.fc2, self.fc2_bias)
+    return _affine("BTF,FD->BTD", jax.nn.gelu(x, approximate=False), self.fc2, self.fc2_bias)
 
 
 class VisionTower(nnx.Module):
@@ -255,25 +320,30 @@ class VisionTower(nnx.Module):
     """
     cfg = self.cfg
     grid_thw = _check_grid(cfg, grid_thw)
-    layout = _layout(cfg, grid_thw)
     expected = sum(t * h * w for t, h, w in grid_thw)
     if pixel_values.shape != (expected, cfg.patch_dim):
       raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)} but grid_thw="
                        f"{list(grid_thw)} needs ({expected}, {cfg.patch_dim})")
+    # Images of one grid share one layout along an image axis; others are packed into one.
+    images = len(grid_thw) if len(set(grid_thw)) == 1 else 1
+    layout = _layout(cfg, grid_thw[:1] if images > 1 else grid_thw)
     # HF casts the pixels to the patch-embedding weight's dtype; here both go to the compute dtype,
     # which every later layer inherits from x.
     x = pixel_values.astype(self.dtype) @ self.patch_embed[...].astype(self.dtype)  # [P, D]
-    x = x[layout.patch_order]
+    x = x.reshape(images, -1, x.shape[-1])[:, layout.patch_order]  # [B, P / B, D]
     cos, sin = rotary_cos_sin(cfg, jnp.asarray(layout.positions))
-    frames = jnp.asarray(layout.frame_segments)
-    windows = jnp.asarray(layout.window_segments)
     is_full = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
 
     def body(block: VisionBlock, h: jax.Array, full: jax.Array):
-      return block(h, cos, sin, jnp.where(full, frames, windows)), None
+      def attend(q, k, v):
+        return jax.lax.cond(full, lambda: group_attention(q, k, v, layout.frames),
+                            lambda: group_attention(q, k, v, layout.windows))
+
+      return block(h, cos, sin, attend), None
 
     x, _ = scan(self.blocks, body, x, jnp.asarray(is_full))
-    return self.merger(x)[layout.merged_restore]
+    merged = self.merger(x)[:, layout.merged_restore]
+    return merged.reshape(-1, merged.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -89,3 +89,13 @@ def local_rows(array: jax.Array, leading: int = 0) -> np.ndarray:
   for shard in array.addressable_shards:
     pieces.setdefault(shard.index[leading].start or 0, np.asarray(shard.data))
   return np.concatenate([pieces[k] for k in sorted(pieces)], axis=leading)
+
+
+def abstract_params(model: nnx.Module, mesh: Mesh) -> None:
+  """Gives every parameter of an abstract (`nnx.eval_shape`) model its placement on `mesh`, as a
+  `jax.ShapeDtypeStruct` with a sharding: the model then lowers for that mesh without any array
+  (e.g. a 7B preset compiled for a TPU slice from a CPU host)."""
+  for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = var.get_value()
+    var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                       sharding=variable_sharding(var, mesh)))

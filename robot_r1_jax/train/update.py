@@ -26,12 +26,21 @@ class Sums(Protocol):
 
 
 def init_opt_state(optimizer: optax.GradientTransformation, params: Any, mesh: Mesh) -> Any:
-  """`optimizer.init(params)`, with its scalars (Adam's count) replicated on the mesh: fresh from
-  init they sit on one device and would change placement after the first step."""
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.tree.map(
-      lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-      jax.jit(optimizer.init)(params))
+  """`optimizer.init(params)`, each state leaf placed like the parameter it mirrors (Adam's
+  moments sharded as the weights are) and the rest (Adam's count) replicated on the mesh.
+
+  Left to XLA, the fresh zeros of the moments come out unsharded (a full copy per device, twice
+  the model's f32 size); here they are placed explicitly. Abstract `params` (ShapeDtypeStructs
+  with shardings) give the abstract state, for compiling without arrays.
+  """
+  abstract = jax.eval_shape(optimizer.init, params)
+  shardings = optax.tree_utils.tree_map_params(
+      optimizer, lambda _, p: p.sharding, abstract, params,
+      transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, shardings)
+  return jax.jit(optimizer.init, out_shardings=shardings)(params)
 
 
 def jit_step(step: Callable, params: Any, opt_state: Any,

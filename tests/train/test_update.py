@@ -1,4 +1,5 @@
-"""The one jitted update on the real RL loss, sharded over 8 fake CPU devices, equals one device."""
+"""The one jitted update: on the real RL loss, sharded over 8 fake CPU devices, it equals one
+device; the optimizer state it carries is placed like the parameters."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from robot_r1_jax.generate import sampling
 from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model.qwen2_5_vl import init_model
 from robot_r1_jax.rl import kl, losses
 from robot_r1_jax.stages.rl_step import Learner, LearnerConfig, TrainRows
+from robot_r1_jax.train import update
+from robot_r1_jax.train.optim import OptimizerConfig, build_optimizer
 from robot_r1_jax.train.scoring import Sequences
 
 from testing import image_prompts, make_sampler
@@ -80,3 +84,23 @@ def test_sharded_rl_update_equals_single_device(tokenizer, one_device_mesh, mesh
     np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-5 * scale)
   # The rows really are split: the compiled step reduces across devices.
   assert "all-reduce" in hlo or "reduce-scatter" in hlo
+
+
+def test_optimizer_state_is_placed_like_the_parameters(mesh8):
+  """Adam's moments shard as their weights do (left to XLA they came out whole on every device),
+  the count is replicated, and abstract parameters give the abstract state."""
+  model = init_model(config_lib.tiny(), seed=0, mesh=mesh8)
+  params = nnx.state(model, nnx.Param)
+  optimizer, _ = build_optimizer(OptimizerConfig(), total_steps=1)
+  state = update.init_opt_state(optimizer, params, mesh8)
+  same = optax.tree_utils.tree_map_params(
+      optimizer, lambda moment, p: moment.sharding.is_equivalent_to(p.sharding, p.ndim), state,
+      params, transform_non_params=lambda x: x.sharding.is_fully_replicated)
+  assert all(jax.tree.leaves(same))
+  assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          params)
+  structs = update.init_opt_state(optimizer, abstract, mesh8)
+  for struct, array in zip(jax.tree.leaves(structs), jax.tree.leaves(state)):
+    assert isinstance(struct, jax.ShapeDtypeStruct) and struct.shape == array.shape
+    assert struct.sharding.is_equivalent_to(array.sharding, array.ndim)

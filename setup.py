@@ -32,5 +32,7 @@ setuptools.setup(
         # torch is the parity reference only; install it through constraints.txt (torch==2.13.0).
         "test": ["hypothesis", "pytest", "pytest-xdist", "torch"],
         "sim": ["pybullet"],
+        # Compiling for a TPU topology on any host (--compile_only); pinned in constraints.txt.
+        "tpu": ["libtpu"],
     },
 )

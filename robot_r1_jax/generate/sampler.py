@@ -186,9 +186,9 @@ class Sampler:
     self.model, self.config, self.mesh, self.tokenizer = model, config, mesh, tokenizer
     self.traces = TraceCounter()
     self._graphdef = nnx.graphdef(model)
-    self._prefill = jax.jit(self.traces.wrap("prefill", self._prefill_impl),
+    self.prefill_step = jax.jit(self.traces.wrap("prefill", self._prefill_impl),
                             static_argnames=("grid", "new_bucket"))
-    self._decode = jax.jit(self.traces.wrap("decode", self._decode_impl),
+    self.decode_loop = jax.jit(self.traces.wrap("decode", self._decode_impl),
                            donate_argnames=("cache",))
 
   # -------------------------------------------------------------------------------------------
@@ -248,8 +248,9 @@ class Sampler:
       ids, mask = (sharding.global_rows(x, self.mesh) for x in (ids, mask))
       if pixel_values is not None:
         pixel_values, grid = self._global_images(np.asarray(pixel_values), grid, len(prompt_ids))
-    return self._prefill(self._params(), ids, mask, pixel_values, grid=grid,
-                         new_bucket=new_bucket)
+    with sharding.on_mesh(self.mesh):
+      return self.prefill_step(self._params(), ids, mask, pixel_values, grid=grid,
+                               new_bucket=new_bucket)
 
   def _global_images(self, pixel_values: np.ndarray, grid: Grid, prompts: int
                      ) -> tuple[jax.Array, Grid]:
@@ -268,7 +269,9 @@ class Sampler:
       raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, {room}], the new-token "
                        "bucket this state was prefilled for")
     rest = dataclasses.replace(state, cache=None)
-    out, _ = self._decode(self._params(), state.cache, rest, key, jnp.int32(max_new_tokens))
+    with sharding.on_mesh(self.mesh):
+      out, _ = self.decode_loop(self._params(), state.cache, rest, key,
+                                jnp.int32(max_new_tokens))
     return out
 
   def _params(self) -> nnx.State:

@@ -15,6 +15,7 @@ import jax
 from absl import app, flags
 
 from robot_r1_jax.data.loader import LoaderConfig
+from robot_r1_jax.launch import compile as compile_lib
 from robot_r1_jax.launch import flags as F
 from robot_r1_jax.launch import mesh as mesh_lib
 from robot_r1_jax.launch import pipeline, report
@@ -35,12 +36,32 @@ def main(argv: list[str]) -> None:
     config = F.run_config()
   except ValueError as e:  # a config refused a flag's value; its message names the field
     raise app.UsageError(str(e)) from None
+  if config.compile_only:
+    _compile_only(config)
+    return
   context = _setup(config)
   evaluator = eval_lib.split_evaluator(context, config.eval)
   if config.mode == "eval":
     _evaluate(config, context, evaluator)
   else:
     _train(config, context, evaluator)
+
+
+def _compile_only(config: RunConfig) -> None:
+  """--compile_only: the memory report of every executable on --topology; fails naming those
+  that do not fit."""
+  # Deviceless: libtpu compiles for the named slice; this host's own accelerators stay untouched.
+  jax.config.update("jax_platforms", "cpu")
+  try:
+    report = compile_lib.compile_run(config, only=config.compile_executables)
+  except compile_lib.CompileError as e:
+    raise app.UsageError(str(e)) from None
+  print(report.table())
+  print(f"report: {config.workdir / 'compile_report.json'}")
+  if report.too_big:
+    raise SystemExit("does not fit: " + ", ".join(
+        f"{e.name} needs {e.peak / compile_lib.GIB:.2f} GiB per chip" for e in report.too_big)
+        + f" of {report.hbm_per_chip / compile_lib.GIB:.0f} GiB on {config.topology}")
 
 
 def _setup(config: RunConfig) -> StageContext:

@@ -57,6 +57,10 @@ class RunConfig:
   sft: SftConfig = SftConfig(total_steps=60)
   rl: RLConfig = RLConfig()
   eval: EvalConfig = EvalConfig()
+  compile_only: bool = False  # compile every executable for `topology`, report memory, stop
+  topology: str | None = None  # a TPU slice, e.g. "v5e:4x4"
+  compile_executables: tuple[str, ...] | None = None  # only these (None: every one)
+  compile_prompt_length: int = 0  # the prompt bucket to compile at (0: derived from the prompts)
   flags: dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded with checkpoints
 
   def __post_init__(self):
@@ -64,9 +68,12 @@ class RunConfig:
       raise ValueError(f"mode={self.mode!r} is not one of {list(MODES)}")
     if self.stage not in STAGES:
       raise ValueError(f"stage={self.stage!r} is not one of {list(STAGES)}")
+    if self.compile_only and not self.topology:
+      raise ValueError("--compile_only needs --topology, e.g. --topology=v5e:4x4")
 
   @property
   def batch_sizes(self) -> dict[str, int]:
     """Every global batch the run splits over devices and processes, by its flag."""
     return {"rollout_batch_size": self.rl.rollout_batch_size,
-            "sft_batch_size": self.sft.batch_size, "eval_batch_size": self.eval.batch_size}
+            "sft_batch_size": self.sft.batch_size, "eval_batch_size": self.eval.batch_size,
+            "micro_batch_size": self.rl.step.micro_batch_size}

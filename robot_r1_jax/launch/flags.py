@@ -69,6 +69,19 @@ PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                                   "Activation dtype; parameters stay float32.")
 REMAT = flags.DEFINE_bool("remat", False, "Recompute decoder layers in the backward pass.")
+COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile every executable of the run for "
+                                 "--topology on this host and report each one's memory per chip "
+                                 "against the chip's HBM (also WORKDIR/compile_report.json); "
+                                 "reads no weights or data, trains nothing. Needs libtpu: "
+                                 "pip install -c constraints.txt -e '.[tpu]'.")
+TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice to compile for with --compile_only, "
+                               "e.g. v5e:4x4, v6e:4x4, v5p:2x2x4, v4:2x2x4.")
+COMPILE_EXECUTABLES = flags.DEFINE_list("compile_executables", None, "With --compile_only, only "
+                                        "these executables (e.g. rl_update,rollout_decode); "
+                                        "default: every one the run uses.")
+COMPILE_PROMPT_LENGTH = flags.DEFINE_integer("compile_prompt_length", 0, "Prompt bucket for "
+                                             "--compile_only (0: the bucket of the run's longest "
+                                             "question with its image, by the run's tokenizer).")
 
 # Algorithm.
 ALGO = flags.DEFINE_enum("algo", "grpo", sorted(advantages.ESTIMATORS), "Advantage estimator.")
@@ -164,4 +177,7 @@ def run_config() -> RunConfig:
       init_from=pathlib.Path(INIT_FROM.value) if INIT_FROM.value else None,
       sft=sft, rl=rl,
       eval=EvalConfig(max_new_tokens=MAX_NEW_TOKENS.value, batch_size=EVAL_BATCH.value),
+      compile_only=COMPILE_ONLY.value, topology=TOPOLOGY.value,
+      compile_executables=tuple(COMPILE_EXECUTABLES.value) if COMPILE_EXECUTABLES.value else None,
+      compile_prompt_length=COMPILE_PROMPT_LENGTH.value,
       flags={f.name: f.value for f in flags.FLAGS.get_flags_for_module(__name__)})

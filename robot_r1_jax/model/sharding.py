@@ -6,6 +6,7 @@ carries them is decided here, so a new parallelism layout is a change to this ta
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import jax
@@ -99,3 +100,20 @@ def abstract_params(model: nnx.Module, mesh: Mesh) -> None:
     value = var.get_value()
     var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype,
                                        sharding=variable_sharding(var, mesh)))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Pins activation `x` to the placement its logical axis `names` map to, under the mesh of the
+  current `jax.set_mesh` context (a mesh axis that does not divide its dimension is dropped);
+  unchanged without one. Layers name logical axes only: which mesh carries them is the caller's.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, _fit(logical_to_spec(names), x.shape, mesh))
+
+
+def on_mesh(mesh: Mesh | None) -> contextlib.AbstractContextManager:
+  """The context that programs traced on `mesh` run under (`constrain` reads it); nothing for
+  None (one device)."""
+  return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from robot_r1_jax.model import hf_names, layers, rope
+from robot_r1_jax.model import hf_names, layers, rope, sharding
 from robot_r1_jax.model.config import TextConfig
 
 
@@ -266,9 +266,13 @@ class TextModel(nnx.Module):
 
     def body(layer, h, kv):
       h, kv = layer(h, cos, sin, mask, kv)
+      # Rows over the mesh's batch axes between layers: left to XLA, the hidden width went over
+      # fsdp instead and each layer's attention scores were built for every row on every chip.
+      h = sharding.constrain(h, ("batch", None, None))
       return h, kv if keep_kv else None  # keys/values leave the scan only when kept
 
     kv_in = None if before is None else (before.k, before.v)
+    x = sharding.constrain(x, ("batch", None, None))
     x, kv = layers.scan(self.layers, body, x, kv_in, remat=self.remat)
     return self.final_norm(x), kv
 

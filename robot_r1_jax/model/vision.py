@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from robot_r1_jax.model import sharding
 from robot_r1_jax.model.config import VisionConfig
 from robot_r1_jax.model.hf_names import Rule, dense, reshaped, same
 from robot_r1_jax.model.layers import RMSNorm, param, scan, stack
@@ -330,7 +331,10 @@ class VisionTower(nnx.Module):
     # HF casts the pixels to the patch-embedding weight's dtype; here both go to the compute dtype,
     # which every later layer inherits from x.
     x = pixel_values.astype(self.dtype) @ self.patch_embed[...].astype(self.dtype)  # [P, D]
-    x = x.reshape(images, -1, x.shape[-1])[:, layout.patch_order]  # [B, P / B, D]
+    # Images over the batch axes of the mesh: left to XLA, a TPU compile gathered every image's
+    # activations and scores onto every chip.
+    x = sharding.constrain(x.reshape(images, -1, x.shape[-1])[:, layout.patch_order],
+                           ("batch", None, None))  # [B, P / B, D]
     cos, sin = rotary_cos_sin(cfg, jnp.asarray(layout.positions))
     is_full = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
 
@@ -339,7 +343,7 @@ class VisionTower(nnx.Module):
         return jax.lax.cond(full, lambda: group_attention(q, k, v, layout.frames),
                             lambda: group_attention(q, k, v, layout.windows))
 
-      return block(h, cos, sin, attend), None
+      return sharding.constrain(block(h, cos, sin, attend), ("batch", None, None)), None
 
     x, _ = scan(self.blocks, body, x, jnp.asarray(is_full))
     merged = self.merger(x)[:, layout.merged_restore]

@@ -105,11 +105,10 @@ class Learner:
     self.optimizer = optimizer
     self.params = params
     self.opt_state = update.init_opt_state(optimizer, params, mesh)
-    # A frozen copy of the initial policy, sharded like it (copies, so donation cannot alias).
-    self.ref_params = jax.tree.map(jnp.copy, params) if config.kl.active else None
-    self._log_probs = jax.jit(self._log_probs_impl, static_argnames=("image_grid",))
+    self.ref_params = _reference(params, model.dtype) if config.kl.active else None
+    self.log_probs_step = jax.jit(self._log_probs_impl, static_argnames=("image_grid",))
     self._select = jax.jit(self._select_impl)
-    self._train_step = update.jit_step(self._train_step_impl, params, self.opt_state,
+    self.train_step = update.jit_step(self._train_step_impl, params, self.opt_state,
                                        ("image_grid", "on_policy"))
     self.bad_steps = 0
     if config.prompt_share < config.num_generations:
@@ -150,8 +149,9 @@ class Learner:
     """Log-probs [B·G, R] computed micro-batch by micro-batch (bounded activation memory)."""
     mb = self.config.micro_batch_size
     rows = seqs.prompt_ids.shape[0]
-    parts = [self._log_probs(params, jax.tree.map(lambda x: x[i:i + mb], seqs),
-                             image_grid=image_grid) for i in range(0, rows, mb)]
+    with sharding.on_mesh(self.mesh):
+      parts = [self.log_probs_step(params, jax.tree.map(lambda x: x[i:i + mb], seqs),
+                                   image_grid=image_grid) for i in range(0, rows, mb)]
     return jnp.concatenate(parts, axis=0)
 
   def step(self, batch: Any, key: jax.Array) -> StepResult:
@@ -224,8 +224,8 @@ class Learner:
 
   def _compile_counts(self) -> dict[str, float]:
     """Executables built so far; growth after the first steps means shapes escape the buckets."""
-    return {"compiles/train_step": float(self._train_step._cache_size()),
-            "compiles/log_probs": float(self._log_probs._cache_size()),
+    return {"compiles/train_step": float(self.train_step._cache_size()),
+            "compiles/log_probs": float(self.log_probs_step._cache_size()),
             **{f"compiles/sampler_{k}": float(v) for k, v in self.sampler.traces.counts.items()}}
 
   def _sequences(self, batch: Any, out: SamplerOutput) -> tuple[Sequences, jax.Array]:
@@ -258,9 +258,10 @@ class Learner:
       # Whole groups, each in sample order: micro-batches keep runs of one prompt (prompt_share).
       order = (rng.permutation(total // g)[:, None] * g + np.arange(g)).ravel()
       for start in range(0, total, per_update):
-        mb = self._select(rows, jnp.asarray(order[start:start + per_update]))
-        self.params, self.opt_state, m = self._train_step(
-            self.params, self.opt_state, mb, image_grid=image_grid, on_policy=on_policy)
+        with sharding.on_mesh(self.mesh):
+          mb = self._select(rows, jnp.asarray(order[start:start + per_update]))
+          self.params, self.opt_state, m = self.train_step(
+              self.params, self.opt_state, mb, image_grid=image_grid, on_policy=on_policy)
         step_metrics.append(m)
     self.commit()
     jax.block_until_ready(self.params)
@@ -281,6 +282,23 @@ class Learner:
 
 
 RewardFn = Callable[[list[str], list[str]], rewards.RewardOutput]
+
+
+def _reference(params: Any, dtype: jnp.dtype) -> Any:
+  """The frozen reference policy: the initial parameters in the compute dtype, placed like them.
+
+  The model casts every parameter to the compute dtype where it is used, so a reference stored in
+  that dtype scores exactly as the f32 one would, at half the memory under bf16. The copy is a new
+  buffer (a jit output), so donating the trained parameters never frees it. Abstract parameters
+  (compiling without arrays) give the abstract reference.
+  """
+  target = lambda x: dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, target(x), sharding=x.sharding),
+                        params)
+  placement = jax.tree.map(lambda x: x.sharding, params)
+  return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(target(x)), p),
+                 out_shardings=placement)(params)
 
 
 def _rollout_metrics(rows: TrainRows, kl: jax.Array, out: SamplerOutput) -> dict[str, float]:

@@ -142,8 +142,9 @@ class SftTrainer:
     # slice of its own rows (any split of the rows gives the same token-mean).
     stacked = jax.tree.map(lambda x: sharding.global_rows(
         x.reshape((-1, local) + x.shape[1:]), self.mesh, leading=1), seqs)
-    self.params, self.opt_state, metrics = self.train_step(
-        self.params, self.opt_state, stacked, image_grid=batch.image_grid)
+    with sharding.on_mesh(self.mesh):
+      self.params, self.opt_state, metrics = self.train_step(
+          self.params, self.opt_state, stacked, image_grid=batch.image_grid)
     self.commit()  # the donated arrays the model held are gone; point it at the new ones
     metrics = {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
     seconds = time.perf_counter() - tic

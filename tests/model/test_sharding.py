@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 

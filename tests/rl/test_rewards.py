@@ -44,7 +44,7 @@ ADVERSARIAL = [
     (f"<think><think>{R}</think></think><answer>[[B]]</answer>", 0.0, 1.0),  # nested think
     (f"<think>{R}</think><think>{R}</think><answer>[[B]]</answer>", 0.0, 1.0),  # two thinks
     (f"<answer>[[B]]</answer><think>{R}</think>", 0.0, 1.0),  # answer before think
-    (f"<answer>[[B]]</answer>", 0.0, 1.0),  # no think
+    ("<answer>[[B]]</answer>", 0.0, 1.0),  # no think
     (f"<think>{R}</think> so <answer>[[B]]</answer>", 0.0, 1.0),  # text between the blocks
     (f"Sure! <think>{R}</think><answer>[[B]]</answer>", 0.0, 1.0),  # text before
     (f"<think>{R}</think><answer>[[B]]</answer> Actually [[A]].", 0.0, 1.0),  # text after

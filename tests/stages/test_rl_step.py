@@ -13,6 +13,7 @@ from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model.qwen2_5_vl import init_model
 from robot_r1_jax.rl import kl as kl_lib
 from robot_r1_jax.rl import rewards
+from robot_r1_jax.stages import rl_step
 from robot_r1_jax.stages.rl_step import Learner, LearnerConfig, completion_width
 from robot_r1_jax.train.optim import OptimizerConfig, build_optimizer
 from robot_r1_jax.train.scoring import Sequences, sequence_log_probs
@@ -93,8 +94,8 @@ def test_second_step_reuses_every_executable_and_moves_parameters(setup):
   learner = _learner(setup, _parity_reward, num_updates_per_rollout=2)
   before = np.asarray(learner.params["text"]["layers"]["mlp"]["up"].get_value()).copy()
   results = [learner.step(setup[1], jax.random.key(s)) for s in range(3)]
-  assert learner._train_step._cache_size() == 1
-  assert learner._log_probs._cache_size() == 1
+  assert learner.train_step._cache_size() == 1
+  assert learner.log_probs_step._cache_size() == 1
   assert learner.sampler.traces.counts == {"prefill": 1, "decode": 1}
   after = np.asarray(learner.model.text.layers.mlp.up.get_value())
   assert not np.allclose(before, after), "the model the sampler reads was not updated"
@@ -202,3 +203,13 @@ def test_kl_in_reward_moves_the_kl_out_of_the_loss():
     LearnerConfig(algo="ppo")
   with pytest.raises(ValueError, match="width_steps"):
     LearnerConfig(width_steps=0)
+
+
+def test_reference_is_a_compute_dtype_copy_and_absent_without_a_penalty(setup):
+  learner = _learner(setup, _parity_reward)
+  params = nnx.to_pure_dict(learner.params)
+  reference = rl_step._reference(learner.params, jnp.bfloat16)
+  for ref, param in zip(jax.tree.leaves(nnx.to_pure_dict(reference)), jax.tree.leaves(params)):
+    assert ref.dtype == jnp.bfloat16 and ref.sharding == param.sharding
+    np.testing.assert_array_equal(np.asarray(ref), np.asarray(param.astype(jnp.bfloat16)))
+  assert _learner(setup, _parity_reward, kl=kl_lib.KLPenalty(coef=0.0)).ref_params is None

@@ -62,7 +62,7 @@ def _update(mesh, tokenizer, rows: TrainRows, grid) -> tuple[dict[str, float], l
                          sampling=sampling.SamplingParams())
   learner = Learner(model, _KEEP_GRADIENT, sampler, CONFIG, mesh)
   placed = jax.tree.map(jnp.asarray, rows)
-  hlo = learner._train_step.lower(
+  hlo = learner.train_step.lower(
       learner.params, learner.opt_state, learner._select(placed, jnp.arange(PROMPTS * G)),
       image_grid=grid, on_policy=False).compile().as_text()
   metrics = learner._update(placed, jax.random.key(0), grid, on_policy=False)

@@ -1,0 +1,370 @@
+"""`--compile_only --topology=…`: every executable of a run, compiled for a TPU slice on this host.
+
+    python -m robot_r1_jax.launch --compile_only --topology=v5p:2x2x4 \
+        --flagfile=robot_r1_jax/launch/configs/robot_r1_paper.cfg --model=qwen2_5_vl_7b
+
+libtpu compiles for a named topology without a TPU (MaxText's train_compile.py does this for one
+training step; here it is the whole RL run, images included). The run is built as training builds
+it — the mesh from `--mesh` over the slice's devices, parameters and optimizer state abstract with
+their real shardings, the samplers, learner and SFT trainer of the stages — and each executable is
+lowered at the shapes the flags imply: the prompt bucket of the run's longest question with its
+`--image_size` image, the `--max_new_tokens` bucket, the rollout, update, micro, SFT and eval batch
+sizes. No weight or data is read. Each one's per-chip memory (XLA's memory analysis: arguments,
+outputs, temporaries, the outputs aliased to donated arguments) is set against the chip's HBM,
+printed, and written to WORKDIR/compile_report.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import time
+from typing import Any, Callable, Collection
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from robot_r1_jax.data import atomic, mcqa, sft_targets
+from robot_r1_jax.data.loader import LoaderConfig
+from robot_r1_jax.data.prompts import QUESTION_TYPES
+from robot_r1_jax.generate.sampler import SamplerConfig, bucket
+from robot_r1_jax.generate.sampling import SamplingParams
+from robot_r1_jax.launch import mesh as mesh_lib
+from robot_r1_jax.launch import pipeline
+from robot_r1_jax.launch.config import RunConfig
+from robot_r1_jax.model import config as model_config
+from robot_r1_jax.model import processor, sharding
+from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
+from robot_r1_jax.stages.context import StageContext
+from robot_r1_jax.stages.rl_step import Learner, TrainRows
+from robot_r1_jax.stages.sft_step import SftTrainer
+from robot_r1_jax.train import optim
+from robot_r1_jax.train.scoring import Sequences
+
+GIB = 2**30
+# HBM per chip (not per core: a v4 chip's two cores are one megacore device here).
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+TOPOLOGY_FORMS = "v5e:2x2, v5e:4x4, v6e:4x4, v5p:2x2x4, v4:2x2x4 (CHIP:SHAPE, CHIP one of " + (
+    ", ".join(HBM_GIB) + ")")
+
+
+class CompileError(ValueError):
+  """The compile cannot start as asked; the message names the flag or the install to change."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The slice and the shapes.
+
+
+def topology_devices(name: str) -> tuple[list[Any], int]:
+  """(the slice's devices, one per chip; HBM bytes per chip) for a topology name like v5e:4x4."""
+  chip, sep, shape = name.partition(":")
+  if not sep or chip not in HBM_GIB or not shape:
+    raise CompileError(f"--topology={name!r} is not a TPU topology; known forms: {TOPOLOGY_FORMS}")
+  if importlib.util.find_spec("libtpu") is None:
+    raise CompileError("--compile_only needs libtpu to compile for a TPU topology: "
+                       "pip install -c constraints.txt -e '.[tpu]'")
+  # libtpu locks /tmp/libtpu_lockfile for the one process that may drive a host's TPU; a
+  # deviceless compile drives none, so several may run at once (a test session, a sweep).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+
+  # A v4 chip has two cores; megacore makes them one device, so devices count chips.
+  extra = {"chip_config_name": "megacore"} if chip == "v4" else {}
+  try:
+    topology = topologies.get_topology_desc(topology_name=name, platform="tpu", **extra)
+  except Exception as e:  # libtpu raises its runtime error type for an unknown shape
+    raise CompileError(f"--topology={name!r}: libtpu refuses it ({e}); known forms: "
+                       f"{TOPOLOGY_FORMS}") from None
+  return list(topology.devices), HBM_GIB[chip] * GIB
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """The run's shapes as the flags imply them."""
+
+  prompt_length: int  # T: the prompt bucket of the run's longest question
+  grid: tuple[int, int, int]  # every image's (t, h, w) patch grid
+  new_tokens: int  # R: the new-token bucket
+  target_length: int  # the SFT target bucket of the longest target
+
+  @property
+  def patches(self) -> int:
+    return int(np.prod(self.grid))
+
+
+def run_shapes(config: RunConfig, tokenizer: Any) -> Shapes:
+  """Builds one question of every type with the run's prompt style and image size, and buckets
+  its prompt and SFT target with the run's tokenizer."""
+  size = config.data.image_size
+  _, grid = processor.preprocess_image(np.zeros((size, size, 3), np.uint8))
+  ctx = mcqa.FrameContext(task="take_lid_off_saucepan", episode="e/variation0/episode0", frame=0,
+                          next_keyframe=10, description="take the lid off the saucepan",
+                          state_xyz=(0.281, -0.104, 0.913), next_xyz=(0.312, 0.052, 0.871))
+  questions = [q for t in QUESTION_TYPES if (q := mcqa.build_question(
+      t, ctx, seed=0, config=mcqa.McqaConfig(prompt_style=config.data.prompt_style)))]
+  longest = max(len(processor.build_prompt_ids(tokenizer, q.prompt, grid)) for q in questions)
+  end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+  target = max(len(tokenizer(sft_targets.target_text(q, config.sft.targets),
+                             add_special_tokens=False)["input_ids"]) + (end is not None)
+               for q in questions)
+  samplers = SamplerConfig(stop_tokens=())
+  return Shapes(
+      prompt_length=config.compile_prompt_length or bucket(longest, samplers.prompt_buckets,
+                                                           "prompt length"),
+      grid=tuple(int(v) for v in grid),
+      new_tokens=bucket(config.rl.step.max_new_tokens, samplers.new_token_buckets,
+                        "max_new_tokens"),
+      target_length=bucket(target, config.sft.target_buckets, "SFT target length"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Abstract inputs.
+
+
+def _rows(mesh: Mesh, shape: tuple[int, ...], dtype, leading: int = 0) -> jax.ShapeDtypeStruct:
+  """An abstract array whose row axis (after `leading` axes) is split over (data, fsdp)."""
+  names = (None,) * leading + ("batch",) + (None,) * (len(shape) - leading - 1)
+  return jax.ShapeDtypeStruct(shape, dtype,
+                              sharding=NamedSharding(mesh, sharding.logical_to_spec(names)))
+
+
+def _sequences(mesh: Mesh, shapes: Shapes, rows: int, completion: int, micro: int | None = None
+               ) -> Sequences:
+  """Prompt + completion rows [rows, …], or stacked in micro-batches [rows / micro, micro, …]."""
+  if micro is None:
+    field = lambda *shape, dtype=jnp.int32: _rows(mesh, (rows,) + shape, dtype)
+  else:
+    field = lambda *shape, dtype=jnp.int32: _rows(mesh, (rows // micro, micro) + shape, dtype,
+                                                  leading=1)
+  return Sequences(prompt_ids=field(shapes.prompt_length), prompt_mask=field(shapes.prompt_length),
+                   completion=field(completion), completion_mask=field(completion),
+                   pixel_values=field(shapes.patches, 1176, dtype=jnp.float32))
+
+
+def _from_compiled(lowered: jax.stages.Lowered, compiled: jax.stages.Compiled) -> Any:
+  """The outputs of a compiled executable as abstract arrays with their shardings."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      lowered.out_info, compiled.output_shardings)
+
+
+# ------------------------------------------------------------------------------------------------
+# The executables.
+
+
+@dataclasses.dataclass(frozen=True)
+class Executable:
+  """One compiled program's memory per chip (bytes)."""
+
+  name: str
+  what: str
+  arguments: int
+  outputs: int
+  temps: int
+  aliased: int
+  compile_seconds: float
+
+  @property
+  def peak(self) -> int:
+    """Arguments, outputs and temporaries live at once, less the outputs written into donated
+    argument buffers."""
+    return self.arguments + self.outputs + self.temps - self.aliased
+
+
+Lowering = Callable[[], tuple[jax.stages.Lowered, Callable[[jax.stages.Compiled], None]]]
+
+
+def _plan(config: RunConfig, context: StageContext, shapes: Shapes) -> list[tuple[str, str, Lowering]]:
+  """(name, what it is, a function lowering it) for every executable the run uses, in run order.
+
+  A lowering also returns a hook that receives its compiled program (the decode loop's inputs are
+  the prefill's outputs).
+  """
+  mesh, rl, sft = context.mesh, config.rl, config.sft
+  params = nnx.state(context.model)
+  grid1 = shapes.grid
+  plan: list[tuple[str, str, Lowering]] = []
+
+  def generation(prefix: str, sampler, prompts: int, what: str):
+    grids = (grid1,) * prompts
+    prefilled = {}
+
+    def prefill():
+      lowered = sampler.prefill_step.lower(
+          params, _rows(mesh, (prompts, shapes.prompt_length), jnp.int32),
+          _rows(mesh, (prompts, shapes.prompt_length), jnp.bool_),
+          _rows(mesh, (prompts * shapes.patches, 1176), jnp.float32), grid=grids,
+          new_bucket=shapes.new_tokens)
+      return lowered, lambda compiled: prefilled.update(state=_from_compiled(lowered, compiled))
+
+    def decode():
+      state = prefilled["state"]
+      key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                                 sharding=NamedSharding(mesh, PartitionSpec()))
+      budget = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+      return sampler.decode_loop.lower(params, state.cache, dataclasses.replace(state, cache=None),
+                                       key, budget), None
+
+    rows = prompts * sampler.config.num_samples
+    plan.append((f"{prefix}_prefill", f"{prompts} prompts × {shapes.prompt_length} tokens + images"
+                 f" → a cache of {rows} rows ({what})", prefill))
+    plan.append((f"{prefix}_decode", f"{rows} rows × {shapes.new_tokens} new tokens ({what})",
+                 decode))
+
+  evaluates = config.mode == "eval" or config.stage == "sft_rl" or (
+      config.stage == "rl" and rl.loop.eval_every)
+  if config.mode == "train" and config.stage in ("sft_rl", "sft"):
+    optimizer, _ = optim.build_optimizer(sft.optimizer, 1)
+    trainer = SftTrainer(context.model, optimizer, mesh, micro_batch_size=sft.micro_batch_size)
+    seqs = _sequences(mesh, shapes, sft.batch_size, shapes.target_length, sft.micro_batch_size)
+    plan.append(("sft_step", f"{sft.batch_size} rows in micro-batches of {sft.micro_batch_size},"
+                 f" targets of {shapes.target_length}", lambda: (trainer.train_step.lower(
+                     trainer.params, trainer.opt_state, seqs, image_grid=grid1), None)))
+  if evaluates:
+    generation("eval", context.sampler(SamplingParams(temperature=0.0)), config.eval.batch_size,
+               "greedy evaluation")
+  if config.mode == "train" and config.stage in ("sft_rl", "rl"):
+    step = rl.step
+    sampler = context.sampler(rl.sampling, num_samples=step.num_generations)
+    generation("rollout", sampler, rl.rollout_batch_size, f"G = {step.num_generations}")
+    optimizer, _ = optim.build_optimizer(rl.optimizer, 1)
+    learner = Learner(context.model, optimizer, sampler, step, mesh)
+    micro = step.micro_batch_size
+    scored = _sequences(mesh, shapes, micro, shapes.new_tokens)  # one micro-batch per call
+    on_policy = rl.updates_per_step == 1
+    if learner.ref_params is not None:
+      plan.append(("reference_log_probs", f"{micro} rows, the reference in the compute dtype",
+                   lambda: (learner.log_probs_step.lower(learner.ref_params, scored,
+                                                         image_grid=grid1), None)))
+    if not on_policy:
+      plan.append(("old_log_probs", f"{micro} rows, once per rollout", lambda: (
+          learner.log_probs_step.lower(learner.params, scored, image_grid=grid1), None)))
+    rows = step.train_batch_size * step.num_generations
+    seqs = _sequences(mesh, shapes, rows, shapes.new_tokens, micro)
+    per_token = _rows(mesh, (rows // micro, micro, shapes.new_tokens), jnp.float32, leading=1)
+    batch = TrainRows(seqs=seqs, old_logp=per_token, ref_logp=per_token, advantages=per_token)
+    plan.append(("rl_update", f"{rows} rows in micro-batches of {micro}", lambda: (
+        learner.train_step.lower(learner.params, learner.opt_state, batch, image_grid=grid1,
+                                 on_policy=on_policy), None)))
+  return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# The report.
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  topology: str
+  chips: int
+  hbm_per_chip: int  # bytes
+  mesh: dict[str, int]
+  model: str
+  shapes: Shapes
+  executables: tuple[Executable, ...]
+
+  @property
+  def too_big(self) -> list[Executable]:
+    return [e for e in self.executables if e.peak > self.hbm_per_chip]
+
+  def table(self) -> str:
+    g = lambda b: f"{b / GIB:.2f}"
+    header = ["executable", "arguments", "outputs", "temps", "aliased", "peak GiB", "of HBM",
+              "fits"]
+    rows = [[e.name, g(e.arguments), g(e.outputs), g(e.temps), g(e.aliased), g(e.peak),
+             f"{100 * e.peak / self.hbm_per_chip:.0f}%",
+             "yes" if e.peak <= self.hbm_per_chip else "NO"] for e in self.executables]
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
+                       for c, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
+    lines.insert(1, "-" * len(lines[0]))
+    title = (f"{self.model} on {self.topology} ({self.chips} chips × "
+             f"{self.hbm_per_chip / GIB:.0f} GiB HBM), mesh {self.mesh}; prompt bucket "
+             f"{self.shapes.prompt_length}, image grid {list(self.shapes.grid)}, "
+             f"{self.shapes.new_tokens} new tokens — per chip, GiB")
+    return "\n".join([title, *lines])
+
+  def to_json(self) -> str:
+    data = dataclasses.asdict(self)
+    for row, e in zip(data["executables"], self.executables):
+      row["peak"] = e.peak
+    return json.dumps(data, indent=1) + "\n"
+
+
+def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
+                progress: Callable[[str], None] = print) -> Report:
+  """Compiles every executable of `config`'s run for `config.topology` (see the module docstring),
+  or those named in `only` (and what they need: a decode loop's prefill).
+
+  The persistent compilation cache is switched off: it cannot load a deviceless TPU executable
+  back. JAX decides whether to use it at a process's first compile, so call this in a process
+  that has not compiled anything yet (the launcher's --compile_only does).
+
+  Raises:
+    CompileError: a bad topology, no libtpu, or a mesh or batch that does not fit the slice.
+  """
+  jax.config.update("jax_enable_compilation_cache", False)
+  devices, hbm = topology_devices(config.topology)
+  try:
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    for rows in config.batch_sizes.values():
+      mesh_lib.batch_rows_per_process(rows, mesh)
+  except mesh_lib.MeshSpecError as e:
+    raise CompileError(f"{e} on {config.topology} ({len(devices)} chips) (check --mesh, "
+                       f"--{', --'.join(config.batch_sizes)})") from None
+  cfg, model_dir = _model_config(config.model.name)
+  dtype = jnp.bfloat16 if config.model.compute_dtype == "bfloat16" else jnp.float32
+  model = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=dtype, remat=config.model.remat,
+                                          rngs=nnx.Rngs(0)))
+  sharding.abstract_params(model, mesh)
+  tokenizer, tokenizer_path = pipeline.load_tokenizer(config.model.tokenizer, model_dir)
+  shapes = run_shapes(config, tokenizer)
+  context = StageContext(model=model, tokenizer=tokenizer, mesh=mesh, data_dir=config.workdir,
+                         loader=LoaderConfig(tokenizer_path=tokenizer_path))
+  plan = _plan(config, context, shapes)
+  if only is not None:
+    unknown = sorted(set(only) - {name for name, _, _ in plan})
+    if unknown:
+      raise CompileError(f"this run has no executable {unknown}; it has "
+                         f"{[name for name, _, _ in plan]}")
+    needed = set(only) | {n.replace("_decode", "_prefill") for n in only if n.endswith("_decode")}
+    plan = [item for item in plan if item[0] in needed]
+  done = []
+  for i, (name, what, lower) in enumerate(plan, start=1):
+    progress(f"[{i}/{len(plan)}] compiling {name}: {what} …")
+    start = time.perf_counter()
+    with sharding.on_mesh(mesh):
+      lowered, hook = lower()
+      compiled = lowered.compile()
+    if hook is not None:
+      hook(compiled)
+    m = compiled.memory_analysis()
+    done.append(Executable(name=name, what=what, arguments=m.argument_size_in_bytes,
+                           outputs=m.output_size_in_bytes, temps=m.temp_size_in_bytes,
+                           aliased=m.alias_size_in_bytes,
+                           compile_seconds=round(time.perf_counter() - start, 1)))
+    progress(f"      {done[-1].peak / GIB:.2f} GiB per chip, compiled in "
+             f"{done[-1].compile_seconds:.0f} s")
+  report = Report(topology=config.topology, chips=len(devices), hbm_per_chip=hbm,
+                  mesh=dict(mesh.shape), model=config.model.name, shapes=shapes,
+                  executables=tuple(done))
+  atomic.write_bytes(pathlib.Path(config.workdir) / "compile_report.json",
+                     report.to_json().encode())
+  return report
+
+
+def _model_config(name: str) -> tuple[model_config.ModelConfig, pathlib.Path | None]:
+  """A preset's config, or a local Hugging Face directory's config.json (no weights read)."""
+  if name in model_config.PRESETS:
+    return model_config.PRESETS[name](), None
+  path = pathlib.Path(name)
+  if not (path / "config.json").is_file():
+    raise CompileError(f"--model={name!r} is neither a preset ({', '.join(model_config.PRESETS)})"
+                       " nor a directory with config.json")
+  return model_config.from_hf_config(json.loads((path / "config.json").read_text())), path

@@ -1,0 +1,110 @@
+"""`--compile_only --topology=…`: every executable of a run compiled for a TPU slice on this CPU host
+(libtpu's deviceless compile), its memory per chip against HBM, and clear refusals of bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from robot_r1_jax.launch import compile as compile_lib
+from robot_r1_jax.launch.config import RunConfig
+from robot_r1_jax.stages.rl import RLConfig
+from robot_r1_jax.stages.rl_step import LearnerConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed (pip install -e '.[tpu]')")
+
+
+# What a tiny run needs on v5e:2x2 (4 chips): every batch splits over fsdp = 4.
+TINY = ["--model=tiny", "--image_size=64", "--max_new_tokens=16", "--num_generations=2",
+        "--rollout_batch_size=4", "--train_batch_size=2", "--micro_batch_size=4",
+        "--sft_batch_size=4", "--eval_batch_size=4"]
+
+
+def _compile(workdir: pathlib.Path, *flags: str) -> tuple[dict, str]:
+  """`--compile_only` in a fresh process (deviceless compiles cannot share the test session's
+  persistent compilation cache); returns the JSON report and the output."""
+  proc = subprocess.run([sys.executable, "-m", "robot_r1_jax.launch", "--compile_only",
+                         "--topology=v5e:2x2", f"--workdir={workdir}", *TINY, *flags],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return json.loads((workdir / "compile_report.json").read_text()), proc.stdout
+
+
+@needs_libtpu
+def test_tiny_run_compiles_for_v5e_2x2_and_fits(tmp_path):
+  report, out = _compile(tmp_path)
+  names = [e["name"] for e in report["executables"]]
+  assert names == ["sft_step", "eval_prefill", "eval_decode", "rollout_prefill",
+                   "rollout_decode", "reference_log_probs", "old_log_probs", "rl_update"]
+  assert report["chips"] == 4 and report["hbm_per_chip"] == 16 * 2**30
+  for e in report["executables"]:
+    assert 0 < e["peak"] < report["hbm_per_chip"], e
+    assert e["peak"] == e["arguments"] + e["outputs"] + e["temps"] - e["aliased"]
+  assert "[8/8] compiling rl_update" in out and "rl_update" in out.splitlines()[-2]
+  # The decode loop writes the cache into the donated prefill cache.
+  decode = next(e for e in report["executables"] if e["name"] == "rollout_decode")
+  assert decode["aliased"] > 0
+
+
+@needs_libtpu
+def test_rollout_memory_grows_linearly_with_the_images(tmp_path):
+  """Twice the rollout images, at most ~twice the prefill's memory per chip (the packed vision
+  attention grew with their square). 224² images and a short prompt bucket: the vision tower is
+  what the prefill's memory is made of."""
+  def peak(prompts: int) -> int:
+    report, _ = _compile(tmp_path / str(prompts), "--stage=rl", "--num_generations=1",
+                         "--image_size=224", "--compile_prompt_length=128",
+                         f"--rollout_batch_size={prompts}", f"--train_batch_size={prompts}",
+                         "--compile_executables=rollout_prefill")
+    assert [e["name"] for e in report["executables"]] == ["rollout_prefill"]
+    return report["executables"][0]["peak"]
+
+  assert peak(128) <= 2.3 * peak(64)
+
+
+@pytest.mark.parametrize("topology", ["v9x:2x2", "v5e", "4x4"])
+def test_unknown_topology_lists_the_known_forms(topology):
+  with pytest.raises(compile_lib.CompileError, match="known forms: v5e:2x2"):
+    compile_lib.topology_devices(topology)
+
+
+def test_missing_libtpu_names_the_extra(monkeypatch):
+  monkeypatch.setattr(compile_lib.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(compile_lib.CompileError, match=r"pip install .*\[tpu\]"):
+    compile_lib.topology_devices("v5e:2x2")
+
+
+@needs_libtpu
+def test_a_layout_the_slice_cannot_take_names_the_flag(tmp_path):
+  base = RunConfig(workdir=tmp_path, compile_only=True, topology="v5e:2x2")
+  with pytest.raises(compile_lib.CompileError, match="--mesh"):
+    compile_lib.compile_run(dataclasses.replace(base, mesh="data=3,fsdp=-1,tensor=1"))
+  odd = RLConfig(step=LearnerConfig(micro_batch_size=6, train_batch_size=6, num_generations=5),
+                 rollout_batch_size=12)
+  with pytest.raises(compile_lib.CompileError, match="micro_batch_size"):
+    compile_lib.compile_run(dataclasses.replace(base, rl=odd))
+  with pytest.raises(compile_lib.CompileError, match="no executable"):
+    compile_lib.compile_run(base, only=("nothing",))
+
+
+def test_the_report_names_what_does_not_fit():
+  row = lambda name, temps: compile_lib.Executable(name=name, what="", arguments=2 * 2**30,
+                                                   outputs=2**30, temps=temps, aliased=2**30,
+                                                   compile_seconds=1.0)
+  report = compile_lib.Report(
+      topology="v5e:4x4", chips=16, hbm_per_chip=16 * 2**30, mesh={"data": 1, "fsdp": 16},
+      model="qwen2_5_vl_7b", shapes=compile_lib.Shapes(512, (1, 16, 16), 1024, 16),
+      executables=(row("rollout_decode", 4 * 2**30), row("rl_update", 15 * 2**30)))
+  assert [e.name for e in report.too_big] == ["rl_update"]
+  assert report.executables[0].peak == 6 * 2**30
+  lines = report.table().splitlines()
+  assert lines[4].split()[-3:] == ["17.00", "106%", "NO"]
+  assert json.loads(report.to_json())["executables"][1]["peak"] == 17 * 2**30

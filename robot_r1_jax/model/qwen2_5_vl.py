@@ -18,9 +18,10 @@ from robot_r1_jax.model.vision import VisionTower
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Output:
-  """A forward pass: logits and the M-RoPE deltas its positions imply."""
+  """A forward pass: logits, the final hidden states and the M-RoPE deltas its positions imply."""
 
-  logits: jax.Array  # [B, T, V] in the compute dtype (positions from `logits_from` on)
+  logits: jax.Array | None  # [B, T, V] in the compute dtype; None when run without the head
+  hidden: jax.Array  # [B, T, D] final-normed (positions from `logits_from` on, as the logits)
   rope_deltas: jax.Array  # [B]: decode position = real tokens so far + delta
 
 
@@ -75,7 +76,7 @@ class Qwen25VL(nnx.Module):
               pixel_values: jax.Array | None = None,
               image_grid_thw: np.ndarray | tuple | None = None, *,
               positions: jax.Array | None = None, logits_from: int = 0,
-              image_mask: jax.Array | None = None) -> Output:
+              image_mask: jax.Array | None = None, head: bool = True) -> Output:
     """A full causal forward.
 
     Args:
@@ -87,11 +88,14 @@ class Qwen25VL(nnx.Module):
       logits_from: return logits only for positions [logits_from, T) (a trainer scoring the
         completion after a fixed-length prompt skips the [B, T_prompt, V] head output).
       image_mask: [B, T] image slots; default: the `<|image_pad|>` tokens.
+      head: apply the LM head; False leaves `logits` None (a scorer applies the head to chunks of
+        the hidden states, never holding [B, T, V]).
     """
     x, mask, positions, deltas = self._inputs(input_ids, attention_mask, pixel_values,
                                               image_grid_thw, positions, image_mask)
-    hidden = self.text(x, positions, mask)
-    return Output(logits=self.logits(hidden[:, logits_from:]), rope_deltas=deltas)
+    hidden = self.text(x, positions, mask)[:, logits_from:]
+    return Output(logits=self.logits(hidden) if head else None, hidden=hidden,
+                  rope_deltas=deltas)
 
   def prefill(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
               pixel_values: jax.Array | None = None,
@@ -125,12 +129,15 @@ class Qwen25VL(nnx.Module):
     return Decoded(logits=self.logits(hidden), cache=cache)
 
   def score_after_prefix(self, input_ids: jax.Array, attention_mask: jax.Array,
-                         prefix: KVCache, positions: jax.Array) -> jax.Array:
+                         prefix: KVCache, positions: jax.Array, *, head: bool = True
+                         ) -> jax.Array:
     """[B, T, V] logits of a text chunk [B, T] that follows `prefix` (a stacked, filled cache,
-    read and not extended) at M-RoPE `positions` [3, B, T]. A generated `<|image_pad|>` id stays
-    a text token: no image features are merged here."""
+    read and not extended) at M-RoPE `positions` [3, B, T]; with `head=False`, its final hidden
+    states [B, T, D]. A generated `<|image_pad|>` id stays a text token: no image features are
+    merged here."""
     x = self.text.embed(input_ids)
-    return self.logits(self.text.after_prefix(x, positions, attention_mask, prefix))
+    hidden = self.text.after_prefix(x, positions, attention_mask, prefix)
+    return self.logits(hidden) if head else hidden
 
   def _inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, positions,
               image_mask) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:

@@ -9,6 +9,7 @@ for an image and SFT trains exactly the distribution the sampler draws from.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +56,14 @@ def token_entropy(logits: jax.Array) -> jax.Array:
   return -(p * jnp.where(p > 0, log_p, 0.0)).sum(axis=-1)
 
 
+# Completion positions scored per application of the LM head: [rows, 256, V] f32 logits live at
+# a time (V = 152064: 156 MB per row) instead of [rows, R, V].
+LOGITS_CHUNK = 256
+
+
 def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] | None,
-                       temperature: float = 1.0, share: int = 1) -> tuple[jax.Array, jax.Array]:
+                       temperature: float = 1.0, share: int = 1, chunk: int = LOGITS_CHUNK
+                       ) -> tuple[jax.Array, jax.Array]:
   """(log-probs [B, R] f32 of the completion tokens, entropy [B, R] f32) under `model`.
 
   The distribution is softmax(logits / temperature), the one the sampler drew from, so that the
@@ -67,20 +74,53 @@ def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, 
   attend to that prompt's keys and values: the same numbers as scoring every row whole, up to
   float rounding, for 1/share of the prompt's FLOPs. `share=1` is the single whole-row forward
   (the pass compared against Hugging Face).
+
+  The LM head runs on `chunk` positions at a time (`head_scores`): no [B, R, V] array is formed.
   """
   if seqs.prompt_ids.shape[0] % share:
     raise ValueError(f"{seqs.prompt_ids.shape[0]} rows do not come in runs of share={share}")
-  logits = (_whole_row_logits(model, seqs, image_grid) if share == 1
-            else _shared_prompt_logits(model, seqs, image_grid, share))
+  if share == 1:
+    logp, entropy = head_scores(model.logits, _whole_row_hidden(model, seqs, image_grid),
+                                seqs.completion, temperature, chunk)
+  else:
+    logp, entropy = _shared_prompt_scores(model, seqs, image_grid, share, temperature, chunk)
+  return logp, jax.lax.stop_gradient(entropy)
+
+
+def head_scores(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array,
+                temperature: float = 1.0, chunk: int = LOGITS_CHUNK
+                ) -> tuple[jax.Array, jax.Array]:
+  """(log π(target), entropy), each [B, R] f32, from hidden states [B, R, D] through `head`
+  ([B, c, D] → [B, c, V] logits), `chunk` positions at a time.
+
+  Chunks run in a `lax.map` whose body is rematerialised: the backward pass recomputes one
+  chunk's logits at a time from its hidden states, so neither pass holds more than [B, chunk, V].
+  """
+  b, r = hidden.shape[:2]
+  if targets.shape != (b, r):
+    raise ValueError(f"hidden {hidden.shape} and targets {targets.shape} disagree on [B, R]")
+
+  scores = lambda h, t: _logits_scores(head(h), t, temperature)
+  if r <= chunk:
+    return scores(hidden, targets)
+  n = -(-r // chunk)
+  split = lambda x: jnp.pad(x, [(0, 0), (0, n * chunk - r)] + [(0, 0)] * (x.ndim - 2)).reshape(
+      (b, n, chunk) + x.shape[2:]).swapaxes(0, 1)  # [n, B, chunk, …]
+  out = jax.lax.map(jax.checkpoint(lambda args: scores(*args)), (split(hidden), split(targets)))
+  return tuple(x.swapaxes(0, 1).reshape(b, n * chunk)[:, :r] for x in out)
+
+
+def _logits_scores(logits: jax.Array, targets: jax.Array, temperature: float
+                   ) -> tuple[jax.Array, jax.Array]:
   if temperature != 1.0:
     logits = logits.astype(jnp.float32) / temperature
-  return (token_log_probs(logits, seqs.completion),
-          jax.lax.stop_gradient(token_entropy(logits)))
+  return token_log_probs(logits, targets), token_entropy(logits)
 
 
-def _whole_row_logits(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] | None
+def _whole_row_hidden(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] | None
                       ) -> jax.Array:
-  """[B, R, V]: one forward over every prompt + completion row."""
+  """[B, R, D]: one forward over every prompt + completion row, the hidden states that predict
+  the completion tokens."""
   prompt_len, r = seqs.prompt_ids.shape[1], seqs.completion.shape[1]
   cfg = model.cfg
   grids = None if image_grid is None else (image_grid,) * seqs.prompt_ids.shape[0]
@@ -94,16 +134,18 @@ def _whole_row_logits(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, i
   mask = jnp.concatenate([seqs.prompt_mask, seqs.completion_mask], axis=1)
   pixels = None if seqs.pixel_values is None else seqs.pixel_values.reshape(
       -1, seqs.pixel_values.shape[-1])
-  # Logits at position t predict token t+1: the completion is predicted from [T−1, T+R−1).
+  # Position t predicts token t+1: the completion is predicted from [T−1, T+R−1).
   image_mask = jnp.concatenate([seqs.prompt_ids == cfg.image_token_id,
                                 jnp.zeros(seqs.completion.shape, bool)], axis=1)
   return model.forward(ids[:, :-1], mask[:, :-1], pixels, grids, positions=positions[:, :, :-1],
-                       logits_from=prompt_len - 1, image_mask=image_mask[:, :-1]).logits
+                       logits_from=prompt_len - 1, image_mask=image_mask[:, :-1],
+                       head=False).hidden
 
 
-def _shared_prompt_logits(model: Qwen25VL, seqs: Sequences,
-                          image_grid: tuple[int, int, int] | None, share: int) -> jax.Array:
-  """[B, R, V]: each run's prompt once (its keys/values repeated to the run), then the
+def _shared_prompt_scores(model: Qwen25VL, seqs: Sequences,
+                          image_grid: tuple[int, int, int] | None, share: int,
+                          temperature: float, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """`head_scores` of each run's prompt once (its keys/values repeated to the run), then the
   completions as one chunk that attends to them."""
   t, r = seqs.prompt_ids.shape[1], seqs.completion.shape[1]
   ids, mask = seqs.prompt_ids[::share], seqs.prompt_mask[::share]
@@ -112,11 +154,13 @@ def _shared_prompt_logits(model: Qwen25VL, seqs: Sequences,
       -1, seqs.pixel_values.shape[-1])
   prompt = model.prefill(ids, mask, pixels, grids, cache_length=t, logits_from=t - 1)
   rep = lambda x, axis=0: jnp.repeat(x, share, axis=axis)
-  logits = rep(prompt.logits)  # the last prompt position predicts completion token 0
+  # The last prompt position predicts completion token 0: [B, 1, V] logits, formed once per run.
+  first = _logits_scores(rep(prompt.logits), seqs.completion[:, :1], temperature)
   if r == 1:
-    return logits
+    return first
   positions = rope.decode_positions(rep(mask.sum(1).astype(jnp.int32)), rep(prompt.rope_deltas),
                                     r - 1)
-  rest = model.score_after_prefix(seqs.completion[:, :-1], seqs.completion_mask[:, :-1],
-                                  prompt.cache.map_rows(rep), positions)
-  return jnp.concatenate([logits, rest], axis=1)
+  hidden = model.score_after_prefix(seqs.completion[:, :-1], seqs.completion_mask[:, :-1],
+                                    prompt.cache.map_rows(rep), positions, head=False)
+  rest = head_scores(model.logits, hidden, seqs.completion[:, 1:], temperature, chunk)
+  return tuple(jnp.concatenate(pair, axis=1) for pair in zip(first, rest))

@@ -48,3 +48,53 @@ def test_token_log_probs_materialise_at_most_one_fp32_logits_array(dtype):
 def test_token_log_probs_rejects_mismatched_targets():
   with pytest.raises(ValueError, match=r"logits \(1, 2, 3\) and targets \(1, 3\)"):
     scoring.token_log_probs(jnp.zeros((1, 2, 3)), jnp.zeros((1, 3), jnp.int32))
+
+
+def _head_problem(b=3, r=11, d=7, v=293, seed=2):
+  rng = np.random.default_rng(seed)
+  hidden = jnp.asarray(rng.normal(size=(b, r, d)), jnp.float32)
+  weight = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, v, (b, r)), jnp.int32)
+  return hidden, weight, targets
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_head_scores_in_chunks_equal_the_whole_head_with_gradients(temperature):
+  hidden, weight, targets = _head_problem()
+
+  def total(h, w, chunk):
+    logp, entropy = scoring.head_scores(lambda x: x @ w, h, targets, temperature, chunk)
+    return (logp * jnp.linspace(0.5, 1.5, logp.size).reshape(logp.shape)).sum() + entropy.sum(), (
+        logp, entropy)
+
+  grad = jax.jit(jax.grad(total, argnums=(0, 1), has_aux=True), static_argnums=2)
+  (gh_whole, gw_whole), (logp_whole, ent_whole) = grad(hidden, weight, 11)
+  (gh, gw), (logp, ent) = grad(hidden, weight, 4)  # 3 chunks, the last one padded
+  # Relative: the chunks' head matmuls round differently by up to an ulp of values near −17.
+  np.testing.assert_allclose(logp, logp_whole, rtol=1e-6, atol=0)
+  np.testing.assert_allclose(ent, ent_whole, rtol=1e-6, atol=0)
+  for a, b in ((gh, gh_whole), (gw, gw_whole)):
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def test_head_scores_hold_one_chunk_of_logits_in_the_backward_pass():
+  b, r, d, v = 4, 64, 16, 4099
+  one_fp32_logits = b * r * v * 4
+
+  def temps(chunk):
+    loss = lambda h, w, t: scoring.head_scores(lambda x: x @ w, h, t, 1.0, chunk)[0].sum()
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+        jax.ShapeDtypeStruct((b, r, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((b, r), jnp.int32)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  whole, chunked = temps(r), temps(8)
+  assert whole >= one_fp32_logits  # the whole head keeps [B, R, V] for its backward
+  # 8 of 64 positions at a time: the logits and their gradient for one chunk, the [D, V] weight
+  # gradient and a few [B, R] vectors.
+  assert chunked <= one_fp32_logits / 8 * 3 + d * v * 4 * 2 + 16 * b * r * 4
+
+
+def test_head_scores_rejects_mismatched_targets():
+  with pytest.raises(ValueError, match=r"hidden \(1, 2, 3\) and targets \(1, 3\)"):
+    scoring.head_scores(lambda x: x, jnp.zeros((1, 2, 3)), jnp.zeros((1, 3), jnp.int32))

@@ -172,6 +172,31 @@ def test_shared_prompt_scoring_gives_the_whole_row_log_probs_and_gradients(setup
     sequence_log_probs(nnx.merge(graphdef, params), seqs, grid, 1.0, 4)
 
 
+@pytest.mark.parametrize("share", [1, 3])
+def test_remat_and_the_chunked_head_change_no_log_prob_or_gradient(setup, share):
+  """Recomputing the decoder layers in the backward pass, and applying the LM head 2 positions at
+  a time, give the plain pass's log-probs and gradients (f32)."""
+  seqs = _grouped_rows(setup, g=3)
+  grid = tuple(int(v) for v in setup[1].image_grid_thw[0])
+  mask = jnp.asarray(seqs.completion_mask, jnp.float32)
+
+  def grads(remat, chunk):
+    graphdef, params = nnx.split(init_model(config_lib.tiny(), seed=0, remat=remat), nnx.Param)
+
+    def score(p):
+      logp, _ = sequence_log_probs(nnx.merge(graphdef, p), seqs, grid, 0.7, share, chunk)
+      return jnp.sum(logp * mask), logp
+
+    return jax.jit(jax.grad(score, has_aux=True))(params)
+
+  plain_grad, plain_logp = grads(False, 256)
+  for remat, chunk in ((True, 256), (False, 2)):
+    grad, logp = grads(remat, chunk)
+    np.testing.assert_allclose(logp, plain_logp, rtol=1e-6, atol=0)
+    for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(plain_grad)):
+      assert np.abs(got - want).max() <= 1e-6 * max(float(np.abs(want).max()), 1.0), (remat, chunk)
+
+
 def test_prompt_share_is_the_run_of_one_prompt_inside_a_micro_batch():
   assert LearnerConfig(num_generations=8, micro_batch_size=16).prompt_share == 8
   assert LearnerConfig(num_generations=8, micro_batch_size=4).prompt_share == 4

@@ -60,6 +60,8 @@ class SamplerConfig:
   prompt_buckets, new_token_buckets: increasing lengths that prompts and `max_new_tokens` are
     rounded up to.
   pad_id: fills the completion after its end (masked out everywhere).
+  chunk_prompts: prompts (over all processes) per prefill + decode loop; a larger call runs
+    chunk after chunk, so one chunk's KV cache is alive at a time. 0: the whole call at once.
   """
 
   stop_tokens: tuple[int, ...]
@@ -68,10 +70,13 @@ class SamplerConfig:
   prompt_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)
   new_token_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
   pad_id: int = 0
+  chunk_prompts: int = 0
 
   def __post_init__(self):
     if self.num_samples < 1:
       raise ValueError(f"num_samples={self.num_samples} must be >= 1")
+    if self.chunk_prompts < 0:
+      raise ValueError(f"chunk_prompts={self.chunk_prompts} must be >= 0 (0: no chunks)")
     for name in ("prompt_buckets", "new_token_buckets"):
       buckets = getattr(self, name)
       if not buckets or buckets[0] < 1 or list(buckets) != sorted(set(buckets)):
@@ -208,9 +213,18 @@ class Sampler:
       pixel_values: [P, patch_dim] patches of every image in prompt order (processor output).
       image_grid_thw: the images' (t, h, w) grids, in the same order.
     """
-    state = self.prefill(prompt_ids, prompt_mask, pixel_values, image_grid_thw,
-                         max_new_tokens=max_new_tokens)
-    out = self.decode(state, key, max_new_tokens)
+    chunks = self._chunks(len(prompt_ids), pixel_values, image_grid_thw)
+    if chunks is None:
+      out = self.decode(self.prefill(prompt_ids, prompt_mask, pixel_values, image_grid_thw,
+                                     max_new_tokens=max_new_tokens), key, max_new_tokens)
+    else:
+      # Chunk i samples with fold_in(key, i): the completions depend on the chunking.
+      ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
+      outs = [self.decode(self.prefill(ids[rows], mask[rows], pixels, grid,
+                                       max_new_tokens=max_new_tokens),
+                          jax.random.fold_in(key, i), max_new_tokens)
+              for i, (rows, pixels, grid) in enumerate(chunks)]
+      out = jax.tree.map(self._concat_rows, *outs)
     if self.tokenizer is None:
       return out
     end = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
@@ -220,6 +234,34 @@ class Sampler:
     tokens = np.where(sharding.local_rows(out.mask), sharding.local_rows(out.tokens), end)
     return dataclasses.replace(out, text=tuple(processor.decode_completions(self.tokenizer,
                                                                             tokens)))
+
+  def _chunks(self, prompts: int, pixel_values, image_grid_thw
+              ) -> list[tuple[slice, np.ndarray | None, np.ndarray | None]] | None:
+    """This process's (rows, their pixels, their grids) per chunk; None for one chunk."""
+    per = self.config.chunk_prompts // jax.process_count()
+    if not self.config.chunk_prompts or per >= prompts:
+      return None
+    if self.config.chunk_prompts % jax.process_count() or prompts % per:
+      raise ValueError(f"{prompts * jax.process_count()} prompts do not split into chunks of "
+                       f"chunk_prompts={self.config.chunk_prompts} over "
+                       f"{jax.process_count()} process(es)")
+    if pixel_values is None:
+      return [(slice(i, i + per), None, None) for i in range(0, prompts, per)]
+    grids = np.asarray(image_grid_thw).reshape(-1, 3)
+    if len(grids) != prompts or len(np.unique(grids, axis=0)) != 1:
+      raise ValueError("sampling in chunks needs one image per prompt, all of one grid; got "
+                       f"{len(grids)} images for {prompts} prompts")
+    pixels = np.asarray(pixel_values).reshape(prompts, -1, np.shape(pixel_values)[-1])
+    return [(slice(i, i + per), pixels[i:i + per].reshape(-1, pixels.shape[-1]), grids[i:i + per])
+            for i in range(0, prompts, per)]
+
+  def _concat_rows(self, *chunks: jax.Array) -> jax.Array:
+    """Chunks' outputs → one, in this process's row order (off a mesh, one concatenation)."""
+    if self.mesh is None:
+      return jnp.concatenate(chunks)
+    # Each process stacks its own rows of every chunk, so its rows stay those of its prompts.
+    return sharding.global_rows(np.concatenate([sharding.local_rows(c) for c in chunks]),
+                                self.mesh)
 
   def prefill(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray,
               pixel_values: jax.Array | np.ndarray | None = None,

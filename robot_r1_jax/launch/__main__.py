@@ -70,10 +70,9 @@ def _setup(config: RunConfig) -> StageContext:
   mesh_lib.initialize_distributed(dist.coordinator_address, dist.num_processes, dist.process_id)
   try:
     mesh = mesh_lib.make_mesh(config.mesh)
-    for rows in config.batch_sizes.values():
-      mesh_lib.batch_rows_per_process(rows, mesh)
+    mesh_lib.check_batches(config.batch_sizes, mesh)
   except mesh_lib.MeshSpecError as e:
-    raise app.UsageError(f"{e} (check --mesh, --{', --'.join(config.batch_sizes)})") from None
+    raise app.UsageError(str(e)) from None
   data_dir = pipeline.data_dir(config.data, config.workdir / "data", config.seed)
   _, model, model_dir = pipeline.build_model(config.model, mesh=mesh, seed=config.seed)
   tokenizer, tokenizer_path = pipeline.load_tokenizer(config.model.tokenizer, model_dir)

@@ -231,8 +231,12 @@ def _plan(config: RunConfig, context: StageContext, shapes: Shapes) -> list[tupl
                "greedy evaluation")
   if config.mode == "train" and config.stage in ("sft_rl", "rl"):
     step = rl.step
-    sampler = context.sampler(rl.sampling, num_samples=step.num_generations)
-    generation("rollout", sampler, rl.rollout_batch_size, f"G = {step.num_generations}")
+    sampler = context.sampler(rl.sampling, num_samples=step.num_generations,
+                              chunk_prompts=rl.rollout_chunk_size)
+    chunk = rl.rollout_chunk_size or rl.rollout_batch_size
+    generation("rollout", sampler, chunk, f"G = {step.num_generations}" + (
+        f", one of {rl.rollout_batch_size // chunk} chunks" if chunk < rl.rollout_batch_size
+        else ""))
     optimizer, _ = optim.build_optimizer(rl.optimizer, 1)
     learner = Learner(context.model, optimizer, sampler, step, mesh)
     micro = step.micro_batch_size
@@ -313,11 +317,9 @@ def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
   devices, hbm = topology_devices(config.topology)
   try:
     mesh = mesh_lib.make_mesh(config.mesh, devices)
-    for rows in config.batch_sizes.values():
-      mesh_lib.batch_rows_per_process(rows, mesh)
+    mesh_lib.check_batches(config.batch_sizes, mesh)
   except mesh_lib.MeshSpecError as e:
-    raise CompileError(f"{e} on {config.topology} ({len(devices)} chips) (check --mesh, "
-                       f"--{', --'.join(config.batch_sizes)})") from None
+    raise CompileError(f"{e}, on {config.topology} ({len(devices)} chips)") from None
   cfg, model_dir = _model_config(config.model.name)
   dtype = jnp.bfloat16 if config.model.compute_dtype == "bfloat16" else jnp.float32
   model = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=dtype, remat=config.model.remat,

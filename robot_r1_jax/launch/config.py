@@ -76,4 +76,6 @@ class RunConfig:
     """Every global batch the run splits over devices and processes, by its flag."""
     return {"rollout_batch_size": self.rl.rollout_batch_size,
             "sft_batch_size": self.sft.batch_size, "eval_batch_size": self.eval.batch_size,
-            "micro_batch_size": self.rl.step.micro_batch_size}
+            "micro_batch_size": self.rl.step.micro_batch_size,
+            **({"rollout_chunk_size": self.rl.rollout_chunk_size}
+               if self.rl.rollout_chunk_size else {})}

@@ -93,6 +93,9 @@ KL_IN_REWARD = flags.DEFINE_bool("kl_in_reward", False, "Put β·KL in the rewar
                                  "style) instead of the loss.")
 NUM_GENERATIONS = flags.DEFINE_integer("num_generations", 5, "Completions per prompt (G).")
 ROLLOUT_BATCH = flags.DEFINE_integer("rollout_batch_size", 4, "Prompts per rollout.")
+ROLLOUT_CHUNK = flags.DEFINE_integer(
+    "rollout_chunk_size", 0, "Prompts per prefill + decode loop of a rollout, one chunk's KV cache "
+    "alive at a time (0: the whole rollout at once). Divides --rollout_batch_size.")
 TRAIN_BATCH = flags.DEFINE_integer("train_batch_size", 4, "Prompts per optimizer update.")
 MICRO_BATCH = flags.DEFINE_integer("micro_batch_size", 4, "Sequences per forward/backward. In RL, "
                                    "a multiple of --num_generations runs each prompt once for all "
@@ -156,8 +159,8 @@ def run_config() -> RunConfig:
       optimizer=OptimizerConfig(learning_rate=LEARNING_RATE.value, schedule=LR_SCHEDULE.value,
                                 warmup_steps=WARMUP_STEPS.value, weight_decay=WEIGHT_DECAY.value,
                                 grad_clip=GRAD_CLIP.value),
-      rollout_batch_size=ROLLOUT_BATCH.value, epochs=EPOCHS.value, max_steps=MAX_STEPS.value,
-      seed=SEED.value, loop=loop)
+      rollout_batch_size=ROLLOUT_BATCH.value, rollout_chunk_size=ROLLOUT_CHUNK.value,
+      epochs=EPOCHS.value, max_steps=MAX_STEPS.value, seed=SEED.value, loop=loop)
   sft = SftConfig(
       total_steps=SFT_STEPS.value, targets=TargetConfig(kind=SFT_TARGET.value),
       batch_size=SFT_BATCH.value, micro_batch_size=MICRO_BATCH.value,

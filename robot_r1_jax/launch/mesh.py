@@ -74,13 +74,13 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     jax.distributed.initialize()
 
 
-def batch_rows_per_process(global_rows: int, mesh: Mesh) -> int:
-  """Rows each process feeds; the batch must split over data×fsdp devices and over processes."""
+def check_batches(batches: Mapping[str, int], mesh: Mesh) -> None:
+  """Every global batch (by its flag) must split over data×fsdp devices and over processes;
+  MeshSpecError names the first flag that does not, and the multiple it needs."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if global_rows % shards:
-    raise MeshSpecError(f"a batch of {global_rows} rows does not split over data×fsdp = {shards} "
-                        f"devices; use a multiple of {shards}")
-  if global_rows % jax.process_count():
-    raise MeshSpecError(f"a batch of {global_rows} rows does not split over "
-                        f"{jax.process_count()} processes")
-  return global_rows // jax.process_count()
+  for flag, rows in batches.items():
+    if rows % shards:
+      raise MeshSpecError(f"--{flag}={rows} does not split over data×fsdp = {shards} devices; "
+                          f"use a multiple of {shards} (or change --mesh)")
+    if rows % jax.process_count():
+      raise MeshSpecError(f"--{flag}={rows} does not split over {jax.process_count()} processes")

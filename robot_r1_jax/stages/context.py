@@ -25,11 +25,13 @@ class StageContext:
   loader: LoaderConfig  # preprocessing every stage shares (tokenizer path, seed, buckets)
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded with checkpoints
 
-  def sampler(self, params: sampling.SamplingParams, num_samples: int = 1) -> Sampler:
-    """A sampler of the context's model that stops at end of turn or text and detokenises."""
+  def sampler(self, params: sampling.SamplingParams, num_samples: int = 1,
+              chunk_prompts: int = 0) -> Sampler:
+    """A sampler of the context's model that stops at end of turn or text and detokenises
+    (`chunk_prompts`: see `SamplerConfig`)."""
     stop = tuple(t for t in (self.model.cfg.eos_token_id, self.tokenizer.pad_token_id)
                  if t is not None)
     return Sampler(self.model, SamplerConfig(stop_tokens=stop, num_samples=num_samples,
                                              pad_id=self.tokenizer.pad_token_id,
-                                             sampling=params),
+                                             sampling=params, chunk_prompts=chunk_prompts),
                    mesh=self.mesh, tokenizer=self.tokenizer)

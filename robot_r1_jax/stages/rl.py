@@ -32,6 +32,8 @@ class RLConfig:
   sampling: sampling.SamplingParams = sampling.SamplingParams(top_p=0.99)
   optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
   rollout_batch_size: int = 512  # prompts per step (one rollout)
+  # Prompts per prefill + decode loop (0: the whole rollout): one chunk's KV cache at a time.
+  rollout_chunk_size: int = 0
   epochs: int = 5  # passes over the training questions
   max_steps: int = 0  # stop after this many steps (0: run all epochs)
   seed: int = 0  # the per-step sampling and shuffling keys
@@ -41,6 +43,10 @@ class RLConfig:
     if self.rollout_batch_size < 1 or self.rollout_batch_size % self.step.train_batch_size:
       raise ValueError(f"rollout_batch_size={self.rollout_batch_size} must be a positive multiple "
                        f"of train_batch_size={self.step.train_batch_size}")
+    if self.rollout_chunk_size < 0 or (
+        self.rollout_chunk_size and self.rollout_batch_size % self.rollout_chunk_size):
+      raise ValueError(f"rollout_chunk_size={self.rollout_chunk_size} must be 0 or divide "
+                       f"rollout_batch_size={self.rollout_batch_size}")
     if self.epochs < 1 or self.max_steps < 0:
       raise ValueError(f"epochs={self.epochs} must be >= 1 and max_steps={self.max_steps} >= 0")
 
@@ -62,7 +68,8 @@ def train_rl(context: StageContext, config: RLConfig, workdir: str | os.PathLike
       num_epochs=config.epochs))
   total = loop.total_steps(config.max_steps, data.steps_per_epoch, config.epochs)
   optimizer, schedule = optim.build_optimizer(config.optimizer, total * config.updates_per_step)
-  sampler = context.sampler(config.sampling, num_samples=config.step.num_generations)
+  sampler = context.sampler(config.sampling, num_samples=config.step.num_generations,
+                            chunk_prompts=config.rollout_chunk_size)
   learner = Learner(context.model, optimizer, sampler, config.step, context.mesh,
                     lr_schedule=schedule)
   base_key = jax.random.key(config.seed)

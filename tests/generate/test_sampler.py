@@ -16,7 +16,7 @@ from robot_r1_jax.model import hf_io
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL, init_model
 
 from hf_reference import build_hf, left_padded_batch, tiny_config
-from testing import EOS, PAD, image_prompts as build_image_prompts, make_sampler
+from testing import EOS, PAD, image_prompts as build_image_prompts, make_mesh, make_sampler
 
 BUCKETS = dict(prompt_buckets=(16, 32, 64), new_token_buckets=(24, 48))
 
@@ -406,3 +406,35 @@ def test_bad_inputs_are_named(sampler):
     sampling.SamplingParams(top_p=0.0)
   with pytest.raises(ValueError, match="strictly increasing"):
     dataclasses.replace(sampler.config, new_token_buckets=(64, 32))
+
+
+def test_chunked_rollout_gives_the_whole_call_greedily(model, tokenizer):
+  """Chunks of prompts, one KV cache alive at a time, decode the same greedy completions in the
+  same row order, with images and on a mesh; sampled chunks follow fold_in(key, chunk)."""
+  greedy = dict(sampling=sampling.SamplingParams(temperature=0.0), num_samples=2, **BUCKETS)
+  rng = np.random.default_rng(9)
+  prompts = build_image_prompts(tokenizer, [
+      (text, rng.integers(0, 256, size=(56, 56, 3), dtype=np.uint8))
+      for text in ("Where is the cup?", "Push the button.", "Open the drawer, slowly.",
+                   "Reach the red target.")])
+  call = lambda s: _np(s(prompts.ids, prompts.mask, jax.random.key(2), max_new_tokens=24,
+                         pixel_values=np.concatenate(list(prompts.pixels)),
+                         image_grid_thw=prompts.grids))
+  want = call(make_sampler(model, **greedy))
+  for mesh in (None, make_mesh(fsdp=2)):
+    got = call(make_sampler(model, mesh=mesh, chunk_prompts=2, **greedy))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.prompt_tokens, want.prompt_tokens)
+    np.testing.assert_allclose(got.log_probs, want.log_probs, atol=2e-5)
+  with pytest.raises(ValueError, match="chunk_prompts=3"):
+    call(make_sampler(model, chunk_prompts=3, **greedy))
+
+
+def test_sampled_chunks_follow_the_key_of_their_chunk(model, sampler):
+  ids, mask = _prompts()
+  chunked = Sampler(model, dataclasses.replace(sampler.config, chunk_prompts=2))
+  got = _np(chunked(ids, mask, jax.random.key(4), max_new_tokens=24))
+  for i in range(2):
+    want = _np(sampler(ids[2 * i:2 * i + 2], mask[2 * i:2 * i + 2],
+                       jax.random.fold_in(jax.random.key(4), i), max_new_tokens=24))
+    np.testing.assert_array_equal(got.tokens[6 * i:6 * i + 6], want.tokens)

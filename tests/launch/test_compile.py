@@ -59,15 +59,17 @@ def test_rollout_memory_grows_linearly_with_the_images(tmp_path):
   """Twice the rollout images, at most ~twice the prefill's memory per chip (the packed vision
   attention grew with their square). 224² images and a short prompt bucket: the vision tower is
   what the prefill's memory is made of."""
-  def peak(prompts: int) -> int:
-    report, _ = _compile(tmp_path / str(prompts), "--stage=rl", "--num_generations=1",
+  def peak(prompts: int, chunk: int = 0) -> int:
+    report, _ = _compile(tmp_path / f"{prompts}_{chunk}", "--stage=rl", "--num_generations=1",
                          "--image_size=224", "--compile_prompt_length=128",
                          f"--rollout_batch_size={prompts}", f"--train_batch_size={prompts}",
-                         "--compile_executables=rollout_prefill")
+                         f"--rollout_chunk_size={chunk}", "--compile_executables=rollout_prefill")
     assert [e["name"] for e in report["executables"]] == ["rollout_prefill"]
     return report["executables"][0]["peak"]
 
   assert peak(128) <= 2.3 * peak(64)
+  # In chunks of 64 prompts, a rollout of 128 compiles (and holds) one chunk's prefill.
+  assert peak(128, chunk=64) == peak(64)
 
 
 @pytest.mark.parametrize("topology", ["v9x:2x2", "v5e", "4x4"])
@@ -91,6 +93,12 @@ def test_a_layout_the_slice_cannot_take_names_the_flag(tmp_path):
                  rollout_batch_size=12)
   with pytest.raises(compile_lib.CompileError, match="micro_batch_size"):
     compile_lib.compile_run(dataclasses.replace(base, rl=odd))
+  chunked = RLConfig(step=LearnerConfig(micro_batch_size=4, train_batch_size=4),
+                     rollout_batch_size=8, rollout_chunk_size=2)
+  with pytest.raises(compile_lib.CompileError, match="--rollout_chunk_size=2 .* multiple of 4"):
+    compile_lib.compile_run(dataclasses.replace(base, rl=chunked))
+  with pytest.raises(ValueError, match="rollout_chunk_size=3 must be 0 or divide"):
+    RLConfig(rollout_chunk_size=3)
   with pytest.raises(compile_lib.CompileError, match="no executable"):
     compile_lib.compile_run(base, only=("nothing",))
 

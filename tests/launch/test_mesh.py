@@ -37,9 +37,9 @@ def test_bad_specs_say_what_to_change(spec, message):
 
 def test_batch_must_split_over_data_and_fsdp():
   mesh = mesh_lib.make_mesh("data=2,fsdp=2,tensor=2", devices=jax.devices()[:8])
-  assert mesh_lib.batch_rows_per_process(8, mesh) == 8
-  with pytest.raises(mesh_lib.MeshSpecError, match="multiple of 4"):
-    mesh_lib.batch_rows_per_process(6, mesh)
+  mesh_lib.check_batches({"rollout_batch_size": 8, "micro_batch_size": 4}, mesh)
+  with pytest.raises(mesh_lib.MeshSpecError, match="--micro_batch_size=6 .* multiple of 4"):
+    mesh_lib.check_batches({"rollout_batch_size": 8, "micro_batch_size": 6}, mesh)
 
 
 def test_global_rows_round_trip():

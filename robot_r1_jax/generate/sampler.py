@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from robot_r1_jax.model import processor, rope, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
@@ -324,13 +324,10 @@ class Sampler:
     return jax.device_put(params, sharding.param_shardings(params, self.mesh))
 
   def _rows(self, x: jax.Array, axis: int = 0) -> jax.Array:
-    """Pins the B·G axis of `x` to (data, fsdp) when sampling on a mesh."""
-    if self.mesh is None:
-      return x
+    """Pins the B·G axis of `x` to (data, fsdp) when sampling on a mesh (`sharding.on_mesh`)."""
     names = [None] * x.ndim
     names[axis] = "batch"
-    return jax.lax.with_sharding_constraint(
-        x, NamedSharding(self.mesh, sharding.logical_to_spec(names)))
+    return sharding.constrain(x, names)
 
   # -------------------------------------------------------------------------------------------
   # Compiled side.

@@ -179,6 +179,16 @@ def left_pad(prompt_ids: np.ndarray, prompt_mask: np.ndarray, length: int,
           np.pad(mask, ((0, 0), (extra, 0))))
 
 
+def _per_prompt(pixel_values: np.ndarray, grid: Grid, prompts: int, how: str) -> np.ndarray:
+  """[B, P / B, patch_dim]: each prompt's image patches; ValueError unless every prompt has one
+  image and all are of one grid."""
+  if len(set(grid)) != 1 or len(grid) != prompts:
+    raise ValueError(f"sampling {how} needs one image per prompt, all of one grid; got "
+                     f"{len(grid)} images with grids {sorted(set(grid))} for {prompts} prompts")
+  pixel_values = np.asarray(pixel_values)
+  return pixel_values.reshape(prompts, -1, pixel_values.shape[-1])
+
+
 class Sampler:
   """Generates G completions per prompt with a Qwen2.5-VL model (see the module docstring).
 
@@ -248,10 +258,7 @@ class Sampler:
     if pixel_values is None:
       return [(slice(i, i + per), None, None) for i in range(0, prompts, per)]
     grids = np.asarray(image_grid_thw).reshape(-1, 3)
-    if len(grids) != prompts or len(np.unique(grids, axis=0)) != 1:
-      raise ValueError("sampling in chunks needs one image per prompt, all of one grid; got "
-                       f"{len(grids)} images for {prompts} prompts")
-    pixels = np.asarray(pixel_values).reshape(prompts, -1, np.shape(pixel_values)[-1])
+    pixels = _per_prompt(pixel_values, tuple(map(tuple, grids.tolist())), prompts, "in chunks")
     return [(slice(i, i + per), pixels[i:i + per].reshape(-1, pixels.shape[-1]), grids[i:i + per])
             for i in range(0, prompts, per)]
 
@@ -297,11 +304,8 @@ class Sampler:
   def _global_images(self, pixel_values: np.ndarray, grid: Grid, prompts: int
                      ) -> tuple[jax.Array, Grid]:
     """One image per prompt, placed like its prompt's row; the grid of the global batch."""
-    if len(set(grid)) != 1 or len(grid) != prompts:
-      raise ValueError(f"sampling on a mesh needs one image per prompt, all of one grid; got "
-                       f"{len(grid)} images with grids {sorted(set(grid))} for {prompts} prompts")
-    per_row = pixel_values.reshape(prompts, -1, pixel_values.shape[-1])
-    placed = sharding.global_rows(per_row, self.mesh)
+    placed = sharding.global_rows(_per_prompt(pixel_values, grid, prompts, "on a mesh"),
+                                  self.mesh)
     return placed.reshape(-1, placed.shape[-1]), grid * jax.process_count()
 
   def decode(self, state: DecodeState, key: jax.Array, max_new_tokens: int) -> SamplerOutput:

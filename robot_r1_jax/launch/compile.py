@@ -217,19 +217,17 @@ def _plan(config: RunConfig, context: StageContext, shapes: Shapes) -> list[tupl
     plan.append((f"{prefix}_decode", f"{rows} rows × {shapes.new_tokens} new tokens ({what})",
                  decode))
 
-  evaluates = config.mode == "eval" or config.stage == "sft_rl" or (
-      config.stage == "rl" and rl.loop.eval_every)
-  if config.mode == "train" and config.stage in ("sft_rl", "sft"):
+  if config.runs_sft:
     optimizer, _ = optim.build_optimizer(sft.optimizer, 1)
     trainer = SftTrainer(context.model, optimizer, mesh, micro_batch_size=sft.micro_batch_size)
     seqs = _sequences(mesh, shapes, sft.batch_size, shapes.target_length, sft.micro_batch_size)
     plan.append(("sft_step", f"{sft.batch_size} rows in micro-batches of {sft.micro_batch_size},"
                  f" targets of {shapes.target_length}", lambda: (trainer.train_step.lower(
                      trainer.params, trainer.opt_state, seqs, image_grid=grid1), None)))
-  if evaluates:
+  if config.evaluates:
     generation("eval", context.sampler(SamplingParams(temperature=0.0)), config.eval.batch_size,
                "greedy evaluation")
-  if config.mode == "train" and config.stage in ("sft_rl", "rl"):
+  if config.runs_rl:
     step = rl.step
     sampler = context.sampler(rl.sampling, num_samples=step.num_generations,
                               chunk_prompts=rl.rollout_chunk_size)

@@ -20,7 +20,7 @@ class ModelSpec:
   name: str = "tiny"  # a preset (random weights) or a local Hugging Face directory
   tokenizer: str | None = None  # a tokenizer directory; None: the model's, else the packaged one
   compute_dtype: str = "float32"  # activations; parameters stay float32
-  remat: bool = False  # recompute decoder layers in the backward pass
+  remat: bool = False  # recompute decoder layers and vision blocks in the backward pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +72,27 @@ class RunConfig:
       raise ValueError("--compile_only needs --topology, e.g. --topology=v5e:4x4")
 
   @property
+  def runs_sft(self) -> bool:
+    return self.mode == "train" and self.stage in ("sft_rl", "sft")
+
+  @property
+  def runs_rl(self) -> bool:
+    return self.mode == "train" and self.stage in ("sft_rl", "rl")
+
+  @property
+  def evaluates(self) -> bool:
+    """Eval mode; sft_rl (before and after RL); rl with --eval_every."""
+    return self.mode == "eval" or (self.mode == "train" and (
+        self.stage == "sft_rl" or (self.stage == "rl" and bool(self.rl.loop.eval_every))))
+
+  @property
   def batch_sizes(self) -> dict[str, int]:
-    """Every global batch the run splits over devices and processes, by its flag."""
-    return {"rollout_batch_size": self.rl.rollout_batch_size,
-            "sft_batch_size": self.sft.batch_size, "eval_batch_size": self.eval.batch_size,
-            "micro_batch_size": self.rl.step.micro_batch_size,
-            **({"rollout_chunk_size": self.rl.rollout_chunk_size}
-               if self.rl.rollout_chunk_size else {})}
+    """Every global batch the run splits over devices and processes, by its flag (only those of
+    the stages it runs)."""
+    rl = self.rl
+    return {**({"sft_batch_size": self.sft.batch_size} if self.runs_sft else {}),
+            **({"eval_batch_size": self.eval.batch_size} if self.evaluates else {}),
+            **({"rollout_batch_size": rl.rollout_batch_size,
+                "micro_batch_size": rl.step.micro_batch_size} if self.runs_rl else {}),
+            **({"rollout_chunk_size": rl.rollout_chunk_size}
+               if self.runs_rl and rl.rollout_chunk_size else {})}

@@ -68,7 +68,8 @@ NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                                   "Activation dtype; parameters stay float32.")
-REMAT = flags.DEFINE_bool("remat", False, "Recompute decoder layers in the backward pass.")
+REMAT = flags.DEFINE_bool("remat", False, "Recompute the decoder layers and vision blocks in the "
+                          "backward pass (activation memory of one layer, not all).")
 COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile every executable of the run for "
                                  "--topology on this host and report each one's memory per chip "
                                  "against the chip's HBM (also WORKDIR/compile_report.json); "

@@ -60,7 +60,8 @@ class Qwen25VL(nnx.Module):
                rngs: nnx.Rngs | None = None):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.cfg, self.dtype = cfg, dtype
-    self.vision = VisionTower(cfg.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.vision = VisionTower(cfg.vision, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                              rngs=rngs)
     self.text = TextModel(cfg.text, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
     if not cfg.text.tie_word_embeddings:
       self.lm_head = layers.param(rngs, (cfg.text.hidden_size, cfg.text.vocab_size),

@@ -304,9 +304,8 @@ class VisionTower(nnx.Module):
   """Qwen2.5-VL's `visual` module: packed patches `[P, patch_dim]` → merged tokens `[P/m², out]`."""
 
   def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype = jnp.float32,
-               param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.dtype = dtype
+               param_dtype: jnp.dtype = jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+    self.cfg, self.dtype, self.remat = cfg, dtype, remat
     # Conv3d with stride == kernel over one patch is a single matmul over the flattened patch.
     self.patch_embed = param(rngs, (cfg.patch_dim, cfg.hidden_size), ("patch", "embed"),
                              param_dtype)
@@ -345,7 +344,7 @@ class VisionTower(nnx.Module):
 
       return sharding.constrain(block(h, cos, sin, attend), ("batch", None, None)), None
 
-    x, _ = scan(self.blocks, body, x, jnp.asarray(is_full))
+    x, _ = scan(self.blocks, body, x, jnp.asarray(is_full), remat=self.remat)
     merged = self.merger(x)[:, layout.merged_restore]
     return merged.reshape(-1, merged.shape[-1])
 

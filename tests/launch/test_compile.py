@@ -101,6 +101,12 @@ def test_a_layout_the_slice_cannot_take_names_the_flag(tmp_path):
     RLConfig(rollout_chunk_size=3)
   with pytest.raises(compile_lib.CompileError, match="no executable"):
     compile_lib.compile_run(base, only=("nothing",))
+  # Only the batches of the stages that run are laid out: an RL run has no SFT step.
+  odd_sft = dataclasses.replace(base, sft=dataclasses.replace(base.sft, batch_size=3))
+  with pytest.raises(compile_lib.CompileError, match="sft_batch_size"):
+    compile_lib.compile_run(odd_sft)
+  with pytest.raises(compile_lib.CompileError, match=r"no executable \['sft_step'\]"):
+    compile_lib.compile_run(dataclasses.replace(odd_sft, stage="rl"), only=("sft_step",))
 
 
 def test_the_report_names_what_does_not_fit():

@@ -13,7 +13,10 @@ One call (`Sampler.__call__`):
      row, until every row has emitted a stop token or `max_new_tokens` tokens are out;
   4. host: detokenise.
 
-With a mesh, rows are sharded over (data, fsdp) and parameters as in training (`sharding.RULES`).
+On a mesh, a call first makes the rollout layout: the parameters in the compute dtype on
+`sharding.inference_mesh` (tensor-parallel over `tensor_parallel` devices, replicated over the
+rest, where rows are split), so no weight is gathered inside the decode loop; the copy lives for
+the call. Outputs come back on the trainer's mesh, rows over (data, fsdp).
 
 Dimensions (the package alphabet): B prompts · G samples per prompt · T prompt bucket · R new-token
 bucket · S = T + R cache slots · V vocab · P vision patches.
@@ -26,6 +29,7 @@ import collections
 import dataclasses
 import enum
 import functools
+import math
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import jax
@@ -35,7 +39,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from robot_r1_jax.model import processor, rope, sharding
+from robot_r1_jax.model import layers, processor, rope, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 from robot_r1_jax.model.text import KVCache
 from robot_r1_jax.model.vision import Grid
@@ -62,6 +66,8 @@ class SamplerConfig:
   pad_id: fills the completion after its end (masked out everywhere).
   chunk_prompts: prompts (over all processes) per prefill + decode loop; a larger call runs
     chunk after chunk, so one chunk's KV cache is alive at a time. 0: the whole call at once.
+  tensor_parallel: devices each parameter copy of the rollout layout is split over; 0: as many
+    as the model has K/V heads (each device holds one head's cache), where the devices allow.
   """
 
   stop_tokens: tuple[int, ...]
@@ -71,12 +77,15 @@ class SamplerConfig:
   new_token_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
   pad_id: int = 0
   chunk_prompts: int = 0
+  tensor_parallel: int = 0
 
   def __post_init__(self):
     if self.num_samples < 1:
       raise ValueError(f"num_samples={self.num_samples} must be >= 1")
     if self.chunk_prompts < 0:
       raise ValueError(f"chunk_prompts={self.chunk_prompts} must be >= 0 (0: no chunks)")
+    if self.tensor_parallel < 0:
+      raise ValueError(f"tensor_parallel={self.tensor_parallel} must be >= 0 (0: derived)")
     for name in ("prompt_buckets", "new_token_buckets"):
       buckets = getattr(self, name)
       if not buckets or buckets[0] < 1 or list(buckets) != sorted(set(buckets)):
@@ -189,11 +198,27 @@ def _per_prompt(pixel_values: np.ndarray, grid: Grid, prompts: int, how: str) ->
   return pixel_values.reshape(prompts, -1, pixel_values.shape[-1])
 
 
+def _tensor_parallel(config: SamplerConfig, model: Qwen25VL, mesh: Mesh) -> int:
+  """The rollout layout's tensor-parallel degree: `config.tensor_parallel`, or the largest that
+  divides the K/V heads, the mesh and (multi-process) each process's devices, so every process's
+  rows stay on its own devices."""
+  devices, local = mesh.devices.size, jax.local_device_count()
+  if config.tensor_parallel:
+    if devices % config.tensor_parallel or (jax.process_count() > 1 and
+                                            local % config.tensor_parallel):
+      raise ValueError(f"tensor_parallel={config.tensor_parallel} must divide the mesh's "
+                       f"{devices} devices and each process's {local}")
+    return config.tensor_parallel
+  return math.gcd(model.cfg.text.num_kv_heads, devices,
+                  local if jax.process_count() > 1 else devices)
+
+
 class Sampler:
   """Generates G completions per prompt with a Qwen2.5-VL model (see the module docstring).
 
   The model's current parameters are read at every call, so a trainer that updates the model in
-  place samples from the latest policy without recompiling.
+  place samples from the latest policy without recompiling. `mesh` is the trainer's: outputs are
+  placed on it; the prefill and decode loop run on `layout`, its devices as the rollout layout.
   """
 
   def __init__(self, model: Qwen25VL, config: SamplerConfig, *, mesh: Mesh | None = None,
@@ -201,6 +226,14 @@ class Sampler:
     self.model, self.config, self.mesh, self.tokenizer = model, config, mesh, tokenizer
     self.traces = TraceCounter()
     self._graphdef = nnx.graphdef(model)
+    state = nnx.state(model)
+    cast = functools.partial(layers.cast_floating, dtype=model.dtype)
+    if mesh is None:
+      self.layout = None
+      self.layout_step = jax.jit(cast)
+    else:
+      self.layout = sharding.inference_mesh(mesh, _tensor_parallel(config, model, mesh))
+      self.layout_step = jax.jit(cast, out_shardings=sharding.param_shardings(state, self.layout))
     self.prefill_step = jax.jit(self.traces.wrap("prefill", self._prefill_impl),
                             static_argnames=("grid", "new_bucket"))
     self.decode_loop = jax.jit(self.traces.wrap("decode", self._decode_impl),
@@ -224,17 +257,20 @@ class Sampler:
       image_grid_thw: the images' (t, h, w) grids, in the same order.
     """
     chunks = self._chunks(len(prompt_ids), pixel_values, image_grid_thw)
+    params = self.layout_params()  # once per call, for every chunk
     if chunks is None:
-      out = self.decode(self.prefill(prompt_ids, prompt_mask, pixel_values, image_grid_thw,
-                                     max_new_tokens=max_new_tokens), key, max_new_tokens)
+      outs = [self.decode(self.prefill(prompt_ids, prompt_mask, pixel_values, image_grid_thw,
+                                       max_new_tokens=max_new_tokens, params=params),
+                          key, max_new_tokens, params=params)]
     else:
       # Chunk i samples with fold_in(key, i): the completions depend on the chunking.
       ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
       outs = [self.decode(self.prefill(ids[rows], mask[rows], pixels, grid,
-                                       max_new_tokens=max_new_tokens),
-                          jax.random.fold_in(key, i), max_new_tokens)
+                                       max_new_tokens=max_new_tokens, params=params),
+                          jax.random.fold_in(key, i), max_new_tokens, params=params)
               for i, (rows, pixels, grid) in enumerate(chunks)]
-      out = jax.tree.map(self._concat_rows, *outs)
+    del params
+    out = jax.tree.map(self._concat_rows, *outs)
     if self.tokenizer is None:
       return out
     end = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
@@ -263,18 +299,24 @@ class Sampler:
             for i in range(0, prompts, per)]
 
   def _concat_rows(self, *chunks: jax.Array) -> jax.Array:
-    """Chunks' outputs → one, in this process's row order (off a mesh, one concatenation)."""
+    """Chunks' outputs (on the layout) → one on the trainer's mesh, in this process's row order
+    (off a mesh, one concatenation)."""
     if self.mesh is None:
-      return jnp.concatenate(chunks)
+      return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks)
     # Each process stacks its own rows of every chunk, so its rows stay those of its prompts.
     return sharding.global_rows(np.concatenate([sharding.local_rows(c) for c in chunks]),
                                 self.mesh)
 
+  def layout_params(self) -> nnx.State:
+    """The model's current parameters in the rollout layout (a new copy; see the class)."""
+    return self.layout_step(nnx.state(self.model))
+
   def prefill(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray,
               pixel_values: jax.Array | np.ndarray | None = None,
               image_grid_thw: Sequence[Sequence[int]] | np.ndarray | None = None, *,
-              max_new_tokens: int) -> DecodeState:
-    """Buckets and places the prompts, then runs the compiled prefill (one forward per prompt)."""
+              max_new_tokens: int, params: nnx.State | None = None) -> DecodeState:
+    """Buckets and places the prompts, then runs the compiled prefill (one forward per prompt)
+    with `params` (default: a fresh `layout_params()`)."""
     cfg = self.config
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -288,44 +330,39 @@ class Sampler:
       raise ValueError("pixel_values and image_grid_thw must be given together")
     grid = None if image_grid_thw is None else tuple(
         tuple(int(x) for x in g) for g in np.asarray(image_grid_thw).reshape(-1, 3))
-    if self.mesh is not None:
-      rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    if self.layout is not None:
+      rows = self.layout.shape["data"]
       if ids.shape[0] * jax.process_count() % rows:
         raise ValueError(f"{ids.shape[0] * jax.process_count()} prompts do not split over the "
-                         f"mesh's data×fsdp = {rows} devices; use a multiple")
+                         f"rollout layout's {rows} data-parallel groups; use a multiple")
       # Each process feeds its own prompts (its loader shard); the global batch stacks them.
-      ids, mask = (sharding.global_rows(x, self.mesh) for x in (ids, mask))
+      ids, mask = (sharding.global_rows(x, self.layout) for x in (ids, mask))
       if pixel_values is not None:
         pixel_values, grid = self._global_images(np.asarray(pixel_values), grid, len(prompt_ids))
-    with sharding.on_mesh(self.mesh):
-      return self.prefill_step(self._params(), ids, mask, pixel_values, grid=grid,
-                               new_bucket=new_bucket)
+    with sharding.on_mesh(self.layout):
+      return self.prefill_step(self.layout_params() if params is None else params, ids, mask,
+                               pixel_values, grid=grid, new_bucket=new_bucket)
 
   def _global_images(self, pixel_values: np.ndarray, grid: Grid, prompts: int
                      ) -> tuple[jax.Array, Grid]:
     """One image per prompt, placed like its prompt's row; the grid of the global batch."""
     placed = sharding.global_rows(_per_prompt(pixel_values, grid, prompts, "on a mesh"),
-                                  self.mesh)
+                                  self.layout)
     return placed.reshape(-1, placed.shape[-1]), grid * jax.process_count()
 
-  def decode(self, state: DecodeState, key: jax.Array, max_new_tokens: int) -> SamplerOutput:
-    """Runs the compiled decode loop on a prefill's state; `state.cache` is donated (consumed)."""
+  def decode(self, state: DecodeState, key: jax.Array, max_new_tokens: int,
+             params: nnx.State | None = None) -> SamplerOutput:
+    """Runs the compiled decode loop on a prefill's state with `params` (default: a fresh
+    `layout_params()`); `state.cache` is donated (consumed). Rows stay on the layout."""
     room = state.cache.length - state.prompt_tokens.shape[1]
     if not 1 <= max_new_tokens <= room:
       raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, {room}], the new-token "
                        "bucket this state was prefilled for")
     rest = dataclasses.replace(state, cache=None)
-    with sharding.on_mesh(self.mesh):
-      out, _ = self.decode_loop(self._params(), state.cache, rest, key,
-                                jnp.int32(max_new_tokens))
+    with sharding.on_mesh(self.layout):
+      out, _ = self.decode_loop(self.layout_params() if params is None else params, state.cache,
+                                rest, key, jnp.int32(max_new_tokens))
     return out
-
-  def _params(self) -> nnx.State:
-    params = nnx.state(self.model)
-    if self.mesh is None:
-      return params
-    # A no-op when the trainer already keeps the parameters in this layout.
-    return jax.device_put(params, sharding.param_shardings(params, self.mesh))
 
   def _rows(self, x: jax.Array, axis: int = 0) -> jax.Array:
     """Pins the B·G axis of `x` to (data, fsdp) when sampling on a mesh (`sharding.on_mesh`)."""
@@ -347,7 +384,10 @@ class Sampler:
     g = self.config.num_samples
     # One prefill per prompt; the G samples share it. jnp.repeat keeps a prompt's copies adjacent.
     rep = lambda x, axis=0: self._rows(jnp.repeat(x, g, axis=axis), axis)
-    cache = out.cache.map_rows(rep)
+    # Cache rows over the batch axes and its K/V heads over tensor, as the K/V projections are.
+    cache = out.cache.map_rows(lambda x, axis: sharding.constrain(
+        jnp.repeat(x, g, axis=axis), ("batch", None) if axis == 0 else
+        (None, "batch", "kv_heads", None, None)))
     # Left padding puts every prompt's last real token in the last slot.
     return DecodeState(cache=cache, logits=rep(out.logits[:, 0].astype(jnp.float32)),
                        rope_deltas=rep(out.rope_deltas), prompt_tokens=rep(ids),

@@ -83,7 +83,7 @@ def _setup(config: RunConfig) -> StageContext:
                data_dir, config.stage, config.mode)
   return StageContext(model=model, tokenizer=tokenizer, mesh=mesh, data_dir=data_dir,
                       loader=LoaderConfig(seed=config.seed, tokenizer_path=tokenizer_path),
-                      meta=config.flags)
+                      meta=config.flags, tensor_parallel=config.rollout_tensor_parallel)
 
 
 def _evaluate(config: RunConfig, context: StageContext, evaluator: Evaluator) -> None:

@@ -35,6 +35,7 @@ from robot_r1_jax.data.loader import LoaderConfig
 from robot_r1_jax.data.prompts import QUESTION_TYPES
 from robot_r1_jax.generate.sampler import SamplerConfig, bucket
 from robot_r1_jax.generate.sampling import SamplingParams
+from robot_r1_jax.launch import hlo
 from robot_r1_jax.launch import mesh as mesh_lib
 from robot_r1_jax.launch import pipeline
 from robot_r1_jax.launch.config import RunConfig
@@ -48,6 +49,7 @@ from robot_r1_jax.train import optim
 from robot_r1_jax.train.scoring import Sequences
 
 GIB = 2**30
+LOOPS_SHOWN = 3  # loops with collectives listed per executable in the printed report
 # HBM per chip (not per core: a v4 chip's two cores are one megacore device here).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 TOPOLOGY_FORMS = "v5e:2x2, v5e:4x4, v6e:4x4, v5p:2x2x4, v4:2x2x4 (CHIP:SHAPE, CHIP one of " + (
@@ -169,53 +171,88 @@ class Executable:
   temps: int
   aliased: int
   compile_seconds: float
+  resident: int = 0  # the stage's state in HBM meanwhile that is not an argument
+  loops: tuple[hlo.LoopCollectives, ...] = ()  # collectives per iteration of each while loop
 
   @property
   def peak(self) -> int:
     """Arguments, outputs and temporaries live at once, less the outputs written into donated
-    argument buffers."""
-    return self.arguments + self.outputs + self.temps - self.aliased
+    argument buffers, plus the resident state."""
+    return self.arguments + self.outputs + self.temps - self.aliased + self.resident
 
 
 Lowering = Callable[[], tuple[jax.stages.Lowered, Callable[[jax.stages.Compiled], None]]]
 
 
-def _plan(config: RunConfig, context: StageContext, shapes: Shapes) -> list[tuple[str, str, Lowering]]:
-  """(name, what it is, a function lowering it) for every executable the run uses, in run order.
+def _chip_bytes(tree: Any) -> int:
+  """Bytes of one chip's shards of the abstract arrays in `tree`."""
+  return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def _plan(config: RunConfig, context: StageContext, shapes: Shapes
+          ) -> list[tuple[str, str, Lowering, int]]:
+  """(name, what it is, a function lowering it, resident bytes per chip) for every executable the
+  run uses, in run order.
 
   A lowering also returns a hook that receives its compiled program (the decode loop's inputs are
-  the prefill's outputs).
+  the prefill's outputs). Resident bytes are the stage's state that stays in HBM while the
+  executable runs without being one of its arguments: the optimizer state and the reference
+  during a rollout, say. Evaluation is charged the RL stage's state when the run has one.
   """
   mesh, rl, sft = context.mesh, config.rl, config.sft
   params = nnx.state(context.model)
   grid1 = shapes.grid
-  plan: list[tuple[str, str, Lowering]] = []
+  plan: list[tuple[str, str, Lowering, int]] = []
+  state = {"params": _chip_bytes(params)}  # the state alive through the stage that samples
+  if config.runs_rl:
+    step = rl.step
+    sampler = context.sampler(rl.sampling, num_samples=step.num_generations,
+                              chunk_prompts=rl.rollout_chunk_size)
+    optimizer, _ = optim.build_optimizer(rl.optimizer, 1)
+    learner = Learner(context.model, optimizer, sampler, step, mesh)
+    state.update(opt_state=_chip_bytes(learner.opt_state),
+                 reference=_chip_bytes(learner.ref_params))
+  besides = lambda *read: sum(v for k, v in state.items() if k not in read)
 
   def generation(prefix: str, sampler, prompts: int, what: str):
     grids = (grid1,) * prompts
-    prefilled = {}
+    layout, done = sampler.layout, {}
+
+    # Each lowering runs under the layout's mesh, inside compile_run's (the trainer's).
+    def weights():
+      with sharding.on_mesh(layout):
+        lowered = sampler.layout_step.lower(params)
+      return lowered, lambda compiled: done.update(params=_from_compiled(lowered, compiled))
 
     def prefill():
-      lowered = sampler.prefill_step.lower(
-          params, _rows(mesh, (prompts, shapes.prompt_length), jnp.int32),
-          _rows(mesh, (prompts, shapes.prompt_length), jnp.bool_),
-          _rows(mesh, (prompts * shapes.patches, 1176), jnp.float32), grid=grids,
-          new_bucket=shapes.new_tokens)
-      return lowered, lambda compiled: prefilled.update(state=_from_compiled(lowered, compiled))
+      with sharding.on_mesh(layout):
+        lowered = sampler.prefill_step.lower(
+            done["params"], _rows(layout, (prompts, shapes.prompt_length), jnp.int32),
+            _rows(layout, (prompts, shapes.prompt_length), jnp.bool_),
+            _rows(layout, (prompts * shapes.patches, 1176), jnp.float32), grid=grids,
+            new_bucket=shapes.new_tokens)
+      return lowered, lambda compiled: done.update(state=_from_compiled(lowered, compiled))
 
     def decode():
-      state = prefilled["state"]
+      state = done["state"]
+      scalar = NamedSharding(layout, PartitionSpec())
       key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                                 sharding=NamedSharding(mesh, PartitionSpec()))
-      budget = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
-      return sampler.decode_loop.lower(params, state.cache, dataclasses.replace(state, cache=None),
-                                       key, budget), None
+                                 sharding=scalar)
+      budget = jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar)
+      with sharding.on_mesh(layout):
+        return sampler.decode_loop.lower(done["params"], state.cache,
+                                         dataclasses.replace(state, cache=None), key,
+                                         budget), None
 
     rows = prompts * sampler.config.num_samples
+    plan.append((f"{prefix}_layout", f"the parameters in {jnp.dtype(sampler.model.dtype).name} "
+                 f"over tensor={layout.shape['tensor']} × data={layout.shape['data']} (once per "
+                 "call)", weights, besides("params")))
     plan.append((f"{prefix}_prefill", f"{prompts} prompts × {shapes.prompt_length} tokens + images"
-                 f" → a cache of {rows} rows ({what})", prefill))
+                 f" → a cache of {rows} rows ({what})", prefill, besides()))
     plan.append((f"{prefix}_decode", f"{rows} rows × {shapes.new_tokens} new tokens ({what})",
-                 decode))
+                 decode, besides()))
 
   if config.runs_sft:
     optimizer, _ = optim.build_optimizer(sft.optimizer, 1)
@@ -223,37 +260,34 @@ def _plan(config: RunConfig, context: StageContext, shapes: Shapes) -> list[tupl
     seqs = _sequences(mesh, shapes, sft.batch_size, shapes.target_length, sft.micro_batch_size)
     plan.append(("sft_step", f"{sft.batch_size} rows in micro-batches of {sft.micro_batch_size},"
                  f" targets of {shapes.target_length}", lambda: (trainer.train_step.lower(
-                     trainer.params, trainer.opt_state, seqs, image_grid=grid1), None)))
+                     trainer.params, trainer.opt_state, seqs, image_grid=grid1), None), 0))
   if config.evaluates:
     generation("eval", context.sampler(SamplingParams(temperature=0.0)), config.eval.batch_size,
                "greedy evaluation")
   if config.runs_rl:
-    step = rl.step
-    sampler = context.sampler(rl.sampling, num_samples=step.num_generations,
-                              chunk_prompts=rl.rollout_chunk_size)
     chunk = rl.rollout_chunk_size or rl.rollout_batch_size
     generation("rollout", sampler, chunk, f"G = {step.num_generations}" + (
         f", one of {rl.rollout_batch_size // chunk} chunks" if chunk < rl.rollout_batch_size
         else ""))
-    optimizer, _ = optim.build_optimizer(rl.optimizer, 1)
-    learner = Learner(context.model, optimizer, sampler, step, mesh)
     micro = step.micro_batch_size
     scored = _sequences(mesh, shapes, micro, shapes.new_tokens)  # one micro-batch per call
     on_policy = rl.updates_per_step == 1
     if learner.ref_params is not None:
       plan.append(("reference_log_probs", f"{micro} rows, the reference in the compute dtype",
                    lambda: (learner.log_probs_step.lower(learner.ref_params, scored,
-                                                         image_grid=grid1), None)))
+                                                         image_grid=grid1), None),
+                   besides("reference")))
     if not on_policy:
       plan.append(("old_log_probs", f"{micro} rows, once per rollout", lambda: (
-          learner.log_probs_step.lower(learner.params, scored, image_grid=grid1), None)))
+          learner.log_probs_step.lower(learner.params, scored, image_grid=grid1), None),
+          besides("params")))
     rows = step.train_batch_size * step.num_generations
     seqs = _sequences(mesh, shapes, rows, shapes.new_tokens, micro)
     per_token = _rows(mesh, (rows // micro, micro, shapes.new_tokens), jnp.float32, leading=1)
     batch = TrainRows(seqs=seqs, old_logp=per_token, ref_logp=per_token, advantages=per_token)
     plan.append(("rl_update", f"{rows} rows in micro-batches of {micro}", lambda: (
         learner.train_step.lower(learner.params, learner.opt_state, batch, image_grid=grid1,
-                                 on_policy=on_policy), None)))
+                                 on_policy=on_policy), None), besides("params", "opt_state")))
   return plan
 
 
@@ -277,11 +311,14 @@ class Report:
 
   def table(self) -> str:
     g = lambda b: f"{b / GIB:.2f}"
-    header = ["executable", "arguments", "outputs", "temps", "aliased", "peak GiB", "of HBM",
-              "fits"]
-    rows = [[e.name, g(e.arguments), g(e.outputs), g(e.temps), g(e.aliased), g(e.peak),
+    header = ["executable", "arguments", "outputs", "temps", "aliased", "resident", "peak GiB",
+              "of HBM", "fits", "loop collectives MiB/iter"]
+    rows = [[e.name, g(e.arguments), g(e.outputs), g(e.temps), g(e.aliased), g(e.resident),
+             g(e.peak),
              f"{100 * e.peak / self.hbm_per_chip:.0f}%",
-             "yes" if e.peak <= self.hbm_per_chip else "NO"] for e in self.executables]
+             "yes" if e.peak <= self.hbm_per_chip else "NO",
+             f"{max((l.total_bytes for l in e.loops), default=0) / 2**20:.2f}"]
+            for e in self.executables]
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
                        for c, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
@@ -290,7 +327,15 @@ class Report:
              f"{self.hbm_per_chip / GIB:.0f} GiB HBM), mesh {self.mesh}; prompt bucket "
              f"{self.shapes.prompt_length}, image grid {list(self.shapes.grid)}, "
              f"{self.shapes.new_tokens} new tokens — per chip, GiB")
-    return "\n".join([title, *lines])
+    loops = []
+    for e in self.executables:  # the heaviest few per executable; all of them in the JSON
+      busy = sorted((l for l in e.loops if l.counts), key=lambda l: -l.total_bytes)
+      loops += [f"  {e.name} · {l.summary()}" for l in busy[:LOOPS_SHOWN]]
+      if len(busy) > LOOPS_SHOWN:
+        more = len(busy) - LOOPS_SHOWN
+        loops.append(f"  {e.name} · {more} more loop{'s' * (more > 1)} with collectives")
+    return "\n".join([title, *lines] + (["collectives inside loops (per device, heaviest "
+                                          "first):", *loops] if loops else []))
 
   def to_json(self) -> str:
     data = dataclasses.asdict(self)
@@ -326,17 +371,22 @@ def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
   tokenizer, tokenizer_path = pipeline.load_tokenizer(config.model.tokenizer, model_dir)
   shapes = run_shapes(config, tokenizer)
   context = StageContext(model=model, tokenizer=tokenizer, mesh=mesh, data_dir=config.workdir,
-                         loader=LoaderConfig(tokenizer_path=tokenizer_path))
+                         loader=LoaderConfig(tokenizer_path=tokenizer_path),
+                         tensor_parallel=config.rollout_tensor_parallel)
   plan = _plan(config, context, shapes)
   if only is not None:
-    unknown = sorted(set(only) - {name for name, _, _ in plan})
+    unknown = sorted(set(only) - {item[0] for item in plan})
     if unknown:
       raise CompileError(f"this run has no executable {unknown}; it has "
-                         f"{[name for name, _, _ in plan]}")
-    needed = set(only) | {n.replace("_decode", "_prefill") for n in only if n.endswith("_decode")}
+                         f"{[item[0] for item in plan]}")
+    # A generation's prefill and decode loop read its layout's outputs, a decode its prefill's.
+    needed = set(only) | {n.rpartition("_")[0] + "_layout" for n in only
+                          if n.endswith(("_prefill", "_decode"))} | {
+                              n.replace("_decode", "_prefill") for n in only
+                              if n.endswith("_decode")}
     plan = [item for item in plan if item[0] in needed]
   done = []
-  for i, (name, what, lower) in enumerate(plan, start=1):
+  for i, (name, what, lower, resident) in enumerate(plan, start=1):
     progress(f"[{i}/{len(plan)}] compiling {name}: {what} …")
     start = time.perf_counter()
     with sharding.on_mesh(mesh):
@@ -348,7 +398,9 @@ def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
     done.append(Executable(name=name, what=what, arguments=m.argument_size_in_bytes,
                            outputs=m.output_size_in_bytes, temps=m.temp_size_in_bytes,
                            aliased=m.alias_size_in_bytes,
-                           compile_seconds=round(time.perf_counter() - start, 1)))
+                           compile_seconds=round(time.perf_counter() - start, 1),
+                           resident=resident,
+                           loops=tuple(hlo.loop_collectives(compiled.as_text()))))
     progress(f"      {done[-1].peak / GIB:.2f} GiB per chip, compiled in "
              f"{done[-1].compile_seconds:.0f} s")
   report = Report(topology=config.topology, chips=len(devices), hbm_per_chip=hbm,

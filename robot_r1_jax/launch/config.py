@@ -50,6 +50,7 @@ class RunConfig:
   stage: str = "sft_rl"  # sft_rl | sft | rl
   seed: int = 0
   mesh: str = "data=1,fsdp=-1,tensor=1"
+  rollout_tensor_parallel: int = 0  # the sampler's rollout layout (0: derived; see SamplerConfig)
   distributed: Distributed = Distributed()
   model: ModelSpec = ModelSpec()
   data: DataSpec = DataSpec()

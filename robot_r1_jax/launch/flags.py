@@ -97,6 +97,11 @@ ROLLOUT_BATCH = flags.DEFINE_integer("rollout_batch_size", 4, "Prompts per rollo
 ROLLOUT_CHUNK = flags.DEFINE_integer(
     "rollout_chunk_size", 0, "Prompts per prefill + decode loop of a rollout, one chunk's KV cache "
     "alive at a time (0: the whole rollout at once). Divides --rollout_batch_size.")
+ROLLOUT_TENSOR = flags.DEFINE_integer(
+    "rollout_tensor_parallel", 0, "Rollouts and evaluation decode on a copy of the parameters in "
+    "the compute dtype, split over this many devices (tensor parallel) and replicated over the "
+    "rest, which split the rows: no weight gather inside the decode loop. 0: as many as the "
+    "model's K/V heads, where the devices allow.")
 TRAIN_BATCH = flags.DEFINE_integer("train_batch_size", 4, "Prompts per optimizer update.")
 MICRO_BATCH = flags.DEFINE_integer("micro_batch_size", 4, "Sequences per forward/backward. In RL, "
                                    "a multiple of --num_generations runs each prompt once for all "
@@ -171,7 +176,7 @@ def run_config() -> RunConfig:
       loop=loop)
   return RunConfig(
       workdir=pathlib.Path(WORKDIR.value), mode=MODE.value, stage=STAGE.value, seed=SEED.value,
-      mesh=MESH.value,
+      mesh=MESH.value, rollout_tensor_parallel=ROLLOUT_TENSOR.value,
       distributed=Distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value),
       model=ModelSpec(name=MODEL.value, tokenizer=TOKENIZER.value,
                       compute_dtype=COMPUTE_DTYPE.value, remat=REMAT.value),

@@ -55,6 +55,22 @@ def materialize(module: nnx.Module, seed: int,
     var.set_value(place(var, array.astype(abstract.dtype)))
 
 
+def cast_floating(tree, dtype: jnp.dtype):
+  """Every floating-point leaf of `tree` (arrays or abstract arrays) in `dtype`; others unchanged.
+
+  A parameter copy in the compute dtype computes exactly what the f32 parameters do: every layer
+  casts its weights to the compute dtype where it uses them.
+  """
+  def cast(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+
+  return jax.tree.map(cast, tree)
+
+
 class RMSNorm(nnx.Module):
   """Hugging Face's Qwen2 RMSNorm: normalise in fp32, cast to the compute dtype, then scale."""
 

@@ -23,9 +23,9 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),  # D (and the vision width): parameters sharded FSDP-style
     ("mlp", "tensor"),  # F
     ("heads", "tensor"),  # N
-    # K is 2–4 in Qwen2.5-VL, below typical tensor-parallel degrees; replicating the small K/V
-    # projections costs little and keeps every mesh legal.
-    ("kv_heads", None),
+    # K is 2–4 in Qwen2.5-VL: split over tensor where it divides (each device then holds its
+    # query heads' own K/V head and cache), else replicated (`_fit`).
+    ("kv_heads", "tensor"),
     ("head_dim", None),  # H
     ("vocab", "tensor"),  # V
     ("norm", None),  # RMSNorm scales
@@ -66,6 +66,15 @@ def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
   """NamedSharding for every variable in `state`."""
   return jax.tree.map(lambda v: variable_sharding(v, mesh), state,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def inference_mesh(mesh: Mesh, tensor: int) -> Mesh:
+  """The rollout layout's mesh: `mesh`'s devices in their order as (data = n / tensor, fsdp = 1,
+  tensor). Parameters placed on it by `RULES` are split over tensor only (no FSDP gather per use)
+  and rows over data; its device order is `mesh`'s, so arrays of both meshes mix in one program."""
+  if mesh.devices.size % tensor:
+    raise ValueError(f"tensor={tensor} does not divide the mesh's {mesh.devices.size} devices")
+  return Mesh(mesh.devices.reshape(-1, 1, tensor), MESH_AXES, axis_types=mesh.axis_types)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -24,6 +24,7 @@ class StageContext:
   data_dir: pathlib.Path  # an extractor output (manifest.json + shards)
   loader: LoaderConfig  # preprocessing every stage shares (tokenizer path, seed, buckets)
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded with checkpoints
+  tensor_parallel: int = 0  # the samplers' rollout layout (see SamplerConfig)
 
   def sampler(self, params: sampling.SamplingParams, num_samples: int = 1,
               chunk_prompts: int = 0) -> Sampler:
@@ -33,5 +34,6 @@ class StageContext:
                  if t is not None)
     return Sampler(self.model, SamplerConfig(stop_tokens=stop, num_samples=num_samples,
                                              pad_id=self.tokenizer.pad_token_id,
-                                             sampling=params, chunk_prompts=chunk_prompts),
+                                             sampling=params, chunk_prompts=chunk_prompts,
+                                             tensor_parallel=self.tensor_parallel),
                    mesh=self.mesh, tokenizer=self.tokenizer)

@@ -15,6 +15,7 @@ bucket · R completion width.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any, Callable
@@ -29,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from robot_r1_jax.data.prompts import QUESTION_TYPES
 from robot_r1_jax.generate.sampler import Sampler, SamplerOutput
-from robot_r1_jax.model import sharding
+from robot_r1_jax.model import layers, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 from robot_r1_jax.rl import advantages as adv_lib
 from robot_r1_jax.rl import kl as kl_lib
@@ -292,12 +293,10 @@ def _reference(params: Any, dtype: jnp.dtype) -> Any:
   buffer (a jit output), so donating the trained parameters never frees it. Abstract parameters
   (compiling without arrays) give the abstract reference.
   """
-  target = lambda x: dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
   if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, target(x), sharding=x.sharding),
-                        params)
+    return layers.cast_floating(params, dtype)
   placement = jax.tree.map(lambda x: x.sharding, params)
-  return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(target(x)), p),
+  return jax.jit(functools.partial(layers.cast_floating, dtype=dtype),
                  out_shardings=placement)(params)
 
 

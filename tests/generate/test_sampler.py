@@ -12,7 +12,8 @@ import pytest
 
 from robot_r1_jax.generate import sampling
 from robot_r1_jax.generate.sampler import FinishReason, Sampler
-from robot_r1_jax.model import hf_io
+from robot_r1_jax.launch import hlo
+from robot_r1_jax.model import hf_io, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL, init_model
 
 from hf_reference import build_hf, left_padded_batch, tiny_config
@@ -365,8 +366,39 @@ def test_sharded_sampling_equals_single_device(model, sampler, mesh8):
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_array_equal(got.lengths, want.lengths)
   np.testing.assert_allclose(got.log_probs, want.log_probs, atol=2e-5)
-  with pytest.raises(ValueError, match="data×fsdp"):
+  with pytest.raises(ValueError, match="rollout layout's 4 data-parallel groups"):
     sharded(ids[:3], mask[:3], jax.random.key(4), max_new_tokens=24)
+
+
+@pytest.mark.parametrize("tensor", [0, 4])
+def test_the_rollout_layout_samples_as_one_device_and_gathers_no_weight_in_the_loop(
+    model, sampler, tensor):
+  """From the training layout (every weight split over fsdp = 4), a call decodes on a compute-dtype
+  copy split over `tensor` devices (0: the K/V heads' 2): the same tokens as one device, and the
+  decode loop's body (read from its compiled HLO) holds no all-gather."""
+  sharded = Sampler(model, dataclasses.replace(sampler.config, tensor_parallel=tensor),
+                    mesh=make_mesh(fsdp=4))
+  tp = tensor or 2
+  assert dict(sharded.layout.shape) == {"data": 4 // tp, "fsdp": 1, "tensor": tp}
+  ids, mask = _prompts()
+  want = _np(sampler(ids, mask, jax.random.key(4), max_new_tokens=24))
+  got = _np(sharded(ids, mask, jax.random.key(4), max_new_tokens=24))
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_allclose(got.log_probs, want.log_probs, atol=2e-5)
+
+  params = sharded.layout_params()
+  q = params["text"]["layers"]["attn"]["q"][...]
+  layers, d, n, h = q.shape  # split over tensor only: each device holds N / tensor query heads
+  assert q.dtype == jnp.dtype(model.dtype)
+  assert q.sharding.shard_shape(q.shape) == (layers, d, n // tp if n % tp == 0 else n, h)
+  state = sharded.prefill(ids, mask, max_new_tokens=24, params=params)
+  scalar = jax.sharding.NamedSharding(sharded.layout, jax.sharding.PartitionSpec())
+  with sharding.on_mesh(sharded.layout):
+    text = sharded.decode_loop.lower(params, state.cache, dataclasses.replace(state, cache=None),
+                                     jax.device_put(jax.random.key(0), scalar),
+                                     jax.device_put(jnp.int32(24), scalar)).compile().as_text()
+  decode = [l for l in hlo.loop_collectives(text) if l.loop == "jit(_decode_impl)/while"]
+  assert decode and all("all-gather" not in l.counts for l in decode), [l.summary() for l in decode]
 
 
 def test_no_recompilation_within_a_bucket(model, sampler):

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from robot_r1_jax.launch import compile as compile_lib
+from robot_r1_jax.launch import hlo
 from robot_r1_jax.launch.config import RunConfig
 from robot_r1_jax.stages.rl import RLConfig
 from robot_r1_jax.stages.rl_step import LearnerConfig
@@ -42,16 +43,29 @@ def _compile(workdir: pathlib.Path, *flags: str) -> tuple[dict, str]:
 def test_tiny_run_compiles_for_v5e_2x2_and_fits(tmp_path):
   report, out = _compile(tmp_path)
   names = [e["name"] for e in report["executables"]]
-  assert names == ["sft_step", "eval_prefill", "eval_decode", "rollout_prefill",
-                   "rollout_decode", "reference_log_probs", "old_log_probs", "rl_update"]
+  assert names == ["sft_step", "eval_layout", "eval_prefill", "eval_decode", "rollout_layout",
+                   "rollout_prefill", "rollout_decode", "reference_log_probs", "old_log_probs",
+                   "rl_update"]
   assert report["chips"] == 4 and report["hbm_per_chip"] == 16 * 2**30
   for e in report["executables"]:
     assert 0 < e["peak"] < report["hbm_per_chip"], e
-    assert e["peak"] == e["arguments"] + e["outputs"] + e["temps"] - e["aliased"]
-  assert "[8/8] compiling rl_update" in out and "rl_update" in out.splitlines()[-2]
-  # The decode loop writes the cache into the donated prefill cache.
+    assert e["peak"] == (e["arguments"] + e["outputs"] + e["temps"] - e["aliased"] +
+                         e["resident"])
+  assert "[10/10] compiling rl_update" in out
+  assert any(line.startswith("rl_update ") for line in out.splitlines())
+  # The decode loop writes the cache into the donated prefill cache, and runs on the rollout
+  # layout: its body all-reduces activations (tensor parallel) but gathers no weight.
   decode = next(e for e in report["executables"] if e["name"] == "rollout_decode")
   assert decode["aliased"] > 0
+  loop = [l for l in decode["loops"] if l["loop"] == "jit(_decode_impl)/while"]
+  assert loop and all("all-gather" not in l["counts"] for l in loop), loop
+  assert "rollout_decode · jit(_decode_impl)/while: all-reduce ×" in out
+  # The update's layer loops do gather (FSDP): the report would show a gather where one is.
+  update = next(e for e in report["executables"] if e["name"] == "rl_update")
+  assert any("all-gather" in l["counts"] for l in update["loops"])
+  # While decoding, the trainer's parameters, optimizer state and reference stay in HBM; while
+  # updating, only the reference is not an argument.
+  assert decode["resident"] > update["resident"] > 0
 
 
 @needs_libtpu
@@ -64,8 +78,9 @@ def test_rollout_memory_grows_linearly_with_the_images(tmp_path):
                          "--image_size=224", "--compile_prompt_length=128",
                          f"--rollout_batch_size={prompts}", f"--train_batch_size={prompts}",
                          f"--rollout_chunk_size={chunk}", "--compile_executables=rollout_prefill")
-    assert [e["name"] for e in report["executables"]] == ["rollout_prefill"]
-    return report["executables"][0]["peak"]
+    # The prefill reads the rollout layout's parameters: that is compiled too.
+    assert [e["name"] for e in report["executables"]] == ["rollout_layout", "rollout_prefill"]
+    return report["executables"][1]["peak"]
 
   assert peak(128) <= 2.3 * peak(64)
   # In chunks of 64 prompts, a rollout of 128 compiles (and holds) one chunk's prefill.
@@ -110,15 +125,23 @@ def test_a_layout_the_slice_cannot_take_names_the_flag(tmp_path):
 
 
 def test_the_report_names_what_does_not_fit():
-  row = lambda name, temps: compile_lib.Executable(name=name, what="", arguments=2 * 2**30,
-                                                   outputs=2**30, temps=temps, aliased=2**30,
-                                                   compile_seconds=1.0)
+  loop = hlo.LoopCollectives(loop="jit(_decode_impl)/while", counts={"all-reduce": 56},
+                             bytes={"all-reduce": 3 * 2**19})
+  row = lambda name, temps, loops=(): compile_lib.Executable(
+      name=name, what="", arguments=2 * 2**30, outputs=2**30, temps=temps, aliased=2**30,
+      compile_seconds=1.0, loops=loops)
   report = compile_lib.Report(
       topology="v5e:4x4", chips=16, hbm_per_chip=16 * 2**30, mesh={"data": 1, "fsdp": 16},
       model="qwen2_5_vl_7b", shapes=compile_lib.Shapes(512, (1, 16, 16), 1024, 16),
-      executables=(row("rollout_decode", 4 * 2**30), row("rl_update", 15 * 2**30)))
+      executables=(row("rollout_decode", 4 * 2**30, (loop,)), row("rl_update", 15 * 2**30)))
   assert [e.name for e in report.too_big] == ["rl_update"]
   assert report.executables[0].peak == 6 * 2**30
   lines = report.table().splitlines()
-  assert lines[4].split()[-3:] == ["17.00", "106%", "NO"]
-  assert json.loads(report.to_json())["executables"][1]["peak"] == 17 * 2**30
+  assert lines[3].split()[-3:] == ["38%", "yes", "1.50"] and lines[3].startswith("rollout_decode")
+  assert lines[4].split()[-4:] == ["17.00", "106%", "NO", "0.00"]
+  assert lines[-1] == ("  rollout_decode · jit(_decode_impl)/while: all-reduce ×56 (1.50 MiB) per "
+                       "iteration")
+  # State that stays in HBM beside an executable's arguments counts towards its peak.
+  assert dataclasses.replace(report.executables[1], resident=2**30).peak == 18 * 2**30
+  data = json.loads(report.to_json())["executables"]
+  assert data[1]["peak"] == 17 * 2**30 and data[0]["loops"][0]["counts"] == {"all-reduce": 56}

@@ -1,0 +1,177 @@
+"""The paper recipe's per-device shapes on whatever this machine has: update MFU, rollout tokens/s,
+decode step time against the HBM-bandwidth floor, peak memory.
+
+python bench/accelerator.py [--models qwen2_5_vl_3b,qwen2_5_vl_7b] [--rows 5 --prompts 4
+    --generations 5 --prompt_length 1024 --new_tokens 1024 --image_px 224 --repeats 2]
+
+Defaults are one chip's share of the paper recipe on a 16-chip slice: the update runs a
+micro-batch of 5 rows (80 over 16 chips) of a 1024-token prompt bucket and 1024 new tokens, the
+rollout 4 prompts × G = 5 (a 64-prompt chunk over 16 chips). Each model is built with random
+weights (f32 parameters, bf16 compute, remat; no download). For each, in one run:
+  - update MFU: the analytic FLOPs of one update (bench/train_step.py's formula: 6·N per token,
+    attention scores and the vision tower, each prompt once for its G completions) ÷ the measured
+    update time ÷ the chip's peak bf16 FLOP/s (a table by device kind; on CPU the f32 GEMM rate
+    measured here);
+  - rollout tokens/s per chip: rows × new tokens ÷ the rollout time (no stop token: every row
+    decodes the whole budget);
+  - decode step time ÷ the HBM floor: (rollout − prefill) ÷ new tokens, against the bytes one step
+    must read (the bf16 weights and the half-full KV cache) ÷ the chip's HBM bandwidth (a table;
+    on CPU a copy bandwidth measured here);
+  - peak memory from the device's allocator (not reported by the CPU backend).
+Targets on an accelerator (issue 20): MFU ≥ 0.40, decode ≤ 2× the floor. On a CPU the `small`
+preset runs at small shapes so that CI keeps the script working; its figures are not targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from robot_r1_jax.generate import sampling
+from robot_r1_jax.generate.sampler import Sampler, SamplerConfig
+from robot_r1_jax.launch import mesh as mesh_lib
+from robot_r1_jax.model import config as config_lib
+from robot_r1_jax.model import processor
+from robot_r1_jax.model.qwen2_5_vl import init_model
+from robot_r1_jax.stages.rl_step import Learner, LearnerConfig
+from robot_r1_jax.train.optim import OptimizerConfig, build_optimizer
+
+from train_step import analytic_flops, gemm_flops_per_second, synthetic_batch  # bench/
+
+# (peak dense bf16 FLOP/s, HBM bytes/s) per chip, from the vendors' data sheets.
+CHIPS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12),
+         "TPU v4": (275e12, 1.2e12), "TPU v5 lite": (197e12, 0.82e12), "TPU v5": (459e12, 2.76e12),
+         "TPU v6 lite": (918e12, 1.64e12)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Figures:
+  model: str
+  update_s: float
+  mfu: float
+  rollout_tokens_per_s: float
+  decode_step_s: float
+  decode_floor_s: float
+  peak_bytes: int | None
+
+  def line(self) -> str:
+    peak = "n/a" if self.peak_bytes is None else f"{self.peak_bytes / 2**30:.1f} GiB"
+    return (f"{self.model}: update {self.update_s:.2f} s, MFU {self.mfu:.2f}; rollout "
+            f"{self.rollout_tokens_per_s:.0f} tokens/s; decode step {1e3 * self.decode_step_s:.2f} "
+            f"ms = {self.decode_step_s / self.decode_floor_s:.1f}× the HBM floor "
+            f"({1e3 * self.decode_floor_s:.2f} ms); peak memory {peak}")
+
+
+def copy_bytes_per_second(n: int = 2**26, repeats: int = 10) -> float:
+  """Read + write bytes per second of copying a large f32 array (the CPU's stand-in for HBM)."""
+  x = jnp.ones((n,), jnp.float32)
+  f = jax.jit(lambda a: a + 1.0)
+  f(x).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(x).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * 4 * n / min(times)
+
+
+def chip_rates() -> tuple[str, float, float]:
+  """(what the rates are, peak FLOP/s, memory bytes/s) of device 0."""
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return "CPU (measured f32 GEMM and copy rates)", gemm_flops_per_second(), \
+        copy_bytes_per_second()
+  kind = device.device_kind
+  for name in sorted(CHIPS, key=len, reverse=True):  # "TPU v5 lite" before "TPU v5"
+    if name in kind:
+      return f"{kind} (data sheet)", *CHIPS[name]
+  raise SystemExit(f"no peak FLOP/s and HBM bandwidth known for device kind {kind!r}; add it "
+                   "to CHIPS in bench/accelerator.py")
+
+
+def measure(name: str, args: argparse.Namespace, peak_flops: float, bandwidth: float) -> Figures:
+  cfg = config_lib.PRESETS[name]()
+  mesh = mesh_lib.make_mesh("data=1,fsdp=1,tensor=1", jax.devices()[:1])  # one chip's share
+  model = init_model(cfg, seed=0, dtype=jnp.bfloat16, remat=True, mesh=mesh)
+  tokenizer = processor.load_tokenizer()
+  rows = args.prompts * args.generations
+  sampler = Sampler(model, SamplerConfig(
+      stop_tokens=(), num_samples=args.generations, pad_id=tokenizer.pad_token_id,
+      prompt_buckets=(args.prompt_length,), new_token_buckets=(args.new_tokens,),
+      sampling=sampling.SamplingParams(temperature=1.0, top_p=0.99)), mesh=mesh,
+      tokenizer=tokenizer)
+  optimizer, _ = build_optimizer(OptimizerConfig(learning_rate=1e-6), total_steps=10)
+  # One update of `rows` sequences; the rollout's prompts are cut to the update's share of G.
+  learner = Learner(model, optimizer, sampler, LearnerConfig(
+      num_generations=args.generations, train_batch_size=args.rows // args.generations or 1,
+      micro_batch_size=args.rows, max_new_tokens=args.new_tokens), mesh)
+  batch = synthetic_batch(tokenizer, args.prompts, args.prompt_length, args.image_px)
+  update_batch = synthetic_batch(tokenizer, max(args.rows // args.generations, 1),
+                                 args.prompt_length, args.image_px)
+
+  def rollout() -> tuple[float, float]:
+    """(prefill, prefill + decode) seconds; the rollout layout's copy is made once per rollout
+    and not timed."""
+    params = jax.block_until_ready(sampler.layout_params())
+    start = time.perf_counter()
+    state = sampler.prefill(batch.input_ids, batch.attention_mask, batch.pixel_values,
+                            batch.image_grid_thw, max_new_tokens=args.new_tokens, params=params)
+    jax.block_until_ready(state)
+    prefilled = time.perf_counter()
+    out = sampler.decode(state, jax.random.key(0), args.new_tokens, params=params)
+    jax.block_until_ready(out.tokens)
+    return prefilled - start, time.perf_counter() - start
+
+  rollout()  # compiles
+  timed = [rollout() for _ in range(args.repeats)]
+  total = statistics.median(t for _, t in timed)
+  decode_s = statistics.median(t - p for p, t in timed) / args.new_tokens
+  learner.step(update_batch, jax.random.key(0))  # compiles
+  update_s = statistics.median(learner.step(update_batch, jax.random.key(i + 1))
+                               .metrics["time/update"] for i in range(args.repeats))
+  patches = int(np.prod(update_batch.image_grid_thw[0]))
+  flops = analytic_flops(cfg, len(update_batch.input_ids), args.generations, args.prompt_length,
+                         args.new_tokens, patches)
+  weights = sum(x.size for x in jax.tree.leaves(sampler.layout_params())) * 2  # bf16
+  t = cfg.text
+  half_cache = (rows * (args.prompt_length + args.new_tokens // 2) * t.num_layers * 2 *
+                t.num_kv_heads * t.head_dim * 2)
+  stats = jax.devices()[0].memory_stats() or {}
+  return Figures(model=name, update_s=update_s, mfu=flops / update_s / peak_flops,
+                 rollout_tokens_per_s=rows * args.new_tokens / total, decode_step_s=decode_s,
+                 decode_floor_s=(weights + half_cache) / bandwidth,
+                 peak_bytes=stats.get("peak_bytes_in_use"))
+
+
+def main(argv: list[str] | None = None) -> list[Figures]:
+  on_cpu = jax.devices()[0].platform == "cpu"
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--models", default="small" if on_cpu else "qwen2_5_vl_3b,qwen2_5_vl_7b",
+                      help="presets, comma-separated (random weights)")
+  parser.add_argument("--rows", type=int, default=5, help="sequences per update (micro-batch)")
+  parser.add_argument("--prompts", type=int, default=4, help="rollout prompts")
+  parser.add_argument("--generations", type=int, default=5, help="G")
+  parser.add_argument("--prompt_length", type=int, default=128 if on_cpu else 1024)
+  parser.add_argument("--new_tokens", type=int, default=16 if on_cpu else 1024)
+  parser.add_argument("--image_px", type=int, default=112 if on_cpu else 224)
+  parser.add_argument("--repeats", type=int, default=2)
+  args = parser.parse_args(argv)
+  what, peak_flops, bandwidth = chip_rates()
+  print(f"{what}: peak {peak_flops / 1e12:.2f} TFLOP/s, memory {bandwidth / 1e9:.0f} GB/s; "
+        f"update {args.rows} rows, rollout {args.prompts} prompts × G = {args.generations}, "
+        f"{args.prompt_length}-token prompts, {args.new_tokens} new tokens", flush=True)
+  figures = []
+  for name in args.models.split(","):
+    figures.append(measure(name, args, peak_flops, bandwidth))
+    print("  " + figures[-1].line(), flush=True)
+  return figures
+
+
+if __name__ == "__main__":
+  main()

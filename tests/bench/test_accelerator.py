@@ -1,0 +1,41 @@
+"""bench/accelerator.py on this CPU: the `small` preset at small shapes runs end to end and every
+figure is a finite, positive number (the script is kept working for when a GPU or TPU is at hand)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import sys
+
+BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
+
+
+def _load():
+  sys.path.insert(0, str(BENCH))  # it imports bench/train_step.py, as it does when run
+  try:
+    spec = importlib.util.spec_from_file_location("accelerator", BENCH / "accelerator.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["accelerator"] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+  finally:
+    sys.path.remove(str(BENCH))
+
+
+def test_small_preset_smoke(capsys):
+  accelerator = _load()
+  [figures] = accelerator.main(["--models=small", "--rows=4", "--prompts=2", "--generations=2",
+                                "--prompt_length=128", "--new_tokens=8", "--image_px=56",
+                                "--repeats=1"])
+  for value in (figures.update_s, figures.mfu, figures.rollout_tokens_per_s,
+                figures.decode_step_s, figures.decode_floor_s):
+    assert math.isfinite(value) and value > 0, figures
+  assert figures.peak_bytes is None  # the CPU backend reports no allocator peak
+  assert "small: update" in capsys.readouterr().out
+
+
+def test_chip_table_prefers_the_longest_matching_kind():
+  accelerator = _load()
+  names = sorted(accelerator.CHIPS, key=len, reverse=True)
+  assert names.index("TPU v5 lite") < names.index("TPU v5")

@@ -33,8 +33,15 @@ def _free_port() -> int:
 
 
 def _start(workdir, data, devices, *extra):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             PYTHONPATH=str(ROOT))
+  # Fake devices are threads of one CPU: on 2 cores beside a busy test worker, one device's part of
+  # an all-gather once arrived after XLA's default stuck-collective limit and the process aborted
+  # (SIGABRT in InProcessCommunicator::AllGather; rerun alone it passed 8 of 9 times). A late
+  # participant is not a deadlock: allow 10 minutes and warn after one, which names the op; a real
+  # deadlock still fails at the 15-minute limit of `_finish`.
+  flags = (f"--xla_force_host_platform_device_count={devices} "
+           "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+           "--xla_cpu_collective_call_warn_stuck_timeout_seconds=60")
+  env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=str(ROOT))
   return subprocess.Popen([sys.executable, "-m", "robot_r1_jax.launch", f"--workdir={workdir}",
                            f"--data={data}", *ARGS, *extra], env=env, cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

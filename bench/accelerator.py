@@ -33,16 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robot_r1_jax.generate import sampling
-from robot_r1_jax.generate.sampler import Sampler, SamplerConfig
 from robot_r1_jax.launch import mesh as mesh_lib
 from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model import processor
 from robot_r1_jax.model.qwen2_5_vl import init_model
-from robot_r1_jax.stages.rl_step import Learner, LearnerConfig
-from robot_r1_jax.train.optim import OptimizerConfig, build_optimizer
 
-from train_step import analytic_flops, gemm_flops_per_second, synthetic_batch  # bench/
+from train_step import (analytic_flops, build_learner, gemm_flops_per_second,  # bench/
+                        synthetic_batch)
 
 # (peak dense bf16 FLOP/s, HBM bytes/s) per chip, from the vendors' data sheets.
 CHIPS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12),
@@ -101,19 +98,14 @@ def measure(name: str, args: argparse.Namespace, peak_flops: float, bandwidth: f
   model = init_model(cfg, seed=0, dtype=jnp.bfloat16, remat=True, mesh=mesh)
   tokenizer = processor.load_tokenizer()
   rows = args.prompts * args.generations
-  sampler = Sampler(model, SamplerConfig(
-      stop_tokens=(), num_samples=args.generations, pad_id=tokenizer.pad_token_id,
-      prompt_buckets=(args.prompt_length,), new_token_buckets=(args.new_tokens,),
-      sampling=sampling.SamplingParams(temperature=1.0, top_p=0.99)), mesh=mesh,
-      tokenizer=tokenizer)
-  optimizer, _ = build_optimizer(OptimizerConfig(learning_rate=1e-6), total_steps=10)
-  # One update of `rows` sequences; the rollout's prompts are cut to the update's share of G.
-  learner = Learner(model, optimizer, sampler, LearnerConfig(
-      num_generations=args.generations, train_batch_size=args.rows // args.generations or 1,
-      micro_batch_size=args.rows, max_new_tokens=args.new_tokens), mesh)
+  # One update of `args.rows` sequences: the update's prompts are its share of G.
+  update_prompts = max(args.rows // args.generations, 1)
+  learner = build_learner(model, tokenizer, mesh, prompts=update_prompts,
+                          generations=args.generations, micro_batch=args.rows,
+                          prompt_length=args.prompt_length, new_tokens=args.new_tokens, top_p=0.99)
+  sampler = learner.sampler
   batch = synthetic_batch(tokenizer, args.prompts, args.prompt_length, args.image_px)
-  update_batch = synthetic_batch(tokenizer, max(args.rows // args.generations, 1),
-                                 args.prompt_length, args.image_px)
+  update_batch = synthetic_batch(tokenizer, update_prompts, args.prompt_length, args.image_px)
 
   def rollout() -> tuple[float, float]:
     """(prefill, prefill + decode) seconds; the rollout layout's copy is made once per rollout

@@ -28,9 +28,13 @@ GIB = 2**30
 FIT_SHARE = 0.9  # of HBM: what the runtime, fragmentation and the host's buffers leave
 
 
+def _workdir(out: pathlib.Path, model: str, topology: str) -> pathlib.Path:
+  return out / f"{model}_{topology.replace(':', '_')}"
+
+
 def _compile(model: str, topology: str, out: pathlib.Path, flags: list[str]) -> dict | str:
   """The report of one compile, or the tail of its output when it failed."""
-  workdir = out / f"{model}_{topology.replace(':', '_')}"
+  workdir = _workdir(out, model, topology)
   report = workdir / "compile_report.json"
   log = workdir / "compile.log"
   if report.exists():
@@ -89,7 +93,7 @@ def main() -> None:
   pairs = [(m, t) for m in args.models.split(",") for t in args.topologies.split(",")]
   if args.fresh:
     for m, t in pairs:
-      (args.out / f"{m}_{t.replace(':', '_')}" / "compile_report.json").unlink(missing_ok=True)
+      (_workdir(args.out, m, t) / "compile_report.json").unlink(missing_ok=True)
   flags = [f"--flagfile={args.flagfile}", *extra]
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
     futures = {p: pool.submit(_compile, *p, args.out, flags) for p in pairs}

@@ -64,6 +64,21 @@ def synthetic_batch(tokenizer, prompts: int, length: int, image_px: int) -> Batc
                epochs=np.zeros(prompts, np.int32), valid=np.ones(prompts, bool))
 
 
+def build_learner(model, tokenizer, mesh, *, prompts: int, generations: int, micro_batch: int,
+                  prompt_length: int, new_tokens: int, top_p: float) -> Learner:
+  """A GRPO learner (and its sampler, `learner.sampler`) over one prompt and one new-token
+  bucket, sampling at temperature 1 with no stop token, updating `prompts` prompts at a time."""
+  sampler = Sampler(model, SamplerConfig(
+      stop_tokens=(), num_samples=generations, pad_id=tokenizer.pad_token_id,
+      prompt_buckets=(prompt_length,), new_token_buckets=(new_tokens,),
+      sampling=sampling.SamplingParams(temperature=1.0, top_p=top_p)), mesh=mesh,
+      tokenizer=tokenizer)
+  optimizer, _ = build_optimizer(OptimizerConfig(learning_rate=1e-6), total_steps=10)
+  return Learner(model, optimizer, sampler, LearnerConfig(
+      num_generations=generations, train_batch_size=prompts, micro_batch_size=micro_batch,
+      max_new_tokens=new_tokens), mesh)
+
+
 def analytic_flops(cfg: config_lib.ModelConfig, prompts: int, generations: int, prompt_len: int,
                    new_tokens: int, patches: int) -> float:
   """fwd+bwd FLOPs of one update: each prompt (and its image) once, then its G completions, which
@@ -98,15 +113,9 @@ def main():
   model = init_model(cfg, seed=0, mesh=mesh)
   tokenizer = processor.load_tokenizer()
   rows = args.prompts * args.generations
-  sampler = Sampler(model, SamplerConfig(
-      stop_tokens=(), num_samples=args.generations, pad_id=tokenizer.pad_token_id,
-      prompt_buckets=(args.prompt_length,), new_token_buckets=(args.new_tokens,),
-      sampling=sampling.SamplingParams(temperature=1.0, top_p=1.0)), mesh=mesh,
-      tokenizer=tokenizer)
-  optimizer, _ = build_optimizer(OptimizerConfig(learning_rate=1e-6), total_steps=10)
-  learner = Learner(model, optimizer, sampler, LearnerConfig(
-      num_generations=args.generations, train_batch_size=args.prompts, micro_batch_size=rows,
-      max_new_tokens=args.new_tokens), mesh)
+  learner = build_learner(model, tokenizer, mesh, prompts=args.prompts,
+                          generations=args.generations, micro_batch=rows,
+                          prompt_length=args.prompt_length, new_tokens=args.new_tokens, top_p=1.0)
   batch = synthetic_batch(tokenizer, args.prompts, args.prompt_length, args.image_px)
 
   start = time.perf_counter()

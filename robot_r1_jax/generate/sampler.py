@@ -226,14 +226,14 @@ class Sampler:
     self.model, self.config, self.mesh, self.tokenizer = model, config, mesh, tokenizer
     self.traces = TraceCounter()
     self._graphdef = nnx.graphdef(model)
-    state = nnx.state(model)
     cast = functools.partial(layers.cast_floating, dtype=model.dtype)
     if mesh is None:
       self.layout = None
       self.layout_step = jax.jit(cast)
     else:
       self.layout = sharding.inference_mesh(mesh, _tensor_parallel(config, model, mesh))
-      self.layout_step = jax.jit(cast, out_shardings=sharding.param_shardings(state, self.layout))
+      self.layout_step = jax.jit(cast, out_shardings=sharding.param_shardings(
+          nnx.state(model), self.layout))
     self.prefill_step = jax.jit(self.traces.wrap("prefill", self._prefill_impl),
                             static_argnames=("grid", "new_bucket"))
     self.decode_loop = jax.jit(self.traces.wrap("decode", self._decode_impl),

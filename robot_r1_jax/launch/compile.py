@@ -379,11 +379,12 @@ def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
     if unknown:
       raise CompileError(f"this run has no executable {unknown}; it has "
                          f"{[item[0] for item in plan]}")
-    # A generation's prefill and decode loop read its layout's outputs, a decode its prefill's.
-    needed = set(only) | {n.rpartition("_")[0] + "_layout" for n in only
-                          if n.endswith(("_prefill", "_decode"))} | {
-                              n.replace("_decode", "_prefill") for n in only
-                              if n.endswith("_decode")}
+    # A generation's prefill reads its layout's outputs, its decode loop the prefill's too.
+    needed = set(only)
+    for name in only:
+      prefix, _, kind = name.rpartition("_")
+      if kind in ("prefill", "decode"):
+        needed |= {f"{prefix}_layout", f"{prefix}_prefill"}
     plan = [item for item in plan if item[0] in needed]
   done = []
   for i, (name, what, lower, resident) in enumerate(plan, start=1):

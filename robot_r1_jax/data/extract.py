@@ -14,9 +14,14 @@ Output (`--out`, replaced atomically; an existing folder is only replaced if it 
 
 Episodes are split between train and val as whole episodes (per task, a seeded choice of
 round(val_fraction · n) episodes goes to val), so no episode's frames leak across splits. An episode
-that cannot be used (unreadable or refused pickle, missing image, too short, missing description…)
-is skipped and listed in the manifest with the reason; it never stops the run. The output depends
-only on the demos and the flags: running twice gives byte-identical files.
+that cannot be used (unreadable or refused pickle, missing image, too short…) is skipped and listed
+in the manifest with the reason; it never stops the run, and the end of the run summarises the
+skips by reason. When no episode is usable the run fails (`ExtractionError`, exit status 1) and
+leaves `--out` as it was. A variation whose `variation_descriptions.pkl` is missing, unreadable or
+not a list of str (older RLBench datasets pickle other objects there) keeps its episodes: their
+instruction is made from the task name, with one warning per variation, and the manifest's
+`instructions` says per variation where its instruction came from. The output depends only on the
+demos and the flags: running twice gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import json
 import logging
 import math
 import pathlib
+import re
+import sys
 from typing import Any, Sequence
 
 from absl import app
@@ -42,9 +49,13 @@ from robot_r1_jax.data.demo import DemoError
 from robot_r1_jax.data.keyframes import discover_keyframes
 from robot_r1_jax.data.mcqa import QUESTION_TYPES, McqaConfig, Question, episode_questions
 from robot_r1_jax.data.rlbench_io import (EpisodeRef, encode_png, list_episodes, load_demo,
-                                          load_episode_variation)
+                                          load_variation_descriptions, task_instruction)
 
 SPLITS = ("train", "val")
+
+
+class ExtractionError(DemoError):
+  """No episode gave a question; the output folder was left as it was."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +91,12 @@ def extract(demos_dir: str | pathlib.Path, out_dir: str | pathlib.Path,
                     "episode<K>/ or <task>/all_variations/episodes/episode<K>/)")
   split_of = split_episodes(refs, config.val_fraction, config.seed)
   skipped = []
+  instructions = _Instructions(demos_dir)
   with atomic.directory(out_dir) as tmp:
     writers = {split: _ShardWriter(tmp, split, config.shard_size) for split in SPLITS}
     for ref in tqdm.tqdm(refs, desc="extract", unit="episode", disable=not config.progress):
       try:
-        episode_records = _episode_records(ref, config)
+        episode_records = _episode_records(ref, config, instructions)
       except Exception as e:  # A bad episode must never stop the run; report it instead.
         reason = f"{type(e).__name__}: {e}"
         logging.warning("skipping %s: %s", ref.name, reason)
@@ -92,15 +104,74 @@ def extract(demos_dir: str | pathlib.Path, out_dir: str | pathlib.Path,
             ref.name, str(ref.episode_dir.relative_to(demos_dir)), reason))
         continue
       writers[split_of[ref.name]].add(ref.name, episode_records)
+    if len(skipped) == len(refs):  # Raising here keeps the previous output in place.
+      raise ExtractionError(f"no question written, nothing replaced in {out_dir}: "
+                            + skip_summary(len(refs), skipped))
     manifest = records.Manifest(
         schema_version=records.SCHEMA_VERSION,
         record_format=("b'RR1Q' + uint32-le JSON length + JSON question (sorted keys) + PNG; see "
                        "robot_r1_jax.data.records"),
         demos_dir=str(demos_dir), config=_config_dict(config), episodes_found=len(refs),
         splits={split: writer.close() for split, writer in writers.items()},
-        skipped=tuple(skipped))
+        skipped=tuple(skipped), instructions=dict(sorted(instructions.sources.items())))
     (tmp / records.MANIFEST).write_text(manifest.to_json())
   return manifest
+
+
+def skip_summary(episodes_found: int, skipped: Sequence[records.SkippedEpisode],
+                 examples: int = 3) -> str:
+  """"skipped K of N episode(s)", then per reason (largest group first) its count, the first few
+  episode paths and the first full message."""
+  groups: dict[str, list[records.SkippedEpisode]] = {}
+  for skip in skipped:
+    groups.setdefault(_reason_kind(skip), []).append(skip)
+  lines = [f"skipped {len(skipped)} of {episodes_found} episode(s)"]
+  for kind, group in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])):
+    paths = ", ".join(skip.path for skip in group[:examples])
+    lines.append(f"  {len(group)} × {kind}: {paths}{', …' if len(group) > examples else ''}")
+    lines.append(f"      e.g. {group[0].reason}")
+  return "\n".join(lines)
+
+
+def _reason_kind(skip: records.SkippedEpisode) -> str:
+  """A skip's reason without what varies between episodes (their folder, counts, the parser's
+  detail in parentheses), so that one fault across many episodes forms one group."""
+  kind = skip.reason.split(" (", 1)[0]
+  kind = re.sub(r"\S*" + re.escape(skip.path) + r"/?", "<episode>/", kind)
+  return re.sub(r"\d+", "N", kind)
+
+
+class _Instructions:
+  """Each variation's task instruction: the first entry of its descriptions file or, when that file
+  is missing, unreadable or not a non-empty list of str, one made from the task name (the
+  descriptions only phrase the prompt's task line, so the episodes stay usable). Each file is read
+  once; one warning per variation; `sources` is the manifest's `instructions`."""
+
+  def __init__(self, demos_dir: pathlib.Path):
+    self._demos_dir = demos_dir
+    self._by_file: dict[pathlib.Path, records.InstructionSource] = {}
+    self.sources: dict[str, records.InstructionSource] = {}
+
+  def __call__(self, ref: EpisodeRef, variation: int) -> str:
+    path = ref.descriptions_path
+    if path not in self._by_file:
+      file = str(path.relative_to(self._demos_dir))
+      try:
+        self._by_file[path] = records.InstructionSource(
+            "file", load_variation_descriptions(path.parent)[0], file)
+      except DemoError as e:  # The allow-list still refused whatever the file names.
+        self._by_file[path] = records.InstructionSource(
+            "task_name", task_instruction(ref.task), file, f"{type(e).__name__}: {e}")
+    source = self._by_file[path]
+    key = f"{ref.task}/variation{variation}"
+    known = self.sources.get(key)
+    if known is None or (known.problem is None and source.problem is not None):
+      # all_variations holds one file per episode: a variation counts as falling back when any does.
+      self.sources[key] = source
+      if source.problem is not None:
+        logging.warning("%s: %s; its episodes are extracted with the instruction %r made from the "
+                        "task name", key, source.problem, source.instruction)
+    return source.instruction
 
 
 def split_episodes(refs: Sequence[EpisodeRef], val_fraction: float, seed: int) -> dict[str, str]:
@@ -122,20 +193,22 @@ def split_episodes(refs: Sequence[EpisodeRef], val_fraction: float, seed: int) -
   return split
 
 
-def _episode_records(ref: EpisodeRef, config: ExtractConfig) -> list[tuple[Question, bytes]]:
-  variation = load_episode_variation(ref)
+def _episode_records(ref: EpisodeRef, config: ExtractConfig,
+                     instructions: _Instructions) -> list[tuple[Question, bytes]]:
+  variation = ref.variation_number()
+  description = instructions(ref, variation)
   demo = load_demo(ref.episode_dir, config.camera)
   if len(demo) < 2:
     raise DemoError(f"too short: {len(demo)} observation(s)")
   questions = episode_questions(demo, discover_keyframes(demo), task=ref.task, episode=ref.name,
-                                description=variation.descriptions[0], seed=config.seed,
+                                description=description, seed=config.seed,
                                 config=config.mcqa, camera=config.camera)
   if not questions:
     raise DemoError("no questions: the gripper never moves between keyframes")
   images = {}
   for frame in sorted({q.frame for q in questions}):
     images[frame] = encode_png(_resize(demo.image(frame), config.image_size))
-  return [(q, records.encode_record(records.Record(q, variation.number, images[q.frame])))
+  return [(q, records.encode_record(records.Record(q, variation, images[q.frame])))
           for q in questions]
 
 
@@ -245,12 +318,20 @@ def main(argv: Sequence[str]) -> None:
                         prompt_style=values.prompt_style))
   except ValueError as e:  # Field names are flag names, so the message names the flag.
     raise app.UsageError(f"--{e}") from e
-  manifest = extract(values.demos, values.out, config)
+  try:
+    manifest = extract(values.demos, values.out, config)
+  except DemoError as e:  # No usable demos (or none at all): say so without a traceback.
+    sys.exit(f"extract: {e}")
   for split, info in manifest.splits.items():
     print(f"{split}: {info.num_records} questions from {len(info.episodes)} episodes in "
           f"{len(info.shards)} shard(s)")
-  for skip in manifest.skipped:
-    print(f"skipped {skip.episode}: {skip.reason}")
+  if manifest.skipped:
+    print(skip_summary(manifest.episodes_found, manifest.skipped)
+          + f"\n  (every reason in {pathlib.Path(values.out) / records.MANIFEST})")
+  fallbacks = [key for key, source in manifest.instructions.items() if source.problem]
+  if fallbacks:
+    print(f"{len(fallbacks)} variation(s) use an instruction made from the task name (their "
+          f"descriptions file is unusable): {', '.join(fallbacks)}")
 
 
 if __name__ == "__main__":

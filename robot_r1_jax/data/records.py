@@ -139,6 +139,16 @@ class SkippedEpisode:
 
 
 @dataclasses.dataclass(frozen=True)
+class InstructionSource:
+  """Where one variation's task instruction came from."""
+
+  source: str  # "file": descriptions[0] of `file`; "task_name": made from the task folder's name.
+  instruction: str  # What the prompts say (the first one, when an all_variations episode differs).
+  file: str  # The descriptions file, relative to the demo folder.
+  problem: str | None = None  # Why the file was not used (source "task_name").
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
   """manifest.json. `schema_version` is the record schema (`SCHEMA_VERSION`)."""
 
@@ -149,6 +159,8 @@ class Manifest:
   episodes_found: int
   splits: dict[str, SplitInfo]
   skipped: tuple[SkippedEpisode, ...]
+  # "<task>/variation<N>" -> its instruction's source; absent from manifests written before it.
+  instructions: dict[str, InstructionSource] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -165,7 +177,9 @@ class Manifest:
       splits = {name: SplitInfo(**dict(split, episodes=tuple(split["episodes"]),
                                        shards=tuple(ShardInfo(**s) for s in split["shards"])))
                 for name, split in data["splits"].items()}
-      return cls(**dict(data, splits=splits,
+      instructions = {name: InstructionSource(**source)
+                      for name, source in data.get("instructions", {}).items()}
+      return cls(**dict(data, splits=splits, instructions=instructions,
                         skipped=tuple(SkippedEpisode(**s) for s in data["skipped"])))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
       raise ValueError(f"{path}: not a usable manifest ({type(e).__name__}: {e})") from e

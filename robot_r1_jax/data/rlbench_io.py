@@ -25,14 +25,14 @@ from PIL import Image
 
 from robot_r1_jax.data import atomic
 from robot_r1_jax.data.demo import Demo, DemoError, MissingFileError, Observation, read_rgb
-from robot_r1_jax.data.rlbench_pickle import (UnsafePickleError, demo_from_pickle, dump_demo,
-                                              dump_pickle, load_pickle)
+from robot_r1_jax.data.rlbench_pickle import (UnsafePickleError, demo_from_pickle, describe,
+                                              dump_demo, dump_pickle, load_pickle)
 
 __all__ = ["Demo", "DemoError", "EpisodeRef", "MissingFileError", "Observation",
            "UnsafePickleError", "Variation", "decode_depth", "encode_depth", "encode_png",
-           "list_episodes",
-           "load_demo", "load_episode_variation", "load_variation_descriptions",
-           "load_variation_number", "read_rgb", "save_demo", "save_variation_descriptions"]
+           "list_episodes", "load_demo", "load_episode_variation", "load_variation_descriptions",
+           "load_variation_number", "read_rgb", "save_demo", "save_variation_descriptions",
+           "task_instruction"]
 
 LOW_DIM_PICKLE = "low_dim_obs.pkl"
 VARIATION_DESCRIPTIONS = "variation_descriptions.pkl"
@@ -127,7 +127,8 @@ def load_variation_number(episode_dir: str | pathlib.Path) -> int:
 
 def _check_descriptions(value: object, path: pathlib.Path) -> list[str]:
   if not isinstance(value, list) or not value or not all(isinstance(d, str) for d in value):
-    raise DemoError(f"{path}: expected a non-empty list of str, found {type(value).__name__}")
+    found = "an empty list" if value == [] else describe(value)
+    raise DemoError(f"{path}: expected a non-empty list of str, found {found}")
   return value
 
 
@@ -180,6 +181,18 @@ class EpisodeRef:
     """A stable id, e.g. 'pick_up_cup/variation0/episode3'."""
     return f"{self.task}/{self.variation_dir.name}/episode{self.episode}"
 
+  @property
+  def descriptions_path(self) -> pathlib.Path:
+    """The variation's `variation_descriptions.pkl`: one per variation folder, or the episode's own
+    under all_variations."""
+    folder = self.variation_dir if self.variation is not None else self.episode_dir
+    return folder / VARIATION_DESCRIPTIONS
+
+  def variation_number(self) -> int:
+    """N of variation<N>, or the episode's `variation_number.pkl` under all_variations."""
+    return self.variation if self.variation is not None else load_variation_number(
+        self.episode_dir)
+
 
 @dataclasses.dataclass(frozen=True)
 class Variation:
@@ -189,10 +202,13 @@ class Variation:
 
 def load_episode_variation(ref: EpisodeRef) -> Variation:
   """The episode's variation number and task descriptions, from whichever layout it is in."""
-  if ref.variation is not None:
-    return Variation(ref.variation, load_variation_descriptions(ref.variation_dir))
-  return Variation(load_variation_number(ref.episode_dir),
-                   load_variation_descriptions(ref.episode_dir))
+  return Variation(ref.variation_number(), load_variation_descriptions(ref.descriptions_path.parent))
+
+
+def task_instruction(task: str) -> str:
+  """An instruction made from a task folder's name (`reach_target` -> "reach target"), for
+  variations whose descriptions file cannot be used."""
+  return " ".join(task.replace("_", " ").split())
 
 
 def list_episodes(root: str | pathlib.Path, tasks: Sequence[str] | None = None) -> list[EpisodeRef]:

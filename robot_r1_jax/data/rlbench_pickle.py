@@ -150,10 +150,19 @@ def demo_from_pickle(obj: Any, path: pathlib.Path) -> Demo:
               extra_fields=state)
 
 
+def describe(obj: Any) -> str:
+  """What an unpickled object is, in RLBench's terms (its class name, not our stand-in's)."""
+  if isinstance(obj, _RLBenchObject):
+    return ".".join(obj.rlbench_name)
+  if isinstance(obj, (list, tuple)) and obj:
+    kinds = sorted({describe(item) for item in obj})
+    return f"{type(obj).__name__} of {', '.join(kinds)}"
+  return type(obj).__name__
+
+
 def _state_of(obj: Any, cls: type[_RLBenchObject], path: pathlib.Path, what: str) -> dict:
   if not isinstance(obj, cls) or not hasattr(obj, "state"):
-    found = ".".join(obj.rlbench_name) if isinstance(obj, _RLBenchObject) else type(obj).__name__
-    raise DemoError(f"{path}: {what} is {found}, expected {'.'.join(cls.rlbench_name)}")
+    raise DemoError(f"{path}: {what} is {describe(obj)}, expected {'.'.join(cls.rlbench_name)}")
   return dict(obj.state)
 
 

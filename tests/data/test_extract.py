@@ -1,9 +1,11 @@
-"""Extractor: planted faults are reported and skipped; output is deterministic; no split leaks."""
+"""Extractor: planted faults are reported and skipped; output is deterministic; no split leaks;
+unusable descriptions fall back to the task name; nothing usable fails without touching --out."""
 
 from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -12,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from robot_r1_jax.data import extract, mcqa, records, rlbench_io
+from robot_r1_jax.data import extract, mcqa, records, rlbench_io, rlbench_pickle
 from robot_r1_jax.data.demo import Demo, Observation
 from robot_r1_jax.data.keyframes import discover_keyframes
 
@@ -58,10 +60,9 @@ def faulty_tree(tmp_path, make_episode):
   rlbench_io.save_demo(demo, root / "task_b/variation0/episodes/episode3",
                        {"front": [np.zeros((8, 8, 3), np.uint8)] * len(demo)})
   faults["task_b/variation0/episode3"] = "no finite 7-d gripper_pose"
-  # A variation without its descriptions file.
+  # A variation without its descriptions file: extracted all the same (see the test below).
   make_episode(root, "task_b", 0, seed=20, variation=1)
   (root / "task_b/variation1/variation_descriptions.pkl").unlink()
-  faults["task_b/variation1/episode0"] = "variation1/variation_descriptions.pkl"
   # all_variations: one good episode and one without variation_number.pkl.
   demo = rlbench_io.load_demo(root / "task_b/variation0/episodes/episode1")
   images = [demo.image(i) for i in range(len(demo))]
@@ -107,7 +108,7 @@ def test_faults_are_reported_and_output_is_deterministic(tmp_path, faulty_tree):
   assert not episodes_by_split["train"] & episodes_by_split["val"]
   good = {"task_a/variation0/episode0", "task_a/variation0/episode1", "task_a/variation0/episode2",
           "task_b/variation0/episode0", "task_b/variation0/episode1", "task_b/variation0/episode2",
-          "task_b/all_variations/episode0"}
+          "task_b/variation1/episode0", "task_b/all_variations/episode0"}
   assert episodes_by_split["train"] | episodes_by_split["val"] == good
   record = next(records.read_records(manifest.shard_paths(tmp_path / "out", "train")[0]))
   assert record.image().shape == (24, 24, 3)
@@ -207,3 +208,126 @@ def test_command_line(tmp_path, make_episode):
   bad = subprocess.run(command + ["--question_types=movement,grasp"], env=env,
                        capture_output=True, text=True, timeout=120, check=False)
   assert bad.returncode != 0 and "--question_types=('movement', 'grasp')" in bad.stderr
+
+
+_DESCRIPTION_FAULTS = {
+    # A pickled object that is not a list of str, as older RLBench datasets hold.
+    "pickled_demo": (lambda path, episode: path.write_bytes(
+        (episode / "low_dim_obs.pkl").read_bytes()), "found rlbench.demo.Demo"),
+    "pickled_dict": (lambda path, episode: path.write_bytes(
+        rlbench_pickle.dump_pickle({"0": "reach"})), "found dict"),
+    "garbage": (lambda path, episode: path.write_bytes(b"\x80\x04garbage"), "corrupt pickle"),
+    "removed": (lambda path, episode: path.unlink(), "missing file"),
+    "refused_global": (lambda path, episode: path.write_bytes(
+        f"cos\nsystem\n(Vtouch {path.parent / 'pwned'}\ntR.".encode()),
+                       "refused global os.system"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(_DESCRIPTION_FAULTS))
+def test_unusable_descriptions_fall_back_to_the_task_name(tmp_path, make_episode, caplog, fault):
+  root = tmp_path / "demos"
+  for k in range(2):
+    episode = make_episode(root, "reach_target", k, seed=k)
+    make_episode(root, "reach_target", k, seed=5 + k, variation=1)  # Healthy descriptions.
+  damage, found = _DESCRIPTION_FAULTS[fault]
+  path = root / "reach_target/variation0/variation_descriptions.pkl"
+  damage(path, episode)
+  with caplog.at_level(logging.WARNING):
+    manifest = extract.extract(root, tmp_path / "out", _CONFIG)
+  assert not manifest.skipped
+  assert not (path.parent / "pwned").exists()  # The allow-list constructed nothing it refuses.
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1, warnings  # One per variation, not per episode.
+  assert str(path) in warnings[0] and found in warnings[0] and "'reach target'" in warnings[0]
+  questions = [r.question for split in extract.SPLITS
+               for p in manifest.shard_paths(tmp_path / "out", split)
+               for r in records.read_records(p)]
+  descriptions = {q.episode.split("/")[1]: q.description for q in questions}
+  assert descriptions == {"variation0": "reach target", "variation1": "reach target"}
+  assert {q.episode for q in questions} == {f"reach_target/variation{v}/episode{k}"
+                                            for v in (0, 1) for k in (0, 1)}
+  fallback = manifest.instructions["reach_target/variation0"]
+  assert (fallback.source, fallback.instruction) == ("task_name", "reach target")
+  assert fallback.file == "reach_target/variation0/variation_descriptions.pkl"
+  assert found in fallback.problem
+  # The healthy variation's instruction is its file's first description (write_episode's).
+  assert manifest.instructions["reach_target/variation1"] == records.InstructionSource(
+      "file", "reach target", "reach_target/variation1/variation_descriptions.pkl")
+  assert records.Manifest.load(tmp_path / "out") == manifest
+
+
+def test_all_variations_episode_falls_back_alone(tmp_path, make_episode, caplog):
+  root = tmp_path / "demos"
+  demo = rlbench_io.load_demo(make_episode(root, "open_drawer", 0, seed=0))
+  images = [demo.image(i) for i in range(len(demo))]
+  for k in range(2):
+    rlbench_io.save_demo(demo, root / f"open_drawer/all_variations/episodes/episode{k}",
+                         {"front": images}, variation_number=3, descriptions=["open the drawer"])
+  bad = root / "open_drawer/all_variations/episodes/episode1/variation_descriptions.pkl"
+  bad.write_bytes(rlbench_pickle.dump_pickle(7))
+  with caplog.at_level(logging.WARNING):
+    manifest = extract.extract(root, tmp_path / "out", _CONFIG)
+  assert not manifest.skipped
+  by_episode = {r.question.episode: r.question.description for split in extract.SPLITS
+                for p in manifest.shard_paths(tmp_path / "out", split)
+                for r in records.read_records(p)}
+  assert by_episode == {"open_drawer/variation0/episode0": "open drawer",
+                        "open_drawer/all_variations/episode0": "open the drawer",
+                        "open_drawer/all_variations/episode1": "open drawer"}
+  assert manifest.instructions["open_drawer/variation3"].source == "task_name"
+  assert manifest.instructions["open_drawer/variation3"].file == str(bad.relative_to(root))
+  assert [r.getMessage().split(":")[0] for r in caplog.records] == ["open_drawer/variation3"]
+
+
+def _truncate_low_dim(episode_dir: pathlib.Path) -> None:
+  path = episode_dir / "low_dim_obs.pkl"
+  path.write_bytes(path.read_bytes()[:100])
+
+
+def test_nothing_usable_fails_and_keeps_the_previous_output(tmp_path, make_episode):
+  root = tmp_path / "demos"
+  episodes = [make_episode(root, "task", k, seed=k) for k in range(4)]
+  extract.extract(root, tmp_path / "out", _CONFIG)
+  before = _files(tmp_path / "out")
+  for episode in episodes:
+    _truncate_low_dim(episode)
+  with pytest.raises(extract.ExtractionError) as error:
+    extract.extract(root, tmp_path / "out", _CONFIG)
+  message = str(error.value)
+  assert "no question written, nothing replaced in" in message
+  assert "skipped 4 of 4 episode(s)" in message
+  # One group (the four truncations differ only in their folder), three paths named, then "…".
+  assert ("4 × DemoError: <episode>/low_dim_obs.pkl: corrupt pickle: task/variation0/episodes/"
+          "episode0, task/variation0/episodes/episode1, task/variation0/episodes/episode2, …"
+          in message), message
+  assert _files(tmp_path / "out") == before
+
+
+def _run_cli(root: pathlib.Path, out: pathlib.Path) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=str(_REPO))
+  command = [sys.executable, "-W", "error", "-m", "robot_r1_jax.data.extract", f"--demos={root}",
+             f"--out={out}", "--image_size=24", "--val_fraction=0", "--noprogress"]
+  return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
+                        check=False)
+
+
+def test_command_line_exit_status_follows_what_was_extracted(tmp_path, make_episode):
+  root = tmp_path / "demos"
+  episodes = [make_episode(root, "task", k, seed=k) for k in range(4)]
+  (root / "task/variation0/variation_descriptions.pkl").write_bytes(b"garbage")
+  for episode in episodes[2:]:
+    _truncate_low_dim(episode)
+  half = _run_cli(root, tmp_path / "half")
+  assert half.returncode == 0, half.stderr
+  assert "train: " in half.stdout and "from 2 episodes" in half.stdout
+  assert "skipped 2 of 4 episode(s)" in half.stdout
+  assert "2 × DemoError: <episode>/low_dim_obs.pkl: corrupt pickle" in half.stdout
+  assert "task/variation0" in half.stdout and "made from the task name" in half.stdout
+  assert "variation_descriptions.pkl: corrupt pickle" in half.stderr  # The warning.
+  for episode in episodes[:2]:
+    _truncate_low_dim(episode)
+  none = _run_cli(root, tmp_path / "none")
+  assert none.returncode == 1, none.stdout
+  assert "skipped 4 of 4 episode(s)" in none.stderr and "Traceback" not in none.stderr
+  assert not (tmp_path / "none").exists()

@@ -87,11 +87,22 @@ COMPILE_PROMPT_LENGTH = flags.DEFINE_integer("compile_prompt_length", 0, "Prompt
 # Algorithm.
 ALGO = flags.DEFINE_enum("algo", "grpo", sorted(advantages.ESTIMATORS), "Advantage estimator.")
 KL_ESTIMATOR = flags.DEFINE_enum("kl_estimator", "k3", sorted(kl.KL_ESTIMATORS),
-                                 "KL estimator (in the loss, or in the reward with "
-                                 "--kl_in_reward).")
-KL_COEF = flags.DEFINE_float("kl_coef", 1e-2, "KL coefficient β (0 skips the reference model).")
-KL_IN_REWARD = flags.DEFINE_bool("kl_in_reward", False, "Put β·KL in the reward (REINFORCE++ "
-                                 "style) instead of the loss.")
+                                 "Estimator of the KL term in the loss (verl's kl_loss_type; k3 is "
+                                 "EasyR1's low_var_kl, the paper's).")
+KL_COEF = flags.DEFINE_float("kl_coef", 1e-2, "β of the KL term in the loss (EasyR1's kl_coef, "
+                             "verl's kl_loss_coef; the paper: 1e-2). The reference model is kept "
+                             "only while this or --kl_reward_coef is above 0.")
+KL_IN_REWARD = flags.DEFINE_bool("kl_in_reward", False, "Move the --kl_coef/--kl_estimator term "
+                                 "from the loss into the reward (EasyR1's use_kl_loss=false). For "
+                                 "a reward penalty beside the loss term, use --kl_reward_coef.")
+KL_REWARD_COEF = flags.DEFINE_float("kl_reward_coef", 0.0, "β of a KL penalty taken from the "
+                                    "reward, per token for REINFORCE++ and summed per sequence "
+                                    "for the outcome estimators (verl's use_kl_in_reward with "
+                                    "kl_ctrl.kl_coef; REINFORCE++ uses 1e-3 with k1). Runs beside "
+                                    "the loss term. 0: off.")
+KL_REWARD_ESTIMATOR = flags.DEFINE_enum("kl_reward_estimator", "k1", sorted(kl.KL_ESTIMATORS),
+                                        "Estimator of the --kl_reward_coef penalty (verl's "
+                                        "algorithm.kl_penalty).")
 NUM_GENERATIONS = flags.DEFINE_integer("num_generations", 5, "Completions per prompt (G).")
 ROLLOUT_BATCH = flags.DEFINE_integer("rollout_batch_size", 4, "Prompts per rollout.")
 ROLLOUT_CHUNK = flags.DEFINE_integer(
@@ -110,9 +121,18 @@ UPDATES_PER_ROLLOUT = flags.DEFINE_integer("num_updates_per_rollout", 1, "Passes
                                            "rollout's mini-batches.")
 CLIP_LOW = flags.DEFINE_float("clip_low", 0.2, "PPO ε_low.")
 CLIP_HIGH = flags.DEFINE_float("clip_high", 0.3, "PPO ε_high.")
-DUAL_CLIP = flags.DEFINE_float("dual_clip", 3.0, "Dual-clip c for negative advantages.")
+DUAL_CLIP = flags.DEFINE_float("dual_clip", 3.0, "Dual-clip c (Ye et al. 2020; EasyR1's "
+                               "clip_ratio_dual 3.0): a negative-advantage token's loss is at most "
+                               "−c·A. 0 turns it off.")
 LOSS_AGG = flags.DEFINE_enum("loss_aggregation", "token_mean", sorted(losses.AGGREGATIONS),
-                             "How token losses become the batch loss.")
+                             "How token losses become the batch loss: token_mean (DAPO, the "
+                             "paper), seq_mean_token_mean (the original GRPO), "
+                             "seq_mean_token_sum_norm (Dr. GRPO: each sequence's sum over "
+                             "--sum_norm_divisor).")
+SUM_NORM_DIVISOR = flags.DEFINE_float("sum_norm_divisor", 0, "The constant that divides each "
+                                      "sequence's token-loss sum under --loss_aggregation="
+                                      "seq_mean_token_sum_norm (Dr. GRPO). 0: --max_new_tokens, "
+                                      "the generation budget, as Dr. GRPO and verl use.")
 
 # Optimisation.
 LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-5, "RL peak learning rate (the paper "
@@ -144,6 +164,32 @@ ROLLOUTS_EVERY = flags.DEFINE_integer("log_rollouts_every", 1, "Steps between ro
                                       "rollouts.jsonl.")
 
 
+def _kl_terms() -> dict[str, kl.KLPenalty]:
+  """LearnerConfig's `kl` (the loss term) and `kl_reward` (the reward penalty) from the flags."""
+  if KL_IN_REWARD.value and KL_REWARD_COEF.value:
+    raise ValueError("--kl_in_reward moves the --kl_coef term into the reward; it does not "
+                     f"combine with --kl_reward_coef={KL_REWARD_COEF.value} (use one or the other)")
+  if KL_IN_REWARD.value:
+    return {"kl": kl.KLPenalty(coef=0.0, estimator=KL_ESTIMATOR.value),
+            "kl_reward": kl.KLPenalty(coef=KL_COEF.value, estimator=KL_ESTIMATOR.value,
+                                      placement="reward")}
+  return {"kl": kl.KLPenalty(coef=KL_COEF.value, estimator=KL_ESTIMATOR.value),
+          "kl_reward": kl.KLPenalty(coef=KL_REWARD_COEF.value,
+                                    estimator=KL_REWARD_ESTIMATOR.value, placement="reward")}
+
+
+def _policy_loss() -> losses.PolicyLossConfig:
+  sum_norm = LOSS_AGG.value == "seq_mean_token_sum_norm"
+  if SUM_NORM_DIVISOR.value and not sum_norm:
+    raise ValueError(f"--sum_norm_divisor={SUM_NORM_DIVISOR.value} applies to "
+                     f"--loss_aggregation=seq_mean_token_sum_norm only, not {LOSS_AGG.value}")
+  return losses.PolicyLossConfig(
+      clip_low=CLIP_LOW.value, clip_high=CLIP_HIGH.value, dual_clip=DUAL_CLIP.value or None,
+      aggregation=LOSS_AGG.value,
+      sum_norm_divisor=(SUM_NORM_DIVISOR.value or float(MAX_NEW_TOKENS.value)) if sum_norm
+      else None)
+
+
 def run_config() -> RunConfig:
   """The flags, read once, as the run's typed configuration (raises ValueError naming a field
   whose value a config refuses)."""
@@ -154,11 +200,7 @@ def run_config() -> RunConfig:
   step = LearnerConfig(
       algo=ALGO.value, num_generations=NUM_GENERATIONS.value, train_batch_size=TRAIN_BATCH.value,
       micro_batch_size=MICRO_BATCH.value, num_updates_per_rollout=UPDATES_PER_ROLLOUT.value,
-      max_new_tokens=MAX_NEW_TOKENS.value,
-      kl=kl.KLPenalty(coef=KL_COEF.value, estimator=KL_ESTIMATOR.value,
-                      placement="reward" if KL_IN_REWARD.value else "loss"),
-      loss=losses.PolicyLossConfig(clip_low=CLIP_LOW.value, clip_high=CLIP_HIGH.value,
-                                   dual_clip=DUAL_CLIP.value, aggregation=LOSS_AGG.value))
+      max_new_tokens=MAX_NEW_TOKENS.value, **_kl_terms(), loss=_policy_loss())
   rl = RLConfig(
       step=step, sampling=SamplingParams(temperature=TEMPERATURE.value, top_p=TOP_P.value,
                                          top_k=TOP_K.value),

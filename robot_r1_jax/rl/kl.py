@@ -4,9 +4,10 @@ Estimators take per-token log-probs of the sampled tokens, d = ref_logp − logp
 k1 = −d (unbiased, high variance, can be negative), k2 = d²/2 (biased, low variance, ≥ 0),
 k3 = exp(d) − d − 1 (unbiased, low variance, ≥ 0; EasyR1's low_var_kl).
 
-`KLPenalty` is the whole configuration: β, the estimator, and where β·KL goes — into the loss
+`KLPenalty` configures one term: β, the estimator, and where β·KL goes — into the loss
 (`losses.policy_loss`, the Robot-R1 recipe) or into the reward (through the advantage estimator,
-as REINFORCE++ does). There is one β, so the two placements can never disagree about it.
+as REINFORCE++ does). A learner may run one term of each placement, each with its own β and
+estimator, as verl does (`kl_loss_coef`/`kl_loss_type` beside `kl_ctrl.kl_coef`/`kl_penalty`).
 """
 
 from __future__ import annotations

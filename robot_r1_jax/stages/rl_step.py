@@ -55,19 +55,30 @@ class LearnerConfig:
   # bucket R: the update pays for the tokens generated, not the budget, at ≤ width_steps compiled
   # widths per bucket (32-token steps for R = 256).
   width_steps: int = 8
-  kl: kl_lib.KLPenalty = kl_lib.KLPenalty()  # β, its estimator, and loss or reward
+  # The KL to the reference: a term of the loss (the paper's k3, β 1e-2) and/or a penalty taken
+  # from the reward (REINFORCE++'s k1), each with its own β and estimator as verl allows.
+  kl: kl_lib.KLPenalty = kl_lib.KLPenalty()
+  kl_reward: kl_lib.KLPenalty = kl_lib.KLPenalty(coef=0.0, estimator="k1", placement="reward")
   loss: losses.PolicyLossConfig = losses.PolicyLossConfig()
   advantage: adv_lib.AdvantageOptions = adv_lib.AdvantageOptions()
   reward_weights: rewards.RewardWeights = rewards.RewardWeights()
 
   def __post_init__(self):
     adv_lib.get_estimator(self.algo)  # raises naming the valid estimators
+    if self.kl.placement != "loss" or self.kl_reward.placement != "reward":
+      raise ValueError(f"LearnerConfig.kl goes in the loss and kl_reward in the reward; got "
+                       f"placements {self.kl.placement!r} and {self.kl_reward.placement!r}")
     if self.width_steps < 1:
       raise ValueError(f"width_steps={self.width_steps} must be >= 1")
     rows = self.train_batch_size * self.num_generations
     if rows % self.micro_batch_size:
       raise ValueError(f"train_batch_size × num_generations = {rows} sequences is not a multiple "
                        f"of micro_batch_size={self.micro_batch_size}")
+
+  @property
+  def needs_reference(self) -> bool:
+    """Whether either KL term is on, so that the reference policy is kept and scored."""
+    return self.kl.active or self.kl_reward.active
 
   @property
   def prompt_share(self) -> int:
@@ -86,7 +97,7 @@ class TrainRows:
 
   seqs: Sequences
   old_logp: jax.Array  # [M, B·G/M, R] f32 (unused when on-policy)
-  ref_logp: jax.Array  # [M, B·G/M, R] f32 (zeros without a KL term in the loss)
+  ref_logp: jax.Array  # [M, B·G/M, R] f32 (zeros without a KL term)
   advantages: jax.Array  # [M, B·G/M, R] f32
 
 
@@ -106,7 +117,7 @@ class Learner:
     self.optimizer = optimizer
     self.params = params
     self.opt_state = update.init_opt_state(optimizer, params, mesh)
-    self.ref_params = _reference(params, model.dtype) if config.kl.active else None
+    self.ref_params = _reference(params, model.dtype) if config.needs_reference else None
     self.log_probs_step = jax.jit(self._log_probs_impl, static_argnames=("image_grid",))
     self._select = jax.jit(self._select_impl)
     self.train_step = update.jit_step(self._train_step_impl, params, self.opt_state,
@@ -129,7 +140,7 @@ class Learner:
 
   def _train_step_impl(self, params, opt_state, rows: TrainRows, *, image_grid, on_policy: bool):
     cfg = self.config
-    kl = cfg.kl if cfg.kl.in_loss else None
+    kl = cfg.kl if cfg.kl.active else None
 
     def loss_sum(p, mb: TrainRows):
       logp, entropy = sequence_log_probs(self._model(p), mb.seqs, image_grid, self.temperature,
@@ -200,7 +211,8 @@ class Learner:
   def _score(self, batch: Any, out: SamplerOutput, reward: rewards.RewardOutput, image_grid
              ) -> tuple[TrainRows, jax.Array, bool]:
     """The rollout's rows with their reference/old log-probs and advantages, the per-token KL
-    [B·G, R] to the reference, and whether the rollout feeds a single on-policy update."""
+    [B·G, R] to the reference (by the loss term's estimator, for the metrics), and whether the
+    rollout feeds a single on-policy update."""
     cfg, g = self.config, self.config.num_generations
     seqs, sampled_logp = self._sequences(batch, out)
     total = seqs.completion.shape[0]
@@ -210,14 +222,18 @@ class Learner:
                        f"train_batch_size × G = {per_update}")
     on_policy = total // per_update * cfg.num_updates_per_rollout == 1
     zeros = jnp.zeros(seqs.completion.shape, jnp.float32)
-    ref_logp = self.log_probs(self.ref_params, seqs, image_grid) if cfg.kl.active else zeros
+    ref_logp = (self.log_probs(self.ref_params, seqs, image_grid) if cfg.needs_reference
+                else zeros)
     old_logp = zeros if on_policy else self.log_probs(self.params, seqs, image_grid)
     behaviour = sampled_logp if on_policy else old_logp
     kl = kl_lib.kl_divergence(behaviour, ref_logp, cfg.kl.estimator) * seqs.completion_mask
+    penalty = None
+    if cfg.kl_reward.active:
+      penalty = cfg.kl_reward.coef * kl_lib.kl_divergence(behaviour, ref_logp,
+                                                          cfg.kl_reward.estimator)
     scores = sharding.global_rows(np.asarray(reward.total, np.float32), self.mesh)
     advantages = adv_lib.get_estimator(cfg.algo)(
-        scores, seqs.completion_mask, g, cfg.kl.coef * kl if cfg.kl.in_reward else None,
-        options=cfg.advantage)
+        scores, seqs.completion_mask, g, penalty, options=cfg.advantage)
     # Dispatch is asynchronous: wait here so the phase times are the phases' own.
     jax.block_until_ready((ref_logp, old_logp, advantages))
     return (TrainRows(seqs=seqs, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages),

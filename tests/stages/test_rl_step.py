@@ -218,10 +218,13 @@ def test_non_finite_rewards_skip_the_update(setup):
   jax.tree.map(np.testing.assert_array_equal, before, after)
 
 
-def test_kl_in_reward_moves_the_kl_out_of_the_loss():
-  cfg = LearnerConfig(kl=kl_lib.KLPenalty(coef=0.05, placement="reward"), micro_batch_size=5)
-  assert not cfg.kl.in_loss and cfg.kl.in_reward and cfg.kl.active
-  assert not LearnerConfig(kl=kl_lib.KLPenalty(coef=0.0)).kl.active
+def test_learner_config_checks():
+  cfg = LearnerConfig(kl=kl_lib.KLPenalty(coef=0.0),
+                      kl_reward=kl_lib.KLPenalty(coef=0.05, placement="reward"), micro_batch_size=5)
+  assert not cfg.kl.active and cfg.kl_reward.active and cfg.needs_reference
+  assert not LearnerConfig(kl=kl_lib.KLPenalty(coef=0.0)).needs_reference
+  with pytest.raises(ValueError, match="kl goes in the loss and kl_reward in the reward"):
+    LearnerConfig(kl=kl_lib.KLPenalty(placement="reward"))
   with pytest.raises(ValueError, match="micro_batch_size"):
     LearnerConfig(train_batch_size=3, num_generations=5, micro_batch_size=4)
   with pytest.raises(ValueError, match="grpo"):
@@ -238,3 +241,59 @@ def test_reference_is_a_compute_dtype_copy_and_absent_without_a_penalty(setup):
     assert ref.dtype == jnp.bfloat16 and ref.sharding == param.sharding
     np.testing.assert_array_equal(np.asarray(ref), np.asarray(param.astype(jnp.bfloat16)))
   assert _learner(setup, _parity_reward, kl=kl_lib.KLPenalty(coef=0.0)).ref_params is None
+
+
+def _schulman(estimator: str, d: np.ndarray) -> np.ndarray:
+  """Schulman's KL estimators by hand, d = ref_logp − logp (k3 with EasyR1's clamps)."""
+  if estimator == "k1":
+    return -d
+  if estimator == "k2":
+    return 0.5 * d**2
+  d = np.clip(d, -20.0, 20.0)
+  return np.clip(np.exp(d) - d - 1.0, -10.0, 10.0)
+
+
+@pytest.mark.parametrize("placement", ["loss", "reward"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_each_kl_estimator_in_each_placement_through_the_learner_step(setup, monkeypatch,
+                                                                      estimator, placement):
+  _, batch, mesh = setup
+  beta = 0.5
+  term = kl_lib.KLPenalty(coef=beta, estimator=estimator, placement=placement)
+  terms = ({"kl": term, "kl_reward": kl_lib.KLPenalty(coef=0.0, placement="reward")}
+           if placement == "loss" else {"kl": kl_lib.KLPenalty(coef=0.0), "kl_reward": term})
+  learner = _learner(setup, _parity_reward, **terms)
+  # A reference unlike the policy (another initialisation), so that the KL is far from 0.
+  other = init_model(config_lib.tiny(), seed=1, mesh=mesh)
+  learner.ref_params = rl_step._reference(nnx.state(other, nnx.Param), other.dtype)
+  policy = jax.tree.map(jnp.copy, learner.params)
+  scored = {}
+  score = learner._score
+
+  def keep_rows(*args):
+    out = score(*args)
+    scored["rows"] = out[0]
+    return out
+
+  monkeypatch.setattr(learner, "_score", keep_rows)
+  result = learner.step(batch, jax.random.key(1))
+  rows = scored["rows"]
+  logp = np.asarray(learner.log_probs(policy, rows.seqs, rl_step._single_grid(
+      batch.image_grid_thw)))
+  mask = np.asarray(rows.seqs.completion_mask).astype(bool)
+  per_token = np.where(mask, _schulman(estimator, np.asarray(rows.ref_logp) - logp), 0.0)
+  assert per_token[mask].std() > 1e-2, "the reference should differ from the policy"
+  scores = result.scores.astype(np.float64)
+  if placement == "loss":  # token_mean of the per-token KL, scaled by β into the loss
+    np.testing.assert_allclose(result.metrics["update/kl_loss"], per_token.sum() / mask.sum(),
+                               rtol=1e-4)
+    np.testing.assert_allclose(result.metrics["update/loss"], result.metrics["update/pg_loss"]
+                               + beta * result.metrics["update/kl_loss"], rtol=1e-5, atol=1e-6)
+  else:  # the outcome estimator sees r − β Σ_t KL; the loss has no KL term
+    assert result.metrics["update/kl_loss"] == 0.0
+    scores = scores - beta * per_token.sum(axis=1)
+  groups = scores.reshape(PROMPTS, G)
+  centred = groups - groups.mean(1, keepdims=True)
+  want = centred / (groups.std(1, ddof=1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(result.advantages[:, 0].reshape(PROMPTS, G), want, rtol=1e-4,
+                             atol=1e-4)

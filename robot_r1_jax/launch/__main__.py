@@ -3,12 +3,14 @@
 With no flags it runs the embedded default on this machine: simulated demos → extracted questions →
 the tiny model → an SFT warm-up → GRPO → greedy evaluation before and after RL, printed as a table,
 with curves in WORKDIR/curves.png, checkpoints and TensorBoard events under ./workdir. `--help`
-lists every flag; `--flagfile=robot_r1_jax/launch/configs/robot_r1_paper.cfg` is the paper recipe.
+lists every flag; `--flagfile=robot_r1_paper.cfg` is the paper recipe (flagfiles are found beside
+the including file, then among the packaged `configs/`).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Callable
 
 import jax
@@ -16,6 +18,7 @@ from absl import app, flags
 
 from robot_r1_jax.data.loader import LoaderConfig
 from robot_r1_jax.launch import compile as compile_lib
+from robot_r1_jax.launch import flagfiles
 from robot_r1_jax.launch import flags as F
 from robot_r1_jax.launch import mesh as mesh_lib
 from robot_r1_jax.launch import pipeline, report
@@ -125,4 +128,8 @@ def _train(config: RunConfig, context: StageContext, evaluator: Evaluator) -> No
 
 if __name__ == "__main__":
   flags.adopt_module_key_flags(F)  # --help lists every training flag, not just this module's
-  app.run(main)
+  try:  # Recipes include recipes: resolved against the including file (see `flagfiles`).
+    expanded = flagfiles.expand(sys.argv)
+  except flagfiles.FlagfileError as e:
+    sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.")
+  app.run(main, argv=expanded)

@@ -11,11 +11,12 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
+from robot_r1_jax.launch import flagfiles
 from robot_r1_jax.launch import flags as F
 from robot_r1_jax.launch.config import RunConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "robot_r1_jax" / "launch" / "configs").glob("*.cfg"))
+CONFIGS = sorted((ROOT / "robot_r1_jax" / "launch" / "configs").rglob("*.cfg"))
 
 
 def _help(*args: str) -> str:
@@ -44,7 +45,7 @@ def run_config(*args: str) -> RunConfig:
   """The RunConfig of a command line (in this process; every flag is restored afterwards)."""
   with flagsaver.flagsaver():
     flags.FLAGS.unparse_flags()
-    flags.FLAGS(["launch", *args])
+    flags.FLAGS(flagfiles.expand(["launch", *args]))
     return F.run_config()
 
 
@@ -85,3 +86,100 @@ def test_kl_terms_have_their_own_coefficient_and_estimator():
   with pytest.raises(ValueError, match="--kl_in_reward .* does not combine with "
                      "--kl_reward_coef=0.001"):
     run_config("--kl_in_reward", "--kl_reward_coef=1e-3")
+
+
+def _assert_paper_recipe(config: RunConfig, *, algo: str = "grpo") -> None:
+  """Robot-R1's numbers (arXiv 2506.00070, run with EasyR1): see DESIGN.md's RL facts."""
+  rl, step = config.rl, config.rl.step
+  assert (rl.rollout_batch_size, step.train_batch_size, step.num_generations) == (512, 128, 5)
+  assert rl.updates_per_step == 4 and step.num_updates_per_rollout == 1
+  assert step.micro_batch_size % step.num_generations == 0  # each prompt scored once
+  assert step.prompt_share == step.num_generations
+  assert step.algo == algo
+  opt = rl.optimizer
+  assert (opt.learning_rate, opt.schedule, opt.warmup_steps) == (1e-6, "constant", 0)
+  assert (opt.weight_decay, opt.grad_clip) == (1e-2, 1.0)
+  loss = step.loss
+  assert (loss.clip_low, loss.clip_high, loss.dual_clip, loss.aggregation) == (
+      0.2, 0.3, 3.0, "token_mean")
+  sampling = rl.sampling
+  assert (sampling.temperature, sampling.top_p, sampling.top_k) == (1.0, 0.99, 0)
+  assert (rl.epochs, rl.max_steps) == (5, 0)
+  assert step.max_new_tokens == 1024 and config.data.image_size == 224
+
+
+def test_paper_recipe_holds_the_papers_numbers_and_starts_rl_from_the_given_model():
+  config = run_config("--flagfile=robot_r1_paper.cfg")
+  _assert_paper_recipe(config)
+  assert config.stage == "rl" and config.runs_rl and not config.runs_sft
+  assert config.init_from is None  # The given model is the policy and the reference at step 1.
+  kl = config.rl.step.kl
+  assert (kl.coef, kl.estimator, kl.placement) == (1e-2, "k3", "loss")
+  assert not config.rl.step.kl_reward.active
+  # The same file named by its path from the repository root (as the README shows).
+  assert run_config(f"--flagfile={flagfiles.CONFIGS / 'robot_r1_paper.cfg'}") == config
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "reinforce_pp"])
+def test_ablation_recipes_change_only_the_algorithm(algo):
+  config = run_config(f"--flagfile=ablations/{algo}.cfg")
+  _assert_paper_recipe(config, algo=algo)
+  assert config.stage == "rl"
+  kl, reward_kl = config.rl.step.kl, config.rl.step.kl_reward
+  if algo == "reinforce_pp":  # REINFORCE++'s own KL: k1, β 1e-3, in the token rewards
+    assert not kl.active and (reward_kl.coef, reward_kl.estimator) == (1e-3, "k1")
+  else:
+    assert (kl.coef, kl.estimator) == (1e-2, "k3") and not reward_kl.active
+  # Only the algorithm (and REINFORCE++'s KL) differs from the paper recipe.
+  paper = run_config("--flagfile=robot_r1_paper.cfg")
+  differ = {k for k, v in config.flags.items() if paper.flags[k] != v}
+  assert differ <= {"algo", "kl_in_reward", "kl_coef", "kl_estimator"}
+
+
+def test_two_stage_recipe_runs_sft_then_the_paper_rl():
+  config = run_config("--flagfile=sft_then_rl.cfg")
+  _assert_paper_recipe(config)
+  assert config.stage == "sft_rl" and config.runs_sft and config.runs_rl
+  assert config.sft.targets.kind == "cot" and config.sft.optimizer.learning_rate == 1e-5
+  assert config.sft.batch_size % config.sft.micro_batch_size == 0
+
+
+def test_the_command_line_overrides_a_recipe():
+  config = run_config("--flagfile=ablations/rloo.cfg", "--learning_rate=3e-6", "--model=tiny")
+  assert config.rl.optimizer.learning_rate == 3e-6 and config.rl.step.algo == "rloo"
+
+
+def test_bad_flagfiles_fail_naming_the_file_and_line(tmp_path):
+  (tmp_path / "typo.cfg").write_text("# a comment\n--flagfile=robot_r1_paper.cfg\n\n"
+                                     "--learnin_rate=1e-5\n")
+  with pytest.raises(flagfiles.FlagfileError, match=r"typo.cfg:4: unknown flag --learnin_rate "
+                     r"\(did you mean --learning_rate\?\)"):
+    run_config(f"--flagfile={tmp_path / 'typo.cfg'}")
+  (tmp_path / "missing.cfg").write_text("--flagfile=nowhere/base.cfg\n")
+  with pytest.raises(flagfiles.FlagfileError, match=r"flagfile nowhere/base.cfg \(named in "
+                     r".*missing.cfg:1\) not found"):
+    run_config(f"--flagfile={tmp_path / 'missing.cfg'}")
+  (tmp_path / "a.cfg").write_text("--flagfile=b.cfg\n")
+  (tmp_path / "b.cfg").write_text("--algo=rloo\n--flagfile=a.cfg\n")
+  with pytest.raises(flagfiles.FlagfileError, match="a.cfg includes itself: .*a.cfg → .*b.cfg → "
+                     ".*a.cfg"):
+    run_config(f"--flagfile={tmp_path / 'a.cfg'}")
+  (tmp_path / "prose.cfg").write_text("algo=rloo\n")
+  with pytest.raises(flagfiles.FlagfileError, match="prose.cfg:1: 'algo=rloo' is not a flag"):
+    run_config(f"--flagfile={tmp_path / 'prose.cfg'}")
+  with pytest.raises(flagfiles.FlagfileError, match="flagfile absent.cfg .*the command line"):
+    run_config("--flagfile", "absent.cfg")
+  # Booleans in their --no form are known flags.
+  (tmp_path / "ok.cfg").write_text("--noremat\n--kl_in_reward\n")
+  assert run_config(f"--flagfile={tmp_path / 'ok.cfg'}").rl.step.kl_reward.active
+
+
+def test_launcher_reports_a_bad_flagfile_without_a_traceback(tmp_path):
+  (tmp_path / "typo.cfg").write_text("--algo=rloo\n--num_generation=4\n")
+  proc = subprocess.run([sys.executable, "-m", "robot_r1_jax.launch",
+                         f"--flagfile={tmp_path / 'typo.cfg'}"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert "typo.cfg:2: unknown flag --num_generation (did you mean --num_generations?)" in (
+      proc.stderr)
+  assert "Traceback" not in proc.stderr

@@ -284,7 +284,8 @@ def _plan(config: RunConfig, context: StageContext, shapes: Shapes
     rows = step.train_batch_size * step.num_generations
     seqs = _sequences(mesh, shapes, rows, shapes.new_tokens, micro)
     per_token = _rows(mesh, (rows // micro, micro, shapes.new_tokens), jnp.float32, leading=1)
-    batch = TrainRows(seqs=seqs, old_logp=per_token, ref_logp=per_token, advantages=per_token)
+    batch = TrainRows(seqs=seqs, old_logp=per_token, ref_logp=per_token, advantages=per_token,
+                      rollout_logp=per_token)
     plan.append(("rl_update", f"{rows} rows in micro-batches of {micro}", lambda: (
         learner.train_step.lower(learner.params, learner.opt_state, batch, image_grid=grid1,
                                  on_policy=on_policy), None), besides("params", "opt_state")))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import pathlib
 
 from absl import flags
@@ -85,7 +86,26 @@ COMPILE_PROMPT_LENGTH = flags.DEFINE_integer("compile_prompt_length", 0, "Prompt
                                              "question with its image, by the run's tokenizer).")
 
 # Algorithm.
-ALGO = flags.DEFINE_enum("algo", "grpo", sorted(advantages.ESTIMATORS), "Advantage estimator.")
+IMPORTS = flags.DEFINE_list("import", [], "Python modules to import before the run is configured, "
+                            "e.g. one that adds an --algo or --policy_loss with "
+                            "robot_r1_jax.rl.register_estimator / register_policy_loss (see the "
+                            "README). Each must register something.")
+ALGO = flags.DEFINE_string("algo", "grpo", "Advantage estimator: grpo (Shao et al. 2024), dr_grpo "
+                           "(Liu et al. 2025), rloo (Ahmadian et al. 2024), reinforce_pp and "
+                           "reinforce_pp_baseline (Hu 2025), or one an --import registered.")
+POLICY_LOSS = flags.DEFINE_string("policy_loss", "ppo_clip", "Policy objective: ppo_clip (the "
+                                  "paper's, with --dual_clip), gspo (Zheng et al. 2025: one "
+                                  "clipped ratio per sequence; wants --loss_aggregation="
+                                  "seq_mean_token_mean, --dual_clip=0 and ε 3e-4/4e-4), cispo "
+                                  "(MiniMax-M1: −sg(min(ρ, 1+ε_high))·A·log π; --dual_clip=0), or "
+                                  "one an --import registered.")
+TIS_CAP = flags.DEFINE_float("tis_cap", 0, "Truncated importance sampling (Yao et al. 2025; verl's "
+                             "tis_imp_ratio_cap, 2 there): weight each token's loss by "
+                             "min(π_trainer/π_sampler, C) when the sampler's numerics differ from "
+                             "the trainer's (e.g. bf16 rollouts). 0: off.")
+ENTROPY_COEF = flags.DEFINE_float("entropy_coef", 0.0, "Entropy bonus: the loss subtracts this "
+                                  "times the aggregated token entropy (verl's entropy_coeff). 0: "
+                                  "off.")
 KL_ESTIMATOR = flags.DEFINE_enum("kl_estimator", "k3", sorted(kl.KL_ESTIMATORS),
                                  "Estimator of the KL term in the loss (verl's kl_loss_type; k3 is "
                                  "EasyR1's low_var_kl, the paper's).")
@@ -178,14 +198,35 @@ def _kl_terms() -> dict[str, kl.KLPenalty]:
                                     estimator=KL_REWARD_ESTIMATOR.value, placement="reward")}
 
 
+def _import_user_modules() -> None:
+  """Imports each --import module; each must add an estimator or a policy loss."""
+  registries = (advantages.ESTIMATORS, losses.POLICY_LOSSES)
+  for name in IMPORTS.value:
+    before = sum(len(r) for r in registries)
+    try:
+      importlib.import_module(name)
+    except ModuleNotFoundError as e:
+      if e.name not in (name, name.split(".")[0]):  # A module it imports is missing.
+        raise ValueError(f"--import={name}: the module failed to import: {e}") from e
+      raise ValueError(f"--import={name}: no module named {name!r} on the Python path "
+                       "(add its folder to PYTHONPATH)") from e
+    except Exception as e:  # The user's code: report it as theirs, naming the flag.
+      raise ValueError(f"--import={name}: the module failed to import: "
+                       f"{type(e).__name__}: {e}") from e
+    if sum(len(r) for r in registries) == before:
+      raise ValueError(f"--import={name} registered nothing: call robot_r1_jax.rl."
+                       "register_estimator or register_policy_loss when it is imported")
+
+
 def _policy_loss() -> losses.PolicyLossConfig:
   sum_norm = LOSS_AGG.value == "seq_mean_token_sum_norm"
   if SUM_NORM_DIVISOR.value and not sum_norm:
     raise ValueError(f"--sum_norm_divisor={SUM_NORM_DIVISOR.value} applies to "
                      f"--loss_aggregation=seq_mean_token_sum_norm only, not {LOSS_AGG.value}")
   return losses.PolicyLossConfig(
-      clip_low=CLIP_LOW.value, clip_high=CLIP_HIGH.value, dual_clip=DUAL_CLIP.value or None,
-      aggregation=LOSS_AGG.value,
+      kind=POLICY_LOSS.value, clip_low=CLIP_LOW.value, clip_high=CLIP_HIGH.value,
+      dual_clip=DUAL_CLIP.value or None, aggregation=LOSS_AGG.value,
+      tis_cap=TIS_CAP.value or None, entropy_coef=ENTROPY_COEF.value,
       sum_norm_divisor=(SUM_NORM_DIVISOR.value or float(MAX_NEW_TOKENS.value)) if sum_norm
       else None)
 
@@ -193,6 +234,7 @@ def _policy_loss() -> losses.PolicyLossConfig:
 def run_config() -> RunConfig:
   """The flags, read once, as the run's typed configuration (raises ValueError naming a field
   whose value a config refuses)."""
+  _import_user_modules()
   loop = LoopSettings(checkpoint_every=CHECKPOINT_EVERY.value,
                       keep_checkpoints=KEEP_CHECKPOINTS.value,
                       max_consecutive_bad_steps=MAX_BAD_STEPS.value,

@@ -9,10 +9,12 @@ clipped policy loss. Nothing here knows about models, training machinery or stag
     loss = finalize(out)  # after `LossOutput.merge` over the micro-batches
 """
 
-from robot_r1_jax.rl.advantages import ESTIMATORS, AdvantageOptions, get_estimator
+from robot_r1_jax.rl.advantages import (ESTIMATORS, AdvantageOptions, get_estimator,
+                                        register_estimator)
 from robot_r1_jax.rl.kl import KL_ESTIMATORS, KLPenalty, kl_divergence
-from robot_r1_jax.rl.losses import (AGGREGATIONS, LossOutput, PolicyLossConfig, finalize,
-                                    loss_metrics, policy_loss)
+from robot_r1_jax.rl.losses import (AGGREGATIONS, POLICY_LOSSES, LossOutput, PolicyLossConfig,
+                                    TokenTerms, finalize, loss_metrics, policy_loss,
+                                    register_policy_loss)
 from robot_r1_jax.rl.rewards import (RewardOutput, RewardWeights, answer_reward, compute_rewards,
                                      format_reward, xyz_reward)
 
@@ -23,9 +25,11 @@ __all__ = [
     "KLPenalty",
     "KL_ESTIMATORS",
     "LossOutput",
+    "POLICY_LOSSES",
     "PolicyLossConfig",
     "RewardOutput",
     "RewardWeights",
+    "TokenTerms",
     "answer_reward",
     "compute_rewards",
     "finalize",
@@ -34,5 +38,7 @@ __all__ = [
     "kl_divergence",
     "loss_metrics",
     "policy_loss",
+    "register_estimator",
+    "register_policy_loss",
     "xyz_reward",
 ]

@@ -1,6 +1,7 @@
 """Advantage estimators: GRPO, Dr. GRPO, RLOO, REINFORCE++ and REINFORCE++ with a group baseline.
 
-Every estimator has one signature and is selected by name through `ESTIMATORS`:
+Every estimator has one signature and is selected by name through `ESTIMATORS` (a user's module
+adds one with `register_estimator`):
 
     advantages = ESTIMATORS[name](scores, response_mask, group_size, kl_penalty, options=options)
 
@@ -56,9 +57,13 @@ class AdvantageEstimator(Protocol):
 ESTIMATORS: dict[str, AdvantageEstimator] = {}
 
 
-def _register(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+def register_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+  """Decorator: adds `fn(scores, response_mask, group_size, kl_penalty=None, *, options)` ->
+  [B·G, R] advantages as the estimator `name` (`LearnerConfig.algo`, `--algo`)."""
 
   def add(fn: AdvantageEstimator) -> AdvantageEstimator:
+    if name in ESTIMATORS:
+      raise ValueError(f"an advantage estimator named {name!r} is already registered")
     ESTIMATORS[name] = fn
     return fn
 
@@ -127,7 +132,7 @@ def _whiten(values: jax.Array, mask: jax.Array, eps: float) -> jax.Array:
   return centred * jax.lax.rsqrt(var + eps)
 
 
-@_register("grpo")
+@register_estimator("grpo")
 def grpo(scores: jax.Array, response_mask: jax.Array, group_size: int,
          kl_penalty: jax.Array | None = None, *,
          options: AdvantageOptions = AdvantageOptions()) -> jax.Array:
@@ -138,7 +143,7 @@ def grpo(scores: jax.Array, response_mask: jax.Array, group_size: int,
   return _per_token(dev / (std + options.std_eps), mask)
 
 
-@_register("dr_grpo")
+@register_estimator("dr_grpo")
 def dr_grpo(scores: jax.Array, response_mask: jax.Array, group_size: int,
             kl_penalty: jax.Array | None = None, *,
             options: AdvantageOptions = AdvantageOptions()) -> jax.Array:
@@ -147,7 +152,7 @@ def dr_grpo(scores: jax.Array, response_mask: jax.Array, group_size: int,
   return _per_token(_group_deviation(_outcome_scores(scores, penalty), group_size), mask)
 
 
-@_register("rloo")
+@register_estimator("rloo")
 def rloo(scores: jax.Array, response_mask: jax.Array, group_size: int,
          kl_penalty: jax.Array | None = None, *,
          options: AdvantageOptions = AdvantageOptions()) -> jax.Array:
@@ -159,7 +164,7 @@ def rloo(scores: jax.Array, response_mask: jax.Array, group_size: int,
   return _per_token(dev * (group_size / (group_size - 1)), mask)
 
 
-@_register("reinforce_pp")
+@register_estimator("reinforce_pp")
 def reinforce_pp(scores: jax.Array, response_mask: jax.Array, group_size: int,
                  kl_penalty: jax.Array | None = None, *,
                  options: AdvantageOptions = AdvantageOptions()) -> jax.Array:
@@ -180,7 +185,7 @@ def reinforce_pp(scores: jax.Array, response_mask: jax.Array, group_size: int,
   return _whiten(returns, mask, options.whiten_eps)
 
 
-@_register("reinforce_pp_baseline")
+@register_estimator("reinforce_pp_baseline")
 def reinforce_pp_baseline(scores: jax.Array, response_mask: jax.Array, group_size: int,
                           kl_penalty: jax.Array | None = None, *,
                           options: AdvantageOptions = AdvantageOptions()) -> jax.Array:

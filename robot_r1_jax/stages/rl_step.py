@@ -99,6 +99,7 @@ class TrainRows:
   old_logp: jax.Array  # [M, B·G/M, R] f32 (unused when on-policy)
   ref_logp: jax.Array  # [M, B·G/M, R] f32 (zeros without a KL term)
   advantages: jax.Array  # [M, B·G/M, R] f32
+  rollout_logp: jax.Array  # [M, B·G/M, R] f32 the sampler's (used by truncated importance sampling)
 
 
 class Learner:
@@ -144,10 +145,12 @@ class Learner:
 
     def loss_sum(p, mb: TrainRows):
       logp, entropy = sequence_log_probs(self._model(p), mb.seqs, image_grid, self.temperature,
-                                         cfg.prompt_share)
+                                         cfg.prompt_share, entropy_grad=cfg.loss.entropy_coef > 0)
       old = jax.lax.stop_gradient(logp) if on_policy else mb.old_logp
-      out = losses.policy_loss(logp, old, mb.advantages, mb.seqs.completion_mask, cfg.loss,
-                               ref_logp=mb.ref_logp if kl else None, entropy=entropy, kl=kl)
+      out = losses.policy_loss(
+          logp, old, mb.advantages, mb.seqs.completion_mask, cfg.loss,
+          ref_logp=mb.ref_logp if kl else None, entropy=entropy, kl=kl,
+          rollout_logp=mb.rollout_logp if cfg.loss.tis_cap is not None else None)
       return out.loss_sum, out
 
     params, opt_state, out, grad_norm, finite = update.accumulate_and_apply(
@@ -236,8 +239,9 @@ class Learner:
         scores, seqs.completion_mask, g, penalty, options=cfg.advantage)
     # Dispatch is asynchronous: wait here so the phase times are the phases' own.
     jax.block_until_ready((ref_logp, old_logp, advantages))
-    return (TrainRows(seqs=seqs, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages),
-            kl, on_policy)
+    rows = TrainRows(seqs=seqs, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages,
+                     rollout_logp=sampled_logp.astype(jnp.float32))
+    return rows, kl, on_policy
 
   def _compile_counts(self) -> dict[str, float]:
     """Executables built so far; growth after the first steps means shapes escape the buckets."""

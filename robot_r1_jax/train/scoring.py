@@ -62,9 +62,10 @@ LOGITS_CHUNK = 256
 
 
 def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] | None,
-                       temperature: float = 1.0, share: int = 1, chunk: int = LOGITS_CHUNK
-                       ) -> tuple[jax.Array, jax.Array]:
-  """(log-probs [B, R] f32 of the completion tokens, entropy [B, R] f32) under `model`.
+                       temperature: float = 1.0, share: int = 1, chunk: int = LOGITS_CHUNK,
+                       entropy_grad: bool = False) -> tuple[jax.Array, jax.Array]:
+  """(log-probs [B, R] f32 of the completion tokens, entropy [B, R] f32) under `model`; the
+  entropy carries no gradient unless `entropy_grad` (an entropy bonus in the loss).
 
   The distribution is softmax(logits / temperature), the one the sampler drew from, so that the
   policy, old and reference log-probs and the sampler's own all describe the same policy.
@@ -84,7 +85,7 @@ def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, 
                                 seqs.completion, temperature, chunk)
   else:
     logp, entropy = _shared_prompt_scores(model, seqs, image_grid, share, temperature, chunk)
-  return logp, jax.lax.stop_gradient(entropy)
+  return logp, entropy if entropy_grad else jax.lax.stop_gradient(entropy)
 
 
 def head_scores(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array,

@@ -183,3 +183,89 @@ def test_launcher_reports_a_bad_flagfile_without_a_traceback(tmp_path):
   assert "typo.cfg:2: unknown flag --num_generation (did you mean --num_generations?)" in (
       proc.stderr)
   assert "Traceback" not in proc.stderr
+
+
+def test_objective_flags():
+  loss = run_config("--policy_loss=gspo", "--dual_clip=0", "--loss_aggregation=seq_mean_token_mean",
+                    "--clip_low=3e-4", "--clip_high=4e-4").rl.step.loss
+  assert (loss.kind, loss.dual_clip, loss.clip_low, loss.clip_high) == ("gspo", None, 3e-4, 4e-4)
+  loss = run_config("--tis_cap=2", "--entropy_coef=1e-3").rl.step.loss
+  assert (loss.kind, loss.tis_cap, loss.entropy_coef) == ("ppo_clip", 2.0, 1e-3)
+  assert run_config().rl.step.loss.tis_cap is None
+  with pytest.raises(ValueError, match="kind='cispo' does not combine with dual_clip=3.0"):
+    run_config("--policy_loss=cispo")
+  with pytest.raises(ValueError, match="kind='ppo' is not one of .*'cispo', 'gspo', 'ppo_clip'"):
+    run_config("--policy_loss=ppo")
+  with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
+    run_config("--algo=ppo")
+
+
+_USER_MODULE = '''
+"""A user's algorithm: the sign of each sample's deviation from its group mean."""
+import jax.numpy as jnp
+from robot_r1_jax import rl
+
+
+@rl.register_estimator("{name}")
+def sign_of_deviation(scores, response_mask, group_size, kl_penalty=None, *, options=None):
+  groups = scores.reshape(-1, group_size)
+  sign = jnp.sign(groups - groups.mean(axis=1, keepdims=True)).reshape(-1, 1)
+  return jnp.where(response_mask.astype(bool), sign, 0.0)
+'''
+
+
+@pytest.fixture
+def user_modules(tmp_path, monkeypatch):
+  """A folder on sys.path for modules written by the test; registries and sys.modules restored."""
+  from robot_r1_jax.rl import advantages, losses
+
+  monkeypatch.setattr(advantages, "ESTIMATORS", dict(advantages.ESTIMATORS))
+  monkeypatch.setattr(losses, "POLICY_LOSSES", dict(losses.POLICY_LOSSES))
+  monkeypatch.syspath_prepend(str(tmp_path))
+  names = []
+
+  def write(name: str, text: str) -> str:
+    (tmp_path / f"{name}.py").write_text(text)
+    names.append(name)
+    return name
+
+  yield write
+  for name in names:
+    sys.modules.pop(name, None)
+
+
+def test_import_adds_a_user_estimator(user_modules):
+  module = user_modules("user_algo_ok", _USER_MODULE.format(name="sign_of_deviation"))
+  config = run_config(f"--import={module}", "--algo=sign_of_deviation")
+  assert config.rl.step.algo == "sign_of_deviation"
+
+
+def test_import_errors_name_the_module(user_modules):
+  with pytest.raises(ValueError, match="--import=no_such_module_here: no module named "
+                     "'no_such_module_here' on the Python path"):
+    run_config("--import=no_such_module_here")
+  quiet = user_modules("user_algo_quiet", "X = 1\n")
+  with pytest.raises(ValueError, match=f"--import={quiet} registered nothing"):
+    run_config(f"--import={quiet}")
+  broken = user_modules("user_algo_broken", "import not_installed_dependency_xyz\n")
+  with pytest.raises(ValueError, match=f"--import={broken}: the module failed to import: No "
+                     "module named 'not_installed_dependency_xyz'"):
+    run_config(f"--import={broken}")
+  clash = user_modules("user_algo_clash", _USER_MODULE.format(name="grpo"))
+  with pytest.raises(ValueError, match=f"--import={clash}: the module failed to import: "
+                     "ValueError: an advantage estimator named 'grpo' is already registered"):
+    run_config(f"--import={clash}")
+
+
+@pytest.mark.parametrize("objective,loss", [
+    ("gspo", ("gspo", 3e-4, 4e-4, None, "seq_mean_token_mean")),
+    ("cispo", ("cispo", 0.2, 0.3, None, "token_mean")),
+])
+def test_objective_recipes_change_only_the_objective(objective, loss):
+  config = run_config(f"--flagfile=ablations/{objective}.cfg")
+  got = config.rl.step.loss
+  assert (got.kind, got.clip_low, got.clip_high, got.dual_clip, got.aggregation) == loss
+  paper = run_config("--flagfile=robot_r1_paper.cfg")
+  differ = {k for k, v in config.flags.items() if paper.flags[k] != v}
+  assert differ <= {"policy_loss", "clip_low", "clip_high", "dual_clip", "loss_aggregation"}
+  assert config.rl.optimizer == paper.rl.optimizer and config.rl.sampling == paper.rl.sampling

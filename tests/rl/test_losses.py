@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -231,3 +232,114 @@ def test_four_micro_batches_equal_the_full_batch(toy_rollout, config, kl):
                              atol=1e-6)
   for name, value in losses.loss_metrics(full).items():
     np.testing.assert_allclose(losses.loss_metrics(merged)[name], value, rtol=1e-6, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The other objectives, importance truncation and the entropy bonus, on the hand case above.
+
+# GSPO: s = exp(mean_t ln ρ) per sequence: row 0 exp((ln 1.5 + 2 ln .5)/3) = .7211248, row 1
+# exp((ln 5 + ln 1.1)/2) = 2.3452079; ℓ = max(−A·s, −A·clip(s, .8, 1.3)):
+#   row 0: −.7211248, −.7211248, .8 (ε-clipped) → mean −.2140832;  row 1: 2.3452079, 4.6904158.
+#   seq_mean_token_mean: (−.2140832 + 3.5178118) / 2 = 1.6518643.
+# CISPO: ℓ = −min(ρ, 1.3)·A·log π with log π = −3 + ln ρ:
+#   3.3728954, 1.8465736, −1.8465736, −1.8077307, −6.3903176 → token_mean −.9650306.
+
+
+def _objective_case(**overrides):
+  config = losses.PolicyLossConfig(**overrides)
+  return losses.policy_loss(jnp.asarray(LOGP), jnp.asarray(OLD_LOGP), jnp.asarray(ADVANTAGES),
+                            jnp.asarray(LOSS_MASK), config, entropy=jnp.asarray(ENTROPY))
+
+
+def test_gspo_clips_one_ratio_per_sequence():
+  out = _objective_case(kind="gspo", dual_clip=None, aggregation="seq_mean_token_mean")
+  metrics = losses.loss_metrics(out)
+  np.testing.assert_allclose(metrics["pg_loss"], 1.6518643, rtol=1e-6)
+  assert int(out.clip_count) == 1  # row 0's negative-advantage token only
+  np.testing.assert_allclose(metrics["ratio_min"], 0.7211248, rtol=1e-6)
+  np.testing.assert_allclose(metrics["ratio_max"], 2.3452079, rtol=1e-6)
+
+
+def test_gspo_gradient_is_the_sequence_ratio_over_the_length():
+  """Unclipped, with one advantage per sequence, ∂L/∂log π_t = −A_i·s_i / (|y_i|·#sequences)."""
+  config = losses.PolicyLossConfig(kind="gspo", clip_low=0.9, clip_high=9.0, dual_clip=None,
+                                   aggregation="seq_mean_token_mean")
+  advantages = jnp.asarray(np.where(LOSS_MASK, [[2.0], [-1.0], [0.0]], 0.0), jnp.float32)
+  grad = jax.grad(lambda lp: losses.finalize(losses.policy_loss(
+      lp, jnp.asarray(OLD_LOGP), advantages, jnp.asarray(LOSS_MASK), config)))(jnp.asarray(LOGP))
+  want = np.where(LOSS_MASK, [[-2.0 * 0.7211248 / 3 / 2], [1.0 * 2.3452079 / 2 / 2], [0.0]], 0.0)
+  np.testing.assert_allclose(grad, want, rtol=1e-5)
+
+
+def test_cispo_truncates_the_weight_and_keeps_every_gradient():
+  out = _objective_case(kind="cispo", dual_clip=None)
+  np.testing.assert_allclose(losses.loss_metrics(out)["pg_loss"], -0.9650306, rtol=1e-6)
+  assert int(out.clip_count) == 2  # ρ = 1.5 and ρ = 5 exceed 1 + ε_high
+  config = losses.PolicyLossConfig(kind="cispo", dual_clip=None)
+  grad = jax.grad(lambda lp: losses.finalize(losses.policy_loss(
+      lp, jnp.asarray(OLD_LOGP), jnp.asarray(ADVANTAGES), jnp.asarray(LOSS_MASK), config)))(
+          jnp.asarray(LOGP))
+  # −sg(w)·A / 5 on every token, the ρ = 5 token included (PPO-clip gives it no gradient).
+  want = np.where(LOSS_MASK, -np.minimum(RATIO, 1.3) * np.nan_to_num(ADVANTAGES, posinf=0) / 5, 0)
+  np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-7)
+
+
+def test_truncated_importance_sampling_weights_each_token():
+  # π_old / π_rollout = [2, 1, .5] and [4, 1], cap 2 → w = [2, 1, .5], [2, 1] on the PPO-clip
+  # losses [−1.3, −.5, .8], [3, 2.2]: (−2.6 − .5 + .4 + 6 + 2.2) / 5 = 1.1.
+  quotient = np.array([[2.0, 1.0, 0.5], [4.0, 1.0, 1.0], [1.0, 1.0, 1.0]], np.float32)
+  rollout = jnp.asarray(np.where(LOSS_MASK, OLD_LOGP - np.log(quotient), np.nan), jnp.float32)
+  out = losses.policy_loss(jnp.asarray(LOGP), jnp.asarray(OLD_LOGP), jnp.asarray(ADVANTAGES),
+                           jnp.asarray(LOSS_MASK), losses.PolicyLossConfig(tis_cap=2.0),
+                           rollout_logp=rollout)
+  metrics = losses.loss_metrics(out)
+  np.testing.assert_allclose(metrics["pg_loss"], 1.1, rtol=1e-6)
+  np.testing.assert_allclose(metrics["tis_truncated_fraction"], 0.2, rtol=1e-6)
+  with pytest.raises(ValueError, match="rollout_logp is required"):
+    _objective_case(tis_cap=2.0)
+
+
+def test_entropy_bonus_is_subtracted_and_differentiable():
+  # token_mean: .84 (pg) + .5 · .2 (k1) − .1 · 3 (mean entropy) = .64.
+  config = losses.PolicyLossConfig(entropy_coef=0.1)
+  loss = lambda ent: losses.finalize(losses.policy_loss(
+      jnp.asarray(LOGP), jnp.asarray(OLD_LOGP), jnp.asarray(ADVANTAGES), jnp.asarray(LOSS_MASK),
+      config, ref_logp=jnp.asarray(REF_LOGP), entropy=ent, kl=KLPenalty(0.5, "k1")))
+  np.testing.assert_allclose(loss(jnp.asarray(ENTROPY)), 0.64, rtol=1e-6)
+  grad = jax.grad(loss)(jnp.asarray(np.nan_to_num(ENTROPY)))
+  np.testing.assert_allclose(grad, np.where(LOSS_MASK, -0.1 / 5, 0.0), rtol=1e-6)
+  with pytest.raises(ValueError, match="entropy is required"):
+    losses.policy_loss(jnp.asarray(LOGP), jnp.asarray(OLD_LOGP), jnp.asarray(ADVANTAGES),
+                       jnp.asarray(LOSS_MASK), config)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"kind": "gspo", "aggregation": "seq_mean_token_mean"},
+     "kind='gspo' does not combine with dual_clip=3.0"),
+    ({"kind": "gspo", "dual_clip": None}, "kind='gspo' does not combine with aggregation="
+     "'token_mean': its objective is defined with seq_mean_token_mean"),
+    ({"kind": "cispo"}, "kind='cispo' does not combine with dual_clip=3.0"),
+    ({"kind": "trpo"}, "kind='trpo' is not one of"),
+    ({"tis_cap": 0.5}, "tis_cap=0.5 must be >= 1"),
+    ({"entropy_coef": -1.0}, "entropy_coef=-1.0 must be >= 0"),
+])
+def test_objectives_that_cannot_combine_say_which(kwargs, match):
+  with pytest.raises(ValueError, match=re.escape(f"PolicyLossConfig.{match}")):
+    losses.PolicyLossConfig(**kwargs)
+
+
+def test_a_registered_objective_is_used_by_name(monkeypatch):
+  monkeypatch.setattr(losses, "POLICY_LOSSES", dict(losses.POLICY_LOSSES))
+
+  @losses.register_policy_loss("vanilla_pg")
+  def vanilla_pg(logp, old_logp, advantages, mask, config):
+    del old_logp, config
+    return losses.TokenTerms(loss=jnp.where(mask, -advantages * logp, 0.0),
+                             ratio=jnp.ones_like(logp), clipped=jnp.zeros_like(mask),
+                             dual_clipped=jnp.zeros_like(mask))
+
+  out = _objective_case(kind="vanilla_pg", dual_clip=None)
+  # −A·log π: 2.5945349 + 3.6931472 − 3.6931472 − 1.3905621 − 5.8093796, over 5 tokens.
+  np.testing.assert_allclose(losses.loss_metrics(out)["pg_loss"], -0.9210814, rtol=1e-6)
+  with pytest.raises(ValueError, match="already registered"):
+    losses.register_policy_loss("vanilla_pg")(vanilla_pg)

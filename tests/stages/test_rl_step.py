@@ -12,7 +12,8 @@ from robot_r1_jax.generate import sampling
 from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model.qwen2_5_vl import init_model
 from robot_r1_jax.rl import kl as kl_lib
-from robot_r1_jax.rl import rewards
+from robot_r1_jax.rl import advantages as adv_lib
+from robot_r1_jax.rl import losses, rewards
 from robot_r1_jax.stages import rl_step
 from robot_r1_jax.stages.rl_step import Learner, LearnerConfig, completion_width
 from robot_r1_jax.train.optim import OptimizerConfig, build_optimizer
@@ -297,3 +298,50 @@ def test_each_kl_estimator_in_each_placement_through_the_learner_step(setup, mon
   want = centred / (groups.std(1, ddof=1, keepdims=True) + 1e-6)
   np.testing.assert_allclose(result.advantages[:, 0].reshape(PROMPTS, G), want, rtol=1e-4,
                              atol=1e-4)
+
+
+_VARIANTS = {
+    "gspo": losses.PolicyLossConfig(kind="gspo", clip_low=3e-4, clip_high=4e-4, dual_clip=None,
+                                    aggregation="seq_mean_token_mean"),
+    "cispo": losses.PolicyLossConfig(kind="cispo", dual_clip=None),
+    "tis": losses.PolicyLossConfig(tis_cap=2.0),
+    "entropy_bonus": losses.PolicyLossConfig(entropy_coef=0.05),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(_VARIANTS))
+def test_each_objective_variant_runs_a_learner_step(setup, variant):
+  # μ = 2: the second pass sees ratios off 1 (old log-probs from before the first update).
+  learner = _learner(setup, _parity_reward, loss=_VARIANTS[variant], num_updates_per_rollout=2)
+  before = np.asarray(learner.params["text"]["layers"]["mlp"]["up"].get_value()).copy()
+  result = learner.step(setup[1], jax.random.key(2))
+  metrics = result.metrics
+  assert np.isfinite(metrics["update/loss"]) and metrics["updates/skipped_non_finite"] == 0
+  assert metrics["update/grad_norm"] > 0
+  assert not np.allclose(before, np.asarray(learner.model.text.layers.mlp.up.get_value()))
+  if variant == "entropy_bonus":  # the loss is pg + β·kl − c·entropy (means over the passes)
+    np.testing.assert_allclose(
+        metrics["update/loss"], metrics["update/pg_loss"] + 1e-2 * metrics["update/kl_loss"]
+        - 0.05 * metrics["update/entropy"], rtol=1e-5)
+  if variant == "tis":  # the trainer scores the sampler's tokens as the sampler did: w ≈ 1 < 2
+    assert metrics["update/tis_truncated_fraction"] == 0.0
+  if variant == "gspo":  # one ratio per sequence: ε = 3e-4 clips whole sequences in pass 2
+    assert metrics["update/clip_fraction"] > 0
+
+
+def test_a_registered_estimator_runs_a_learner_step(setup, monkeypatch):
+  monkeypatch.setattr(adv_lib, "ESTIMATORS", dict(adv_lib.ESTIMATORS))
+
+  @adv_lib.register_estimator("sign_of_deviation")
+  def sign_of_deviation(scores, response_mask, group_size, kl_penalty=None, *, options=None):
+    del kl_penalty, options
+    groups = scores.reshape(-1, group_size)
+    sign = jnp.sign(groups - groups.mean(axis=1, keepdims=True)).reshape(-1, 1)
+    return jnp.where(response_mask.astype(bool), sign, 0.0)
+
+  learner = _learner(setup, _parity_reward, algo="sign_of_deviation")
+  result = learner.step(setup[1], jax.random.key(1))
+  scores = result.scores.reshape(PROMPTS, G)
+  want = np.sign(scores - scores.mean(1, keepdims=True))
+  np.testing.assert_array_equal(result.advantages[:, 0].reshape(PROMPTS, G), want)
+  assert np.isfinite(result.metrics["update/loss"])

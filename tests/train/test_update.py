@@ -44,8 +44,8 @@ def _rows(tokenizer) -> tuple[TrainRows, tuple[int, int, int]]:
                    completion_mask=mask, pixel_values=np.repeat(pixels, G, 0))
   logp = lambda scale: (np.log(1 / 1031) + scale * rng.normal(size=(rows, R))).astype(np.float32)
   advantages = np.repeat(rng.normal(size=(rows, 1)), R, 1).astype(np.float32) * mask
-  return TrainRows(seqs=seqs, old_logp=logp(2.0), ref_logp=logp(1.0),
-                   advantages=advantages), prompts.grids[0]
+  return TrainRows(seqs=seqs, old_logp=logp(2.0), ref_logp=logp(1.0), advantages=advantages,
+                   rollout_logp=logp(0.5)), prompts.grids[0]
 
 
 # An "optimizer" that leaves the parameters and keeps the gradient it was given as its state.

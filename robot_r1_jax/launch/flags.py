@@ -12,7 +12,7 @@ from robot_r1_jax.data.sft_targets import TargetConfig
 from robot_r1_jax.generate.sampling import SamplingParams
 from robot_r1_jax.launch.config import MODES, STAGES, DataSpec, Distributed, ModelSpec, RunConfig
 from robot_r1_jax.model import config as model_config
-from robot_r1_jax.rl import advantages, kl, losses
+from robot_r1_jax.rl import advantages, kl, losses, shaping
 from robot_r1_jax.stages.evaluate import EvalConfig
 from robot_r1_jax.stages.rl import RLConfig
 from robot_r1_jax.stages.rl_step import LearnerConfig
@@ -103,6 +103,26 @@ TIS_CAP = flags.DEFINE_float("tis_cap", 0, "Truncated importance sampling (Yao e
                              "tis_imp_ratio_cap, 2 there): weight each token's loss by "
                              "min(π_trainer/π_sampler, C) when the sampler's numerics differ from "
                              "the trainer's (e.g. bf16 rollouts). 0: off.")
+REWARD_SHAPERS = flags.DEFINE_list("reward_shapers", [], "Reward shapers applied to each "
+                                   "completion's score, in order: overlong (DAPO's soft overlong "
+                                   "punishment, with --overlong_buffer), or ones an --import "
+                                   "registered.")
+OVERLONG_BUFFER = flags.DEFINE_integer("overlong_buffer", 0, "DAPO's L_cache (tokens): with "
+                                       "--reward_shapers=overlong, completions longer than "
+                                       "--max_new_tokens minus this lose up to "
+                                       "--overlong_penalty, linearly.")
+OVERLONG_PENALTY = flags.DEFINE_float("overlong_penalty", 1.0, "The overlong penalty at the full "
+                                      "budget (DAPO: 1).")
+BATCH_FILTER = flags.DEFINE_string("batch_filter", "", "Dynamic sampling (DAPO, Yu et al. 2025): "
+                                   "keep drawing prompts until the rollout is full of groups this "
+                                   "filter keeps: informative (rewards not all equal), or one an "
+                                   "--import registered. Empty: every group.")
+MAX_DRAWS = flags.DEFINE_integer("max_draws", 10, "Loader batches one step may draw for "
+                                 "--batch_filter (DAPO's max_num_gen_batches); when they run out "
+                                 "the rollout is filled with refused groups, counted in the "
+                                 "metrics.")
+MASK_TRUNCATED = flags.DEFINE_bool("mask_truncated", False, "No loss on completions cut by "
+                                   "--max_new_tokens (DAPO's overlong filtering).")
 ENTROPY_COEF = flags.DEFINE_float("entropy_coef", 0.0, "Entropy bonus: the loss subtracts this "
                                   "times the aggregated token entropy (verl's entropy_coeff). 0: "
                                   "off.")
@@ -200,7 +220,8 @@ def _kl_terms() -> dict[str, kl.KLPenalty]:
 
 def _import_user_modules() -> None:
   """Imports each --import module; each must add an estimator or a policy loss."""
-  registries = (advantages.ESTIMATORS, losses.POLICY_LOSSES)
+  registries = (advantages.ESTIMATORS, losses.POLICY_LOSSES, shaping.REWARD_SHAPERS,
+                shaping.BATCH_FILTERS)
   for name in IMPORTS.value:
     before = sum(len(r) for r in registries)
     try:
@@ -215,7 +236,8 @@ def _import_user_modules() -> None:
                        f"{type(e).__name__}: {e}") from e
     if sum(len(r) for r in registries) == before:
       raise ValueError(f"--import={name} registered nothing: call robot_r1_jax.rl."
-                       "register_estimator or register_policy_loss when it is imported")
+                       "register_estimator, register_policy_loss, register_reward_shaper or "
+                       "register_batch_filter when it is imported")
 
 
 def _policy_loss() -> losses.PolicyLossConfig:
@@ -242,7 +264,12 @@ def run_config() -> RunConfig:
   step = LearnerConfig(
       algo=ALGO.value, num_generations=NUM_GENERATIONS.value, train_batch_size=TRAIN_BATCH.value,
       micro_batch_size=MICRO_BATCH.value, num_updates_per_rollout=UPDATES_PER_ROLLOUT.value,
-      max_new_tokens=MAX_NEW_TOKENS.value, **_kl_terms(), loss=_policy_loss())
+      max_new_tokens=MAX_NEW_TOKENS.value, **_kl_terms(), loss=_policy_loss(),
+      reward_shapers=tuple(REWARD_SHAPERS.value),
+      shaping=shaping.ShapingOptions(overlong_buffer=OVERLONG_BUFFER.value,
+                                     overlong_penalty=OVERLONG_PENALTY.value),
+      batch_filter=BATCH_FILTER.value or None, max_draws=MAX_DRAWS.value,
+      mask_truncated=MASK_TRUNCATED.value)
   rl = RLConfig(
       step=step, sampling=SamplingParams(temperature=TEMPERATURE.value, top_p=TOP_P.value,
                                          top_k=TOP_K.value),

@@ -73,11 +73,13 @@ def train_rl(context: StageContext, config: RLConfig, workdir: str | os.PathLike
   learner = Learner(context.model, optimizer, sampler, config.step, context.mesh,
                     lr_schedule=schedule)
   base_key = jax.random.key(config.seed)
+  batches = iter(data)  # dynamic sampling draws from it too, so checkpoints resume past its draws
   return loop.run(
-      learner, lambda batch, step: learner.step(batch, jax.random.fold_in(base_key, step)),
-      iter(data), loop.LoopConfig(
+      learner, lambda batch, step: learner.step(batch, jax.random.fold_in(base_key, step),
+                                                draw=lambda: next(batches)),
+      batches, loop.LoopConfig(
           workdir=pathlib.Path(workdir), total_steps=total, stage="rl", settings=config.loop,
           progress=(("reward", "reward/total"), ("acc", "accuracy/all"),
-                    ("kl", "kl/policy_ref")),
+                    ("kl", "kl/policy_ref"), ("draws", "dynamic_sampling/draws")),
           meta=context.meta),
       evaluate=evaluate)

@@ -29,12 +29,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from robot_r1_jax.data.prompts import QUESTION_TYPES
-from robot_r1_jax.generate.sampler import Sampler, SamplerOutput
+from robot_r1_jax.generate.sampler import FinishReason, Sampler, SamplerOutput
 from robot_r1_jax.model import layers, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 from robot_r1_jax.rl import advantages as adv_lib
 from robot_r1_jax.rl import kl as kl_lib
-from robot_r1_jax.rl import losses, rewards
+from robot_r1_jax.rl import losses, rewards, shaping
+from robot_r1_jax.stages import dynamic_sampling
 from robot_r1_jax.train import update
 from robot_r1_jax.train.loop import StepResult
 from robot_r1_jax.train.metrics import StepTimer
@@ -62,9 +63,26 @@ class LearnerConfig:
   loss: losses.PolicyLossConfig = losses.PolicyLossConfig()
   advantage: adv_lib.AdvantageOptions = adv_lib.AdvantageOptions()
   reward_weights: rewards.RewardWeights = rewards.RewardWeights()
+  # Shapers applied to each completion's score, in order (`shaping.REWARD_SHAPERS`).
+  reward_shapers: tuple[str, ...] = ()
+  shaping: shaping.ShapingOptions = shaping.ShapingOptions()
+  # A `shaping.BATCH_FILTERS` name: draw prompts until the rollout is full of groups it keeps,
+  # at most `max_draws` loader batches per step (DAPO's dynamic sampling). None: every group.
+  batch_filter: str | None = None
+  max_draws: int = 10
+  mask_truncated: bool = False  # no loss on completions cut by the budget (DAPO's overlong filter)
 
   def __post_init__(self):
     adv_lib.get_estimator(self.algo)  # raises naming the valid estimators
+    shaping.check_names(shaping.REWARD_SHAPERS, "reward shaper", self.reward_shapers)
+    if self.batch_filter is not None:
+      shaping.check_names(shaping.BATCH_FILTERS, "batch filter", (self.batch_filter,))
+    if "overlong" in self.reward_shapers and not 0 < self.shaping.overlong_buffer <= (
+        self.max_new_tokens):
+      raise ValueError(f"the 'overlong' reward shaper needs 0 < overlong_buffer <= max_new_tokens "
+                       f"({self.max_new_tokens}); got {self.shaping.overlong_buffer}")
+    if self.max_draws < 1:
+      raise ValueError(f"max_draws={self.max_draws} must be >= 1")
     if self.kl.placement != "loss" or self.kl_reward.placement != "reward":
       raise ValueError(f"LearnerConfig.kl goes in the loss and kl_reward in the reward; got "
                        f"placements {self.kl.placement!r} and {self.kl_reward.placement!r}")
@@ -169,27 +187,39 @@ class Learner:
                                    image_grid=image_grid) for i in range(0, rows, mb)]
     return jnp.concatenate(parts, axis=0)
 
-  def step(self, batch: Any, key: jax.Array) -> StepResult:
+  def step(self, batch: Any, key: jax.Array, draw: Callable[[], Any] | None = None) -> StepResult:
     """One RL step on this process's loader batch (prompts with `input_ids`, `attention_mask`,
     `pixel_values`, `image_grid_thw`, `answers`, `question_types`).
 
+    With a `batch_filter`, `draw()` gives the next loader batch (StopIteration when the data ends)
+    and the step draws until the rollout is full of kept groups (`dynamic_sampling`).
     Arrays that cross processes are global (rows split over data×fsdp); text, rewards and the
     returned `StepResult` arrays are this process's rows. Metrics are over all processes.
     """
-    g = self.config.num_generations
+    cfg, g = self.config, self.config.num_generations
     timer = StepTimer()
+    rollout = self._rollout(batch, jax.random.fold_in(key, 0), timer)
+    sampling_metrics = {}
+    if cfg.batch_filter is not None:
+      keep = lambda r: shaping.BATCH_FILTERS[cfg.batch_filter](r.reward.total.reshape(-1, g))
+
+      def more(d: int) -> dynamic_sampling.Rollout | None:
+        try:
+          extra = draw() if draw is not None else None
+        except StopIteration:
+          extra = None
+        if extra is None:
+          return None
+        return self._rollout(extra, jax.random.fold_in(jax.random.fold_in(key, 0), d), timer)
+
+      with timer("filter"):
+        rollout, sampling_metrics = dynamic_sampling.fill(rollout, keep, more, cfg.max_draws, g,
+                                                          self.mesh)
+    batch, out, reward = rollout.batch, rollout.out, rollout.reward
     grids = np.asarray(batch.image_grid_thw) if batch.pixel_values is not None else None
     image_grid = None if grids is None else _single_grid(grids)
-
-    with timer("rollout"):  # G completions per prompt from one prefill
-      out = self.sampler(batch.input_ids, batch.attention_mask, jax.random.fold_in(key, 0),
-                         max_new_tokens=self.config.max_new_tokens,
-                         pixel_values=batch.pixel_values, image_grid_thw=grids)
-
-    with timer("reward"):  # rule-based, on this process's detokenised completions
-      answers = np.repeat(np.asarray(batch.answers), g)
-      types = np.repeat(np.asarray(batch.question_types), g)
-      reward = self.reward_fn(list(out.text), [str(a) for a in answers])
+    answers = np.repeat(np.asarray(batch.answers), g)
+    types = np.repeat(np.asarray(batch.question_types), g)
 
     with timer("advantage"):  # reference / old log-probs, then the estimator
       rows, kl, on_policy = self._score(batch, out, reward, image_grid)
@@ -200,6 +230,7 @@ class Learner:
     self.bad_steps = self.bad_steps + 1 if update_metrics["updates/skipped_non_finite"] else 0
     metrics = {**_all_processes_summary(reward, types),
                **_rollout_metrics(rows, kl, out),
+               **sampling_metrics,
                **update_metrics,
                **({"update/learning_rate": float(self.lr_schedule(
                    update.update_count(self.opt_state)))} if self.lr_schedule else {}),
@@ -210,6 +241,27 @@ class Learner:
     return StepResult(metrics=metrics, rollouts=records, scores=np.asarray(reward.total),
                       advantages=sharding.local_rows(rows.advantages),
                       completion_mask=sharding.local_rows(rows.seqs.completion_mask))
+
+  def _rollout(self, batch: Any, key: jax.Array, timer: StepTimer) -> dynamic_sampling.Rollout:
+    """G completions per prompt of `batch` and their rewards, shaped."""
+    cfg, g = self.config, self.config.num_generations
+    grids = np.asarray(batch.image_grid_thw) if batch.pixel_values is not None else None
+    with timer("rollout"):  # G completions per prompt from one prefill
+      out = self.sampler(batch.input_ids, batch.attention_mask, key,
+                         max_new_tokens=cfg.max_new_tokens, pixel_values=batch.pixel_values,
+                         image_grid_thw=grids)
+    with timer("reward"):  # rule-based, on this process's detokenised completions
+      answers = np.repeat(np.asarray(batch.answers), g)
+      reward = self.reward_fn(list(out.text), [str(a) for a in answers])
+      if cfg.reward_shapers:
+        lengths = sharding.local_rows(out.lengths)
+        truncated = sharding.local_rows(out.finish_reasons) == FinishReason.LENGTH
+        total = reward.total
+        for name in cfg.reward_shapers:
+          total = shaping.REWARD_SHAPERS[name](total, lengths, truncated, cfg.max_new_tokens,
+                                               cfg.shaping)
+        reward = dataclasses.replace(reward, total=np.asarray(total, np.float32))
+    return dynamic_sampling.Rollout(batch=batch, out=out, reward=reward)
 
   def _score(self, batch: Any, out: SamplerOutput, reward: rewards.RewardOutput, image_grid
              ) -> tuple[TrainRows, jax.Array, bool]:
@@ -260,9 +312,12 @@ class Learner:
       pixels = sharding.global_rows(pv, self.mesh)
     width = completion_width(out.lengths, out.tokens.shape[1], self.config.width_steps)
     as_int = lambda x: x[:, :width].astype(jnp.int32)
+    mask = out.mask
+    if self.config.mask_truncated:  # no loss on completions the budget cut (DAPO)
+      mask = mask & (out.finish_reasons != FinishReason.LENGTH)[:, None]
     seqs = Sequences(prompt_ids=out.prompt_tokens.astype(jnp.int32),
                      prompt_mask=out.prompt_mask.astype(jnp.int32),
-                     completion=as_int(out.tokens), completion_mask=as_int(out.mask),
+                     completion=as_int(out.tokens), completion_mask=as_int(mask),
                      pixel_values=pixels)
     return seqs, out.log_probs[:, :width]
 
@@ -327,11 +382,13 @@ def _rollout_metrics(rows: TrainRows, kl: jax.Array, out: SamplerOutput) -> dict
   adv_mean = jnp.sum(jnp.where(mask, rows.advantages, 0.0)) / tokens
   adv_var = jnp.sum(jnp.where(mask, (rows.advantages - adv_mean)**2, 0.0)) / tokens
   return {"kl/policy_ref": float(kl.sum() / tokens),
-          "response_length/mean": float(mask.sum(1).mean()),
-          "response_length/clipped_fraction": float(jnp.mean(out.finish_reasons == 1)),
+          "response_length/mean": float(out.lengths.mean()),
+          "response_length/clipped_fraction": float(jnp.mean(
+              out.finish_reasons == FinishReason.LENGTH)),
           "advantage/mean": float(adv_mean),
           "advantage/std": float(jnp.sqrt(adv_var)),
-          "tokens/generated": float(mask.sum())}
+          "tokens/generated": float(out.lengths.sum()),
+          "tokens/trained": float(mask.sum())}
 
 
 def completion_width(lengths: jax.Array, bucket: int, steps: int) -> int:

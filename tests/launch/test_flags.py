@@ -269,3 +269,21 @@ def test_objective_recipes_change_only_the_objective(objective, loss):
   differ = {k for k, v in config.flags.items() if paper.flags[k] != v}
   assert differ <= {"policy_loss", "clip_low", "clip_high", "dual_clip", "loss_aggregation"}
   assert config.rl.optimizer == paper.rl.optimizer and config.rl.sampling == paper.rl.sampling
+
+
+def test_dapo_recipe_and_flags():
+  config = run_config("--flagfile=ablations/dapo.cfg")
+  step = config.rl.step
+  assert (step.loss.clip_low, step.loss.clip_high, step.loss.aggregation) == (
+      0.2, 0.28, "token_mean")
+  assert (step.batch_filter, step.max_draws, step.reward_shapers) == ("informative", 10,
+                                                                     ("overlong",))
+  assert (step.shaping.overlong_buffer, step.shaping.overlong_penalty) == (205, 1.0)
+  assert not step.needs_reference  # DAPO drops the KL term
+  assert step.max_new_tokens == 1024 and config.rl.rollout_batch_size == 512
+  step = run_config("--mask_truncated").rl.step
+  assert step.mask_truncated and step.batch_filter is None and step.reward_shapers == ()
+  with pytest.raises(ValueError, match="'overlong' reward shaper needs 0 < overlong_buffer"):
+    run_config("--reward_shapers=overlong")
+  with pytest.raises(ValueError, match="unknown batch filter 'all_good'"):
+    run_config("--batch_filter=all_good")

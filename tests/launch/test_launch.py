@@ -130,3 +130,17 @@ def test_three_axis_mesh_runs_and_bad_mesh_fails_fast(data, tmp_path):
                         env=_env(8), cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
   assert "does not divide the 8 devices" in proc.stderr
+
+
+def test_dynamic_sampling_resumes_past_its_extra_draws(data, tmp_path):
+  """Draws beyond the step's own batch come from the checkpointed iterator: a run stopped after
+  step 2 and resumed gives step 3 exactly as a run that never stopped."""
+  flags = [f"--data={data}", "--batch_filter=informative", "--max_draws=3", *SMALL]
+  _launch(f"--workdir={tmp_path / 'straight'}", "--max_steps=3", *flags)
+  _launch(f"--workdir={tmp_path / 'resumed'}", "--max_steps=2", *flags)
+  _launch(f"--workdir={tmp_path / 'resumed'}", "--max_steps=3", *flags)
+  straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+  assert sorted(resumed) == [1, 2, 3]
+  assert all(1 <= m["dynamic_sampling/draws"] <= 3 for m in straight.values())
+  assert sum(m["dynamic_sampling/draws"] for m in straight.values()) > 3  # it did draw more
+  assert resumed[3] == straight[3]

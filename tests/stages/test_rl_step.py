@@ -13,7 +13,7 @@ from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model.qwen2_5_vl import init_model
 from robot_r1_jax.rl import kl as kl_lib
 from robot_r1_jax.rl import advantages as adv_lib
-from robot_r1_jax.rl import losses, rewards
+from robot_r1_jax.rl import losses, rewards, shaping
 from robot_r1_jax.stages import rl_step
 from robot_r1_jax.stages.rl_step import Learner, LearnerConfig, completion_width
 from robot_r1_jax.train.optim import OptimizerConfig, build_optimizer
@@ -345,3 +345,79 @@ def test_a_registered_estimator_runs_a_learner_step(setup, monkeypatch):
   want = np.sign(scores - scores.mean(1, keepdims=True))
   np.testing.assert_array_equal(result.advantages[:, 0].reshape(PROMPTS, G), want)
   assert np.isfinite(result.metrics["update/loss"])
+
+
+def _one_informative_prompt(texts, answers):
+  """Prompt [[A]]'s group always scores 1 (nothing to learn); prompt [[C]]'s alternates 0, 1."""
+  del texts
+  total = np.array([float(i % 2) if a == "[[C]]" else 1.0 for i, a in enumerate(answers)],
+                   np.float32)
+  zeros = np.zeros_like(total)
+  return rewards.RewardOutput(format=zeros, answer=total, xyz=zeros,
+                              open_ended=np.zeros(len(total), bool), total=total)
+
+
+def test_dynamic_sampling_draws_until_every_group_is_informative(setup, tokenizer):
+  _, batch, _ = setup
+  rng = np.random.default_rng(1)
+  # The next loader batch has a shorter prompt bucket: merged prompts are left-padded to one width.
+  shorter = question_batch(image_prompts(tokenizer, [
+      (text, rng.integers(0, 255, (56, 84, 3), dtype=np.uint8))
+      for text in ("Which way? [[A]] up", "Where next? [[A]] left [[B]] right [[C]] on")],
+      length=60, pad_id=tokenizer.pad_token_id), answers=["[[A]]", "[[C]]"],
+      question_types=["movement", "waypoint"], tasks=["t", "t"])
+  learner = _learner(setup, _one_informative_prompt, batch_filter="informative")
+  draws = []
+  result = learner.step(batch, jax.random.key(1), draw=lambda: draws.append(1) or shorter)
+  metrics = result.metrics
+  assert len(draws) == 1 and metrics["dynamic_sampling/draws"] == 2.0
+  assert metrics["dynamic_sampling/kept_fraction"] == 0.5
+  assert metrics["dynamic_sampling/refused_in_batch"] == 0.0
+  # Both prompts trained on are [[C]]'s (one from each draw), with GRPO advantages ±0.866.
+  assert [r["answer"] for r in result.rollouts] == ["[[C]]"] * (PROMPTS * G)
+  np.testing.assert_array_equal(result.scores, np.tile([0.0, 1.0], PROMPTS * G // 2))
+  np.testing.assert_allclose(np.abs(result.advantages[:, 0]), np.sqrt(3) / 2, rtol=1e-5)
+  assert np.isfinite(metrics["update/loss"])
+  # Without enough draws (the bound, or the data's end) the refused group fills the rollout.
+  for draw in (lambda: shorter, None):
+    bounded = _learner(setup, _one_informative_prompt, batch_filter="informative", max_draws=1)
+    metrics = bounded.step(batch, jax.random.key(1), draw=draw).metrics
+    assert metrics["dynamic_sampling/draws"] == 1.0
+    assert metrics["dynamic_sampling/refused_in_batch"] == 1.0
+
+  def exhausted():
+    raise StopIteration
+
+  metrics = _learner(setup, _one_informative_prompt, batch_filter="informative").step(
+      batch, jax.random.key(1), draw=exhausted).metrics
+  assert metrics["dynamic_sampling/draws"] == 1.0
+  assert metrics["dynamic_sampling/refused_in_batch"] == 1.0
+
+
+def test_overlong_shaping_and_truncation_masking(setup):
+  # A 5-token budget: every completion that does not stop early is cut, and the overlong shaper
+  # (buffer 2) takes up to 1 off the scores of completions longer than 3 tokens.
+  learner = _learner(setup, _parity_reward, max_new_tokens=5, reward_shapers=("overlong",),
+                     shaping=shaping.ShapingOptions(overlong_buffer=2), mask_truncated=True)
+  raw = {}
+
+  def keep_raw(texts, answers):
+    out = _parity_reward(texts, answers)
+    raw["total"] = out.total
+    return out
+
+  learner.reward_fn = keep_raw
+  result = learner.step(setup[1], jax.random.key(3))
+  lengths = result.metrics["response_length/mean"]
+  assert lengths > 3, "the test wants completions that reach the buffer"
+  mask = result.completion_mask.astype(bool)
+  cut = mask.sum(1) == 0  # truncated rows carry no loss
+  assert cut.any() and result.metrics["tokens/trained"] == mask.sum()
+  assert result.metrics["tokens/trained"] < result.metrics["tokens/generated"]
+  # Truncated rows used the whole budget: their score lost the full penalty (5 − 3) / 2 = 1.
+  np.testing.assert_allclose(result.scores[cut], raw["total"][cut] - 1.0, rtol=1e-6)
+  with pytest.raises(ValueError, match="overlong_buffer <= max_new_tokens"):
+    LearnerConfig(reward_shapers=("overlong",), max_new_tokens=8,
+                  shaping=shaping.ShapingOptions(overlong_buffer=9))
+  with pytest.raises(ValueError, match="unknown batch filter 'all'"):
+    LearnerConfig(batch_filter="all")

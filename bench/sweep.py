@@ -1,11 +1,14 @@
 """Ablation sweep: SFT baselines and RL algorithms from the same SFT checkpoint, over seeds.
 
 python bench/sweep.py --out sweep --seeds 0,1,2 [--algos grpo,rloo,reinforce_pp]
-    [--sft_targets direct,cot,check] [--rl_from direct] [--sft_seed N] [--rl_data DIR]
-    [--test_data DIR] [-- LAUNCH FLAGS]
+    [--arms NAME=FLAGFILE,...] [--sft_targets direct,cot,check] [--rl_from direct] [--sft_seed N]
+    [--rl_data DIR] [--test_data DIR] [-- LAUNCH FLAGS]
 
-For each seed: one SFT run per target (the baselines), then GRPO / RLOO / REINFORCE++ each
-initialised from the `--rl_from` SFT checkpoint, every run evaluated greedily on the val split.
+For each seed: one SFT run per target (the baselines), then one RL run per arm, each initialised
+from the `--rl_from` SFT checkpoint, every run evaluated greedily on the val split. An arm is an
+`--algos` name (the launch flags with `--algo=NAME`) or a `--arms NAME=FLAGFILE` (the launch flags,
+then the flagfile's, which win: e.g. `gspo=objectives/gspo.cfg`; a flagfile path is resolved as
+the launcher resolves it, from the working directory, then among the packaged configs).
 `--sft_seed N` trains each SFT target once, with seed N, and starts every seed's RL runs from that
 one checkpoint: the spread is then the RL runs' own, over the same start. `--rl_data DIR` trains
 the RL runs on another extraction (e.g. `--question_types=movement` of the same demos); every run is
@@ -102,13 +105,14 @@ class Sweep:
     self._test(run, seed, budget)
     return run
 
-  def rl_run(self, algo: str, seed: int, init_from: pathlib.Path) -> pathlib.Path:
-    run = self.out / f"seed{seed}" / f"{init_from.name}-{algo}"
+  def rl_run(self, arm: str, flags: list[str], seed: int, init_from: pathlib.Path
+             ) -> pathlib.Path:
+    run = self.out / f"seed{seed}" / f"{init_from.name}-{arm}"
     if not (run / "eval.json").exists():
       common = self._common(seed)
       train_data = [f"--data={self.rl_data}"] if self.rl_data else []  # the last flag wins
-      _launch("--stage=rl", f"--algo={algo}", f"--init_from={init_from}", f"--workdir={run}",
-              *common, *train_data)
+      _launch("--stage=rl", f"--init_from={init_from}", f"--workdir={run}", *common, *flags,
+              *train_data)
       _launch("--mode=eval", f"--workdir={run}", *common)
     self._test(run, seed, [])
     return run
@@ -123,16 +127,29 @@ class Sweep:
     return run / "test" / "eval.json" if self.test_data else run / "eval.json"
 
 
-def run_sweep(sweep: Sweep, seeds: list[int], algos: list[str], targets: list[str],
+def arms(algos: str, flagfiles: str) -> dict[str, list[str]]:
+  """Arm name -> the flags its RL runs add: `--algos` names, then `--arms NAME=FLAGFILE` pairs."""
+  out = {algo: [f"--algo={algo}"] for algo in algos.split(",") if algo}
+  for pair in (p for p in flagfiles.split(",") if p):
+    name, sep, path = pair.partition("=")
+    if not (sep and name and path):
+      raise SystemExit(f"--arms: {pair!r} is not NAME=FLAGFILE")
+    if name in out:
+      raise SystemExit(f"--arms: arm {name!r} is named twice")
+    out[name] = [f"--flagfile={path}"]
+  return out
+
+
+def run_sweep(sweep: Sweep, seeds: list[int], rl_arms: dict[str, list[str]], targets: list[str],
               rl_from: str) -> dict[int, dict]:
-  """{seed: {method: accuracy per type}}; methods are "<target>-SFT" and "<rl_from>-SFT→<algo>"."""
+  """{seed: {method: accuracy per type}}; methods are "<target>-SFT" and "<rl_from>-SFT→<arm>"."""
   per_seed = {}
   for seed in seeds:
     start = sweep.sft_run(rl_from, seed)
     per_seed[seed] = {f"{rl_from}-SFT": _accuracy(sweep.eval_json(start))}
-    for algo in algos:
-      run = sweep.eval_json(sweep.rl_run(algo, seed, start))
-      per_seed[seed][f"{rl_from}-SFT→{algo}"] = {
+    for arm, flags in rl_arms.items():
+      run = sweep.eval_json(sweep.rl_run(arm, flags, seed, start))
+      per_seed[seed][f"{rl_from}-SFT→{arm}"] = {
           **_accuracy(run), "paired": _paired(sweep.eval_json(start), run)}
   for seed in seeds:
     for target in (t for t in targets if t != rl_from):
@@ -210,7 +227,10 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("sweep"))
   parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--algos", default="grpo,rloo,reinforce_pp")
+  parser.add_argument("--algos", default="grpo,rloo,reinforce_pp",
+                      help="RL arms by advantage estimator (empty: none)")
+  parser.add_argument("--arms", default="",
+                      help="more RL arms, NAME=FLAGFILE,... (the flagfile's flags win)")
   parser.add_argument("--sft_targets", default="direct,cot,check",
                       help="SFT baselines (launch --sft_target values)")
   parser.add_argument("--rl_from", default="direct", help="the SFT target RL starts from")
@@ -226,8 +246,8 @@ def main() -> None:
   args = parser.parse_args(argv)
   sweep = Sweep(args.out, extra, sft_seed=args.sft_seed, reasoning_tokens=args.reasoning_tokens,
                 rl_data=args.rl_data, test_data=args.test_data)
-  per_seed = run_sweep(sweep, [int(s) for s in args.seeds.split(",")], args.algos.split(","),
-                       args.sft_targets.split(","), args.rl_from)
+  per_seed = run_sweep(sweep, [int(s) for s in args.seeds.split(",")],
+                       arms(args.algos, args.arms), args.sft_targets.split(","), args.rl_from)
   table, stats = summarise(per_seed)
   (args.out / "results.json").write_text(json.dumps({"per_seed": per_seed, "stats": stats},
                                                     indent=2) + "\n")

@@ -9,8 +9,8 @@ import pathlib
 
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location(
-    "sweep", pathlib.Path(__file__).resolve().parents[2] / "bench" / "sweep.py")
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+_SPEC = importlib.util.spec_from_file_location("sweep", ROOT / "bench" / "sweep.py")
 sweep = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(sweep)
 
@@ -102,7 +102,8 @@ def test_shared_sft_checkpoint_rl_seeds_first_and_reasoning_budget(tmp_path, mon
   monkeypatch.setattr(sweep, "_launch", _fake_launch(calls))
   runner = sweep.Sweep(tmp_path, ["--data=/d", "--max_new_tokens=32"], sft_seed=7,
                        reasoning_tokens=200)
-  per_seed = sweep.run_sweep(runner, [0, 1], ["grpo"], ["direct", "check"], rl_from="check")
+  per_seed = sweep.run_sweep(runner, [0, 1], sweep.arms("grpo", ""), ["direct", "check"],
+                             rl_from="check")
   trains = [(c[0], pathlib.Path(next(f for f in c if f.startswith("--workdir="))[10:])
              .relative_to(tmp_path).as_posix()) for c in calls if "--mode=eval" not in c]
   # One check-SFT run (seed 7) feeds both seeds' GRPO; the direct baseline comes last, once.
@@ -122,7 +123,8 @@ def test_shared_sft_checkpoint_rl_seeds_first_and_reasoning_budget(tmp_path, mon
   assert per_seed[0]["check-SFT→grpo"]["one_answer"] == ["waypoint"]  # share 1.0, all 0.5
   # Finished runs are reused: a second sweep launches nothing.
   calls.clear()
-  assert sweep.run_sweep(runner, [0, 1], ["grpo"], ["direct", "check"], "check") == per_seed
+  assert sweep.run_sweep(runner, [0, 1], sweep.arms("grpo", ""), ["direct", "check"],
+                         "check") == per_seed
   assert calls == []
 
 
@@ -131,7 +133,7 @@ def test_rl_data_trains_rl_runs_only_and_every_run_is_evaluated_on_data(tmp_path
   monkeypatch.setattr(sweep, "_launch", _fake_launch(calls))
   runner = sweep.Sweep(tmp_path, ["--data=/all"], sft_seed=0, reasoning_tokens=64,
                        rl_data=pathlib.Path("/movement"))
-  sweep.run_sweep(runner, [0], ["grpo"], ["check"], rl_from="check")
+  sweep.run_sweep(runner, [0], sweep.arms("grpo", ""), ["check"], rl_from="check")
   data = lambda c: [f for f in c if f.startswith("--data=")][-1]  # absl keeps the last one
   rl = [c for c in calls if c[0] == "--stage=rl"]
   others = [c for c in calls if c[0] != "--stage=rl"]
@@ -143,12 +145,14 @@ def test_test_data_evaluates_every_run_again_and_is_what_is_reported(tmp_path, m
   calls = []
   monkeypatch.setattr(sweep, "_launch", _fake_launch(calls))
   plain = sweep.Sweep(tmp_path, ["--data=/all"], sft_seed=0, reasoning_tokens=64)
-  before = sweep.run_sweep(plain, [0], ["grpo"], ["check", "direct"], rl_from="check")
+  before = sweep.run_sweep(plain, [0], sweep.arms("grpo", ""), ["check", "direct"],
+                           rl_from="check")
   calls.clear()
   # Finished runs are not retrained: each is only evaluated on the test set, from its checkpoint.
   tested = sweep.Sweep(tmp_path, ["--data=/all"], sft_seed=0, reasoning_tokens=64,
                        test_data=pathlib.Path("/test"))
-  after = sweep.run_sweep(tested, [0], ["grpo"], ["check", "direct"], rl_from="check")
+  after = sweep.run_sweep(tested, [0], sweep.arms("grpo", ""), ["check", "direct"],
+                          rl_from="check")
   runs = [tmp_path / "seed0" / r for r in ("sft_check", "sft_check-grpo", "sft_direct")]
   assert [c[:3] for c in calls] == [["--mode=eval", f"--init_from={r}", f"--workdir={r / 'test'}"]
                                     for r in runs]
@@ -158,5 +162,46 @@ def test_test_data_evaluates_every_run_again_and_is_what_is_reported(tmp_path, m
   for method in before[0]:
     assert after[0][method]["waypoint"] == pytest.approx(before[0][method]["waypoint"] + 0.05)
   calls.clear()
-  assert sweep.run_sweep(tested, [0], ["grpo"], ["check", "direct"], rl_from="check") == after
+  assert sweep.run_sweep(tested, [0], sweep.arms("grpo", ""), ["check", "direct"],
+                         rl_from="check") == after
   assert calls == []
+
+
+def test_flagfile_arms_add_their_flags_after_the_common_ones(tmp_path, monkeypatch):
+  assert sweep.arms("grpo", "gspo=objectives/gspo.cfg,dapo=my/dapo.cfg") == {
+      "grpo": ["--algo=grpo"], "gspo": ["--flagfile=objectives/gspo.cfg"],
+      "dapo": ["--flagfile=my/dapo.cfg"]}
+  assert sweep.arms("", "gspo=g.cfg") == {"gspo": ["--flagfile=g.cfg"]}
+  with pytest.raises(SystemExit, match="'gspo' is not NAME=FLAGFILE"):
+    sweep.arms("", "gspo")
+  with pytest.raises(SystemExit, match="arm 'grpo' is named twice"):
+    sweep.arms("grpo", "grpo=g.cfg")
+  calls = []
+  monkeypatch.setattr(sweep, "_launch", _fake_launch(calls))
+  runner = sweep.Sweep(tmp_path, ["--data=/all", "--clip_high=0.3"], sft_seed=0,
+                       reasoning_tokens=64, rl_data=pathlib.Path("/movement"))
+  per_seed = sweep.run_sweep(runner, [0], sweep.arms("grpo", "gspo=objectives/gspo.cfg"),
+                             ["check"], rl_from="check")
+  assert list(per_seed[0]) == ["check-SFT", "check-SFT→grpo", "check-SFT→gspo"]
+  rl = {c[2][len("--workdir="):]: c for c in calls if c[0] == "--stage=rl"}
+  gspo = rl[str(tmp_path / "seed0" / "sft_check-gspo")]
+  # The arm's flagfile comes after the common flags (it wins), the RL data last.
+  assert gspo.index("--flagfile=objectives/gspo.cfg") > gspo.index("--clip_high=0.3")
+  assert gspo[-1] == "--data=/movement"
+  assert "--algo=grpo" in rl[str(tmp_path / "seed0" / "sft_check-grpo")]
+
+
+@pytest.mark.parametrize("arm", sorted((ROOT / "bench" / "arms").glob("*.cfg")),
+                         ids=lambda p: p.stem)
+def test_shipped_arms_parse_at_the_readme_scale(arm):
+  from absl import flags
+  from absl.testing import flagsaver
+
+  from robot_r1_jax.launch import flagfiles
+  from robot_r1_jax.launch import flags as launch_flags
+
+  with flagsaver.flagsaver():
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(flagfiles.expand(["launch", "--max_new_tokens=160", f"--flagfile={arm}"]))
+    step = launch_flags.run_config().rl.step
+  assert step.max_new_tokens == 160 and step.shaping.overlong_buffer <= 160

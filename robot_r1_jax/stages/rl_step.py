@@ -200,21 +200,8 @@ class Learner:
     timer = StepTimer()
     rollout = self._rollout(batch, jax.random.fold_in(key, 0), timer)
     sampling_metrics = {}
-    if cfg.batch_filter is not None:
-      keep = lambda r: shaping.BATCH_FILTERS[cfg.batch_filter](r.reward.total.reshape(-1, g))
-
-      def more(d: int) -> dynamic_sampling.Rollout | None:
-        try:
-          extra = draw() if draw is not None else None
-        except StopIteration:
-          extra = None
-        if extra is None:
-          return None
-        return self._rollout(extra, jax.random.fold_in(jax.random.fold_in(key, 0), d), timer)
-
-      with timer("filter"):
-        rollout, sampling_metrics = dynamic_sampling.fill(rollout, keep, more, cfg.max_draws, g,
-                                                          self.mesh)
+    if cfg.batch_filter is not None:  # DAPO: draw until the rollout is full of kept groups
+      rollout, sampling_metrics = self._fill(rollout, jax.random.fold_in(key, 0), draw, timer)
     batch, out, reward = rollout.batch, rollout.out, rollout.reward
     grids = np.asarray(batch.image_grid_thw) if batch.pixel_values is not None else None
     image_grid = None if grids is None else _single_grid(grids)
@@ -262,6 +249,22 @@ class Learner:
                                                cfg.shaping)
         reward = dataclasses.replace(reward, total=np.asarray(total, np.float32))
     return dynamic_sampling.Rollout(batch=batch, out=out, reward=reward)
+
+  def _fill(self, first: dynamic_sampling.Rollout, key: jax.Array,
+            draw: Callable[[], Any] | None, timer: StepTimer
+            ) -> tuple[dynamic_sampling.Rollout, dict[str, float]]:
+    """`dynamic_sampling.fill` with this learner's filter; draw d samples with fold_in(key, d)."""
+    cfg, g = self.config, self.config.num_generations
+    keep = lambda r: shaping.BATCH_FILTERS[cfg.batch_filter](r.reward.total.reshape(-1, g))
+
+    def more(d: int) -> dynamic_sampling.Rollout | None:
+      try:
+        extra = None if draw is None else draw()
+      except StopIteration:
+        return None
+      return None if extra is None else self._rollout(extra, jax.random.fold_in(key, d), timer)
+
+    return dynamic_sampling.fill(first, keep, more, cfg.max_draws, g, self.mesh)
 
   def _score(self, batch: Any, out: SamplerOutput, reward: rewards.RewardOutput, image_grid
              ) -> tuple[TrainRows, jax.Array, bool]:

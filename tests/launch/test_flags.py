@@ -287,3 +287,26 @@ def test_dapo_recipe_and_flags():
     run_config("--reward_shapers=overlong")
   with pytest.raises(ValueError, match="unknown batch filter 'all_good'"):
     run_config("--batch_filter=all_good")
+
+
+def test_cpu_smoke_recipe_is_a_few_tiny_steps():
+  config = run_config("--flagfile=cpu_smoke.cfg")
+  step = config.rl.step
+  assert (config.model.name, config.rl.max_steps, config.data.sim_tasks) == (
+      "tiny", 3, ("pick_up_cup", "push_button"))
+  assert (step.num_generations, config.rl.rollout_batch_size, step.train_batch_size,
+          step.micro_batch_size, step.max_new_tokens) == (2, 2, 1, 2, 16)
+  assert config.stage == "sft_rl" and str(config.workdir) == "workdir_smoke"
+
+
+def test_objective_deltas_set_only_their_own_flags():
+  budget = "--max_new_tokens=1024"  # DAPO's overlong buffer (205) needs a budget above it
+  defaults = run_config(budget)
+  for name, allowed in (("gspo", {"policy_loss", "loss_aggregation", "clip_low", "clip_high",
+                                  "dual_clip"}),
+                        ("cispo", {"policy_loss", "dual_clip"}),
+                        ("dapo", {"clip_low", "clip_high", "loss_aggregation", "batch_filter",
+                                  "max_draws", "reward_shapers", "overlong_buffer",
+                                  "overlong_penalty", "kl_coef"})):
+    config = run_config(budget, f"--flagfile=objectives/{name}.cfg")
+    assert {k for k, v in config.flags.items() if defaults.flags[k] != v} <= allowed, name

@@ -267,10 +267,10 @@ class Learner:
     return dynamic_sampling.fill(first, keep, more, cfg.max_draws, g, self.mesh)
 
   def _score(self, batch: Any, out: SamplerOutput, reward: rewards.RewardOutput, image_grid
-             ) -> tuple[TrainRows, jax.Array, bool]:
+             ) -> tuple[TrainRows, jax.Array | None, bool]:
     """The rollout's rows with their reference/old log-probs and advantages, the per-token KL
-    [B·G, R] to the reference (by the loss term's estimator, for the metrics), and whether the
-    rollout feeds a single on-policy update."""
+    [B·G, R] to the reference (by the loss term's estimator, for the metrics; None without a
+    reference), and whether the rollout feeds a single on-policy update."""
     cfg, g = self.config, self.config.num_generations
     seqs, sampled_logp = self._sequences(batch, out)
     total = seqs.completion.shape[0]
@@ -284,7 +284,9 @@ class Learner:
                 else zeros)
     old_logp = zeros if on_policy else self.log_probs(self.params, seqs, image_grid)
     behaviour = sampled_logp if on_policy else old_logp
-    kl = kl_lib.kl_divergence(behaviour, ref_logp, cfg.kl.estimator) * seqs.completion_mask
+    kl = None
+    if cfg.needs_reference:  # without one, ref_logp is a placeholder of zeros
+      kl = kl_lib.kl_divergence(behaviour, ref_logp, cfg.kl.estimator) * seqs.completion_mask
     penalty = None
     if cfg.kl_reward.active:
       penalty = cfg.kl_reward.coef * kl_lib.kl_divergence(behaviour, ref_logp,
@@ -378,13 +380,15 @@ def _reference(params: Any, dtype: jnp.dtype) -> Any:
                  out_shardings=placement)(params)
 
 
-def _rollout_metrics(rows: TrainRows, kl: jax.Array, out: SamplerOutput) -> dict[str, float]:
-  """KL to the reference, response lengths and advantage statistics over the valid tokens."""
+def _rollout_metrics(rows: TrainRows, kl: jax.Array | None, out: SamplerOutput
+                     ) -> dict[str, float]:
+  """KL to the reference (when there is one), response lengths and advantage statistics over the
+  valid tokens."""
   mask = rows.seqs.completion_mask.astype(bool)
   tokens = jnp.maximum(mask.sum(), 1)
   adv_mean = jnp.sum(jnp.where(mask, rows.advantages, 0.0)) / tokens
   adv_var = jnp.sum(jnp.where(mask, (rows.advantages - adv_mean)**2, 0.0)) / tokens
-  return {"kl/policy_ref": float(kl.sum() / tokens),
+  return {**({} if kl is None else {"kl/policy_ref": float(kl.sum() / tokens)}),
           "response_length/mean": float(out.lengths.mean()),
           "response_length/clipped_fraction": float(jnp.mean(
               out.finish_reasons == FinishReason.LENGTH)),

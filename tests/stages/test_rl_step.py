@@ -421,3 +421,12 @@ def test_overlong_shaping_and_truncation_masking(setup):
                   shaping=shaping.ShapingOptions(overlong_buffer=9))
   with pytest.raises(ValueError, match="unknown batch filter 'all'"):
     LearnerConfig(batch_filter="all")
+
+
+def test_without_a_reference_no_kl_is_reported(setup):
+  """With β = 0 there is no reference model: its log-probs are placeholder zeros, and a KL against
+  them (0.29 at step 1 of a DAPO run, where policy and start are one) must not be logged."""
+  learner = _learner(setup, _parity_reward, kl=kl_lib.KLPenalty(coef=0.0))
+  assert learner.ref_params is None
+  metrics = learner.step(setup[1], jax.random.key(0)).metrics
+  assert "kl/policy_ref" not in metrics and metrics["update/kl_loss"] == 0.0

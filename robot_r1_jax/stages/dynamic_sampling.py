@@ -57,11 +57,12 @@ def fill(first: Rollout, keep: Callable[[Rollout], np.ndarray],
   filled = need - len(picks)
   picks += refused[:filled]
   picks.sort()  # draw order, then prompt order: the first draw's rows stay first
-  all_kept = _all_processes(np.array([float(sum(k.sum() for k in kept)),
-                                      float(sum(len(k) for k in kept)), float(filled)]))
+  kept_count, drawn, refused_in_batch = (float(x) for x in _all_processes(np.array(
+      [sum(k.sum() for k in kept), sum(len(k) for k in kept), filled], np.float64)))
+  # Python floats: metrics go into the checkpoint's JSON meta (numpy float32 does not serialise).
   metrics = {"dynamic_sampling/draws": float(len(rollouts)),
-             "dynamic_sampling/kept_fraction": all_kept[0] / max(all_kept[1], 1.0),
-             "dynamic_sampling/refused_in_batch": all_kept[2]}
+             "dynamic_sampling/kept_fraction": kept_count / max(drawn, 1.0),
+             "dynamic_sampling/refused_in_batch": refused_in_batch}
   return merge(rollouts, picks, group_size, mesh), metrics
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 
@@ -70,3 +72,15 @@ def test_fill_counts_draws_and_fills_with_refused_groups(one_device_mesh):
   assert metrics["dynamic_sampling/draws"] == 2.0
   assert metrics["dynamic_sampling/refused_in_batch"] == 2.0
   np.testing.assert_array_equal(merged.batch.answers, ["d0b0", "d0b1"])  # the first refused
+
+
+def test_metrics_are_python_floats_whatever_the_process_count(one_device_mesh, monkeypatch):
+  """Metrics go into the checkpoint's JSON meta: a numpy float32 from the cross-process sum once
+  failed the save on one process while the other waited in a collective."""
+  rollouts = {d: _rollout(d, 3, one_device_mesh) for d in range(2)}
+  monkeypatch.setattr(dynamic_sampling, "_all_processes",
+                      lambda values: (2 * values).astype(np.float32))  # what allgather gives
+  _, metrics = dynamic_sampling.fill(rollouts[0], lambda r: np.array([False, True]),
+                                     rollouts.get, 2, G, one_device_mesh)
+  assert all(type(v) is float for v in metrics.values()), metrics
+  json.dumps(metrics)

@@ -41,7 +41,11 @@ def _start(workdir, data, devices, *extra):
   flags = (f"--xla_force_host_platform_device_count={devices} "
            "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
            "--xla_cpu_collective_call_warn_stuck_timeout_seconds=60")
-  env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=str(ROOT))
+  # No persistent compilation cache: an executable with in-process collectives loaded from it
+  # hangs in its all-gather (measured: the "one" command passes with a cold cache and aborts,
+  # stuck, when rerun against the cache it wrote; jax 0.10.2, CPU).
+  env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=str(ROOT),
+             JAX_ENABLE_COMPILATION_CACHE="false")
   return subprocess.Popen([sys.executable, "-m", "robot_r1_jax.launch", f"--workdir={workdir}",
                            f"--data={data}", *ARGS, *extra], env=env, cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -18,12 +18,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # two layouts' training exactly (the same questions, in different rows). In the RL step, greedy
 # sampling makes completions a function of the prompt alone, so both layouts generate the same
 # tokens and rewards. (The random model earns no reward, so RL's own loss is not compared: at
-# step 1 it is a KL of exactly 0.)
+# step 1 it is a KL of exactly 0.) Dynamic sampling is on: no group earns a reward, so every draw is
+# refused, both layouts agree across processes to draw twice, and fill from their first draw.
 ARGS = ["--stage=sft_rl", "--model=tiny", "--sft_steps=3", "--sft_batch_size=8",
         "--temperature=0", "--num_generations=2", "--rollout_batch_size=4",
         "--train_batch_size=4", "--micro_batch_size=4", "--eval_batch_size=8",
         "--max_new_tokens=16", "--max_steps=1", "--checkpoint_every=1",
-        "--mesh=data=1,fsdp=-1,tensor=1"]
+        "--mesh=data=1,fsdp=-1,tensor=1", "--batch_filter=informative", "--max_draws=2"]
 
 
 def _free_port() -> int:
@@ -71,11 +72,13 @@ def test_two_processes_match_one(tmp_path, extracted_data):
     _finish(proc)
   sft = lambda run: _metrics(tmp_path / run / "sft" / "metrics.jsonl", "loss", "grad_norm")
   rl = lambda run: _metrics(tmp_path / run / "rl" / "metrics.jsonl", "tokens/generated",
-                            "reward/total", "response_length/mean")
+                            "reward/total", "response_length/mean", "dynamic_sampling/draws",
+                            "dynamic_sampling/refused_in_batch")
   assert len(sft("one")) == 3 and sft("one")[0][1] > 1e-3  # a real gradient
   for a, b in zip(sft("one"), sft("two")):
     assert b == pytest.approx(a, rel=1e-5)
   assert rl("two") == rl("one")
+  assert rl("one")[0][3:] == (2.0, 4.0)  # two draws, the rollout filled with 4 refused groups
   after = [json.loads((tmp_path / run / "eval_after_rl.json").read_text())["overall"]
            for run in ("one", "two")]
   assert after[0] == after[1]

@@ -15,30 +15,52 @@ from typing import Callable
 
 import jax
 from absl import app, flags
+from absl import logging as absl_logging
 
+from robot_r1_jax.data.demo import DemoError
 from robot_r1_jax.data.loader import LoaderConfig
+from robot_r1_jax.data.records import RecordError
 from robot_r1_jax.launch import compile as compile_lib
 from robot_r1_jax.launch import flagfiles
 from robot_r1_jax.launch import flags as F
 from robot_r1_jax.launch import mesh as mesh_lib
 from robot_r1_jax.launch import pipeline, report
 from robot_r1_jax.launch.config import RunConfig
+from robot_r1_jax.model.config import ConfigError
+from robot_r1_jax.model.hf_names import ConversionError
 from robot_r1_jax.stages import evaluate as eval_lib
 from robot_r1_jax.stages.context import StageContext
 from robot_r1_jax.stages.rl import train_rl
 from robot_r1_jax.stages.sft import train_sft
-from robot_r1_jax.train.checkpoint import restore_params
+from robot_r1_jax.train.checkpoint import CheckpointError, restore_params
+from robot_r1_jax.train.loop import TrainingStopped
 
 Evaluator = Callable[[], eval_lib.EvalResult] | None
+
+
+# Errors about the user's input or state on disk: their messages name the flag, file or key and
+# what to do, so they are printed as one line (with the traceback under --verbosity=1 or more).
+_USER_ERRORS = (pipeline.InputError, mesh_lib.MeshSpecError, compile_lib.CompileError,
+                ConfigError, ConversionError, CheckpointError, RecordError, DemoError,
+                TrainingStopped)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
+    _run()
+  except _USER_ERRORS as e:
+    if absl_logging.get_verbosity() >= absl_logging.DEBUG:
+      raise
+    sys.exit(f"error: {e}")
+
+
+def _run() -> None:
+  try:
     config = F.run_config()
   except ValueError as e:  # a config refused a flag's value; its message names the field
-    raise app.UsageError(str(e)) from None
+    raise pipeline.InputError(str(e)) from None
   if config.compile_only:
     _compile_only(config)
     return
@@ -55,10 +77,7 @@ def _compile_only(config: RunConfig) -> None:
   that do not fit."""
   # Deviceless: libtpu compiles for the named slice; this host's own accelerators stay untouched.
   jax.config.update("jax_platforms", "cpu")
-  try:
-    report = compile_lib.compile_run(config, only=config.compile_executables)
-  except compile_lib.CompileError as e:
-    raise app.UsageError(str(e)) from None
+  report = compile_lib.compile_run(config, only=config.compile_executables)
   print(report.table())
   print(f"report: {config.workdir / 'compile_report.json'}")
   if report.too_big:
@@ -71,11 +90,8 @@ def _setup(config: RunConfig) -> StageContext:
   """Processes, mesh (checked before any data or model work), data, model, tokenizer."""
   dist = config.distributed
   mesh_lib.initialize_distributed(dist.coordinator_address, dist.num_processes, dist.process_id)
-  try:
-    mesh = mesh_lib.make_mesh(config.mesh)
-    mesh_lib.check_batches(config.batch_sizes, mesh)
-  except mesh_lib.MeshSpecError as e:
-    raise app.UsageError(str(e)) from None
+  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh_lib.check_batches(config.batch_sizes, mesh)
   data_dir = pipeline.data_dir(config.data, config.workdir / "data", config.seed)
   _, model, model_dir = pipeline.build_model(config.model, mesh=mesh, seed=config.seed)
   tokenizer, tokenizer_path = pipeline.load_tokenizer(config.model.tokenizer, model_dir)
@@ -92,7 +108,7 @@ def _setup(config: RunConfig) -> StageContext:
 def _evaluate(config: RunConfig, context: StageContext, evaluator: Evaluator) -> None:
   """--mode=eval: the newest checkpoint (or --init_from) on the val split."""
   if evaluator is None:
-    raise app.UsageError(f"--mode=eval: {context.data_dir} has no val questions")
+    raise pipeline.InputError(f"--mode=eval: {context.data_dir} has no val questions")
   if not config.init_from:
     restore_params(context.model, config.workdir)
   result = evaluator()

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from robot_r1_jax.data import extract
+from robot_r1_jax.data import extract, records
 from robot_r1_jax.data.mcqa import McqaConfig
 from robot_r1_jax.launch.config import DataSpec, ModelSpec
 from robot_r1_jax.model import config as model_config
@@ -17,9 +17,30 @@ from robot_r1_jax.model import hf_io, processor
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL, init_model
 
 
+class InputError(ValueError):
+  """A flag points at something unusable; the message names the flag, the file and what to do."""
+
+
 def data_dir(spec: DataSpec, default_dir: pathlib.Path, seed: int) -> pathlib.Path:
-  """`spec.path`, else the default data under `default_dir` (made once)."""
-  return spec.path if spec.path is not None else ensure_default_data(default_dir, spec, seed)
+  """`spec.path` (checked to be extractor output), else the default data under `default_dir`
+  (made once)."""
+  if spec.path is None:
+    return ensure_default_data(default_dir, spec, seed)
+  extract_cmd = "python -m robot_r1_jax.data.extract --demos DEMOS --out DIR"
+  if not spec.path.is_dir():
+    raise InputError(f"--data={spec.path}: no such directory; give the folder `{extract_cmd}` "
+                     "wrote, or leave --data out for the simulated default data")
+  if not (spec.path / records.MANIFEST).exists():
+    hint = (" (it looks like RLBench demos: extract them first)"
+            if any(spec.path.glob("*/variation*")) or any(spec.path.glob("*/all_variations"))
+            else "")
+    raise InputError(f"--data={spec.path} has no {records.MANIFEST}: not extractor output"
+                     f"{hint}; make it with `{extract_cmd}`")
+  try:
+    records.Manifest.load(spec.path)
+  except ValueError as e:
+    raise InputError(f"--data: {e}; extract the demos again") from None
+  return spec.path
 
 
 def ensure_default_data(out_dir: pathlib.Path, spec: DataSpec, seed: int) -> pathlib.Path:
@@ -54,7 +75,7 @@ def build_model(spec: ModelSpec, *, mesh: Mesh, seed: int
     return cfg, init_model(cfg, seed=seed, dtype=dtype, remat=spec.remat, mesh=mesh), None
   path = pathlib.Path(spec.name)
   if not (path / "config.json").exists():
-    raise ValueError(f"--model={spec.name!r} is neither a preset "
+    raise InputError(f"--model={spec.name!r} is neither a preset "
                      f"({', '.join(model_config.PRESETS)}) nor a directory with config.json")
   cfg, model = hf_io.load_hf(path, dtype=dtype, mesh=mesh, remat=spec.remat)
   return cfg, model, path

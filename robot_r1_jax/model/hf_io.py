@@ -81,7 +81,13 @@ def load_hf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32,
   if not config_file.exists():
     raise FileNotFoundError(f"{config_file} not found: not a Hugging Face model directory")
   try:
-    cfg = config_lib.from_hf_config(json.loads(config_file.read_text()))
+    hf_config = json.loads(config_file.read_text())
+  except json.JSONDecodeError as e:  # cut short by an interrupted download or copy, typically
+    raise config_lib.ConfigError(
+        f"{config_file} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); copy or "
+        "download it again") from None
+  try:
+    cfg = config_lib.from_hf_config(hf_config)
   except config_lib.ConfigError as e:
     raise config_lib.ConfigError(f"{config_file}: {e}") from None
   model = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,

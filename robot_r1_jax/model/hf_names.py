@@ -94,7 +94,7 @@ def load_into(module, rules: Sequence[Rule], get: Callable[[str], np.ndarray | N
   parameter is assembled from its L per-layer tensors before it is placed, so host memory holds one
   parameter at a time. `place(var, array)` puts the array on devices (default: `jnp.asarray` in the
   variable's dtype). Returns the consumed names; raises ConversionError listing every missing or
-  mis-shaped key.
+  mis-shaped key (its `consumed` includes the mis-shaped ones, which were found).
   """
   consumed, problems = [], []
   for rule in rules:
@@ -119,6 +119,7 @@ def load_into(module, rules: Sequence[Rule], get: Callable[[str], np.ndarray | N
                         f"{'.'.join(rule.ours)} needs {slice_shape} per layer" if rule.stacked
                         else f"shape mismatch: {name} has {tuple(tensor.shape)}, but "
                         f"{'.'.join(rule.ours)} needs {slice_shape}")
+        consumed.append(name)  # found, and reported as mis-shaped: not also "unexpected"
         continue
       consumed.append(name)
       if rule.stacked:

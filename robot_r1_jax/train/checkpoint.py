@@ -192,6 +192,58 @@ class Checkpointer:
       logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return Restored(state=restored[_STATE], meta=restored[_META])
 
+  def restore_newest_good(self, *, abstract_state: Any,
+                          data_iterator: Any = None) -> tuple[int, Restored] | None:
+    """Restores the newest step that restores; None if there is no step.
+
+    A damaged step (truncated or corrupt files, e.g. from a disk that filled after the commit) is
+    skipped with a warning naming the step and the error, and once an older step restored, moved
+    aside to `<directory>/damaged/<step>` (never deleted), so that training can save that step
+    again. If no step restores, nothing is moved and the newest step's error is raised as a
+    `CheckpointError`: a state that matches none of them (another model, say) is the caller's
+    mistake, not damage.
+
+    Multi-process: every process tries the same steps and all agree a step failed if it failed on
+    any of them; process 0 moves the damaged steps.
+    """
+    failures: list[tuple[int, str]] = []
+    for step in reversed(self.all_steps()):
+      try:
+        restored = self.restore(step, abstract_state=abstract_state, data_iterator=data_iterator)
+        error = ""
+      except Exception as e:  # orbax, tensorstore and json each raise their own kinds
+        restored, error = None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
+      if _any_process(bool(error)):
+        failures.append((step, error or "failed on another process"))
+        logging.warning("checkpoint: step %d in %s does not restore (%s); trying an older one",
+                        step, self.directory, failures[-1][1])
+        continue
+      if failures:
+        self._move_damaged([s for s, _ in failures])
+      return step, restored
+    if failures:
+      step, error = failures[0]
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} restores: step {step} fails with {error}"
+          + (f" (and {len(failures) - 1} older steps too)" if len(failures) > 1 else "")
+          + "; does the run's model and optimizer match the one that saved them?")
+    return None
+
+  def _move_damaged(self, steps: list[int]) -> None:
+    if jax.process_index() == 0:
+      damaged = self.directory / "damaged"
+      damaged.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        target = damaged / str(step)
+        suffix = 1
+        while target.exists():  # the same step damaged twice keeps both copies
+          target, suffix = damaged / f"{step}.{suffix}", suffix + 1
+        (self.directory / str(step)).rename(target)
+        logging.warning("checkpoint: moved damaged step %d to %s", step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("robot_r1_jax.checkpoint.move_damaged")
+    self._manager.reload()
+
   def restore_part(self, step: int, *, abstract_part: Any) -> Any:
     """Restores only the subtrees of a step's state that `abstract_part` names (e.g.
     `{"params": ...}` of a `{"params", "opt_state"}` state), onto its shardings.
@@ -247,7 +299,7 @@ def restore_params(model: nnx.Module, run_dir: str | os.PathLike[str]) -> int:
           step, abstract_part={"params": nnx.state(model, nnx.Param)})
     nnx.update(model, restored["params"])
     return step
-  raise FileNotFoundError(f"no checkpoint under {run_dir} (looked in "
+  raise CheckpointError(f"no checkpoint under {run_dir} (looked in "
                           f"{', '.join(str(c) for c in candidates)})")
 
 
@@ -265,6 +317,13 @@ def _abstract(tree: Any) -> Any:
         "put it")
 
   return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _any_process(flag: bool) -> bool:
+  """`flag` on any process (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 _Handler = Callable[[int, types.FrameType | None], Any] | int | None
@@ -295,10 +354,7 @@ class PreemptionGuard:
 
     With one process this is `requested` and costs nothing.
     """
-    if jax.process_count() == 1:
-      return self._requested
-    flags = multihost_utils.process_allgather(np.asarray(self._requested))
-    return bool(np.any(flags))
+    return _any_process(self._requested)
 
   def __enter__(self) -> PreemptionGuard:
     if threading.current_thread() is not threading.main_thread():

@@ -175,15 +175,16 @@ def run(trainer: Trainer, step_fn: StepFn, data: Iterator[Any], config: LoopConf
 def _resume(trainer: Trainer, checkpoints: Checkpointer, data: Iterator[Any],
             config: LoopConfig) -> int:
   """Restores the newest checkpoint into `trainer` and `data`; returns its step (0 if none)."""
-  start = checkpoints.latest_step() or 0
-  if start:
-    # Live arrays describe the target: restore reshards onto their placements.
-    restored, _ = checkpoints.restore(
-        start, abstract_state={"params": trainer.params, "opt_state": trainer.opt_state},
-        data_iterator=data)
-    trainer.params, trainer.opt_state = restored["params"], restored["opt_state"]
-    trainer.commit()
-    logging.info("%s resumed from %s at step %d", config.stage, checkpoints.directory, start)
+  # Live arrays describe the target: restore reshards onto their placements.
+  found = checkpoints.restore_newest_good(
+      abstract_state={"params": trainer.params, "opt_state": trainer.opt_state},
+      data_iterator=data)
+  if found is None:
+    return 0
+  start, (restored, _) = found
+  trainer.params, trainer.opt_state = restored["params"], restored["opt_state"]
+  trainer.commit()
+  logging.info("%s resumed from %s at step %d", config.stage, checkpoints.directory, start)
   return start
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -103,6 +104,18 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(data, tmp_path):
   for step in (3, 4):
     assert resumed[step] == straight[step], step
 
+  # Damaged on disk after its commit (every other file cut in half): the next run skips step 4,
+  # says so, resumes from step 3 and repeats step 4 as the uninterrupted run did.
+  step4 = killed / "checkpoints" / "4"
+  files = sorted(p for p in step4.rglob("*") if p.is_file() and p.stat().st_size > 1)[::2]
+  for path in files:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  out = _launch(f"--workdir={killed}", *steps)
+  assert "step 4" in out and "does not restore" in out, out[-4000:]
+  assert "resumed from" in out and "at step 3" in out, out[-4000:]
+  assert (killed / "checkpoints" / "damaged" / "4").is_dir()
+  assert _metrics(killed)[4] == straight[4]
+
 
 def test_sigterm_saves_the_current_step(data, tmp_path):
   proc = _launch(f"--workdir={tmp_path}", "--max_steps=50", f"--data={data}",
@@ -130,6 +143,31 @@ def test_three_axis_mesh_runs_and_bad_mesh_fails_fast(data, tmp_path):
                         env=_env(8), cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
   assert "does not divide the 8 devices" in proc.stderr
+
+
+def test_bad_input_is_one_line_naming_the_flag_or_file(data, tmp_path):
+  cut = tmp_path / "cut_model"
+  cut.mkdir()
+  (cut / "config.json").write_text('{"model_type": "qwen2_5_vl", "text_config": {"hidden_si')
+  demos = tmp_path / "demos" / "push_button" / "variation0"
+  demos.mkdir(parents=True)
+  cases = {
+      "nowhere": ([f"--data={tmp_path / 'nowhere'}"], "--data=.*nowhere: no such directory"),
+      "demos": ([f"--data={tmp_path / 'demos'}"],
+                "has no manifest.json: not extractor output .*extract them first"),
+      "cut config": ([f"--data={data}", f"--model={cut}"],
+                     r"cut_model/config.json is not valid JSON .*download it again"),
+      "no init": ([f"--data={data}", f"--init_from={tmp_path / 'empty'}", "--model=tiny"],
+                  "no checkpoint under .*empty"),
+  }
+  for name, (args, message) in cases.items():
+    proc = subprocess.run([sys.executable, "-m", "robot_r1_jax.launch", "--stage=rl",
+                           f"--workdir={tmp_path / 'run'}", *args], env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, (name, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, (name, proc.stderr[-3000:])
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and re.search(message, last), (name, last)
 
 
 def test_dynamic_sampling_resumes_past_its_extra_draws(data, tmp_path):

@@ -110,8 +110,17 @@ def test_bad_checkpoint_names_every_offending_key(tmp_path):
     hf_io.load_hf(tmp_path)
   msg = str(err.value)
   for needle in ("missing: model.layers.1.mlp.up_proj.weight",
-                 "model.layers.0.self_attn.k_proj.bias has (5,)", "unexpected: model.extra.weight"):
+                 "shape mismatch: model.layers.0.self_attn.k_proj.bias has (5,), but "
+                 "layers.attn.k_bias needs", "unexpected: model.extra.weight"):
     assert needle in msg
+  assert msg.count("k_proj.bias") == 1  # a mis-shaped tensor is not also "unexpected"
+
+
+def test_config_cut_short_names_the_file(tmp_path):
+  text = json.dumps(config_lib.to_hf_config(tiny_config()))
+  (tmp_path / "config.json").write_text(text[:len(text) // 2])
+  with pytest.raises(config_lib.ConfigError, match=r"config\.json is not valid JSON .*line 1"):
+    hf_io.load_hf(tmp_path)
 
 
 def test_bad_config_names_the_field(tmp_path):

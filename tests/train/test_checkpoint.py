@@ -154,6 +154,57 @@ def test_keep_last_n_and_idempotent_saves(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["3", "4"]
 
 
+def _truncate_half(step_dir: Path) -> list[Path]:
+  """Cuts every other file of a step to half its length (a disk that filled after the commit)."""
+  files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.stat().st_size > 1)[::2]
+  for path in files:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  return files
+
+
+@pytest.mark.parametrize("damage", ["half_the_files", "meta"])
+def test_a_damaged_newest_step_is_skipped_and_moved_aside(tmp_path, caplog, damage):
+  iterator = iter(_dataset())
+  with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+    for step in (1, 2, 3):
+      next(iterator)
+      ckpt.save(step, {"w": jnp.full(5, float(step))}, data_iterator=iterator, meta={"step": step})
+    ckpt.wait()
+  if damage == "meta":
+    (tmp_path / "3" / "meta" / "metadata").write_text('{"step": ')
+  else:
+    assert _truncate_half(tmp_path / "3")
+  damaged_files = sorted(p.relative_to(tmp_path / "3") for p in (tmp_path / "3").rglob("*"))
+
+  fresh = iter(_dataset())
+  with Checkpointer(tmp_path, max_to_keep=None) as ckpt, caplog.at_level("WARNING"):
+    step, (state, meta) = ckpt.restore_newest_good(abstract_state={"w": jnp.zeros(5)},
+                                                   data_iterator=fresh)
+    assert step == 2 and meta == {"step": 2}
+    np.testing.assert_array_equal(state["w"], np.full(5, 2.0))
+    assert next(fresh) == list(_dataset())[2]  # the iterator continues after step 2's batch
+    assert "step 3" in caplog.text and "does not restore" in caplog.text
+    # Kept, out of the way: step 3 can be saved again.
+    moved = tmp_path / "damaged" / "3"
+    assert sorted(p.relative_to(moved) for p in moved.rglob("*")) == damaged_files
+    assert ckpt.all_steps() == [1, 2]
+    assert ckpt.save(3, {"w": jnp.full(5, 30.0)})
+    ckpt.wait()
+    assert ckpt.restore_newest_good(abstract_state={"w": jnp.zeros(5)})[0] == 3
+
+
+def test_no_step_restores_raises_and_moves_nothing(tmp_path):
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.restore_newest_good(abstract_state={"w": jnp.zeros(5)}) is None
+    for step in (1, 2):
+      ckpt.save(step, {"w": jnp.zeros(5)})
+    ckpt.wait()
+    # A state of another shape (another model, not damage) fails on every step.
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* restores: step 2 .*and 1 older"):
+      ckpt.restore_newest_good(abstract_state={"w": jnp.zeros(7)})
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
 _CRASH_SCRIPT = textwrap.dedent("""
     import os, sys
     import jax.numpy as jnp

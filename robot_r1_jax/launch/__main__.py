@@ -21,6 +21,7 @@ from robot_r1_jax.data.demo import DemoError
 from robot_r1_jax.data.loader import LoaderConfig
 from robot_r1_jax.data.records import RecordError
 from robot_r1_jax.launch import compile as compile_lib
+from robot_r1_jax.launch import console
 from robot_r1_jax.launch import flagfiles
 from robot_r1_jax.launch import flags as F
 from robot_r1_jax.launch import mesh as mesh_lib
@@ -48,6 +49,7 @@ _USER_ERRORS = (pipeline.InputError, mesh_lib.MeshSpecError, compile_lib.Compile
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_libraries()
   try:
     _run()
   except _USER_ERRORS as e:
@@ -143,6 +145,7 @@ def _train(config: RunConfig, context: StageContext, evaluator: Evaluator) -> No
 
 
 if __name__ == "__main__":
+  console.skip_absent_tpu()
   flags.adopt_module_key_flags(F)  # --help lists every training flag, not just this module's
   try:  # Recipes include recipes: resolved against the including file (see `flagfiles`).
     expanded = flagfiles.expand(sys.argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -55,11 +56,17 @@ def ensure_default_data(out_dir: pathlib.Path, spec: DataSpec, seed: int) -> pat
   if jax.process_index() == 0:
     demos = out_dir / "demos"
     logging.info("simulating %d episodes of %s into %s", spec.sim_episodes, spec.sim_tasks, demos)
-    sim.generate(demos, list(spec.sim_tasks), spec.sim_episodes, seed=seed,
+    # tqdm bars only on a terminal: in a log file their redraws are one long line.
+    bars = sys.stderr.isatty()
+    sim.generate(demos, list(spec.sim_tasks), spec.sim_episodes, seed=seed, progress=bars,
                  config=sim.RenderConfig(image_size=spec.image_size, cameras=("front",)))
-    extract.extract(demos, out_dir / "extracted",
-                    extract.ExtractConfig(image_size=spec.image_size, seed=seed, val_fraction=0.34,
-                                          mcqa=McqaConfig(prompt_style=spec.prompt_style)))
+    manifest = extract.extract(
+        demos, out_dir / "extracted",
+        extract.ExtractConfig(image_size=spec.image_size, seed=seed, val_fraction=0.34,
+                              progress=bars, mcqa=McqaConfig(prompt_style=spec.prompt_style)))
+    logging.info("extracted %s questions into %s", " / ".join(
+        f"{info.num_records} {name}" for name, info in manifest.splits.items()),
+                 out_dir / "extracted")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("default data ready")

@@ -216,23 +216,57 @@ def _jsonable(where: str, value: Any) -> Any:
 
 
 class ProgressBar:
-  """A tqdm bar on stderr: steps done, rate, ETA and the latest key metrics as a postfix."""
+  """Progress on stderr: steps done, rate, ETA and the latest key metrics.
 
-  def __init__(self, total_steps: int, initial: int = 0, enabled: bool | None = None,
-               desc: str = "train"):
-    """`enabled`: None means on process 0 only; a disabled bar prints nothing."""
+  On a terminal, a tqdm bar. Otherwise (a log file, a pipe, a scheduler's capture) one plain line
+  now and then: at the first update, every tenth of the run, at least once a minute and at the
+  end; tqdm's carriage-return redraws would pile up there as one unreadable line.
+  """
+
+  def __init__(self, total_steps: int | None, initial: int = 0, enabled: bool | None = None,
+               desc: str = "train", plain: bool | None = None, min_seconds: float = 60.0):
+    """`enabled`: None means on process 0 only; a disabled bar prints nothing. `plain`: None
+    means when stderr is not a terminal."""
     enabled = jax.process_index() == 0 if enabled is None else enabled
-    self._bar = tqdm.tqdm(total=total_steps, initial=initial, disable=not enabled,
+    self._plain = enabled and (not sys.stderr.isatty() if plain is None else plain)
+    self._bar = tqdm.tqdm(total=total_steps, initial=initial, disable=not enabled or self._plain,
                           file=sys.stderr, desc=desc, unit="step", dynamic_ncols=True)
+    self._desc, self._total, self._initial = desc, total_steps, initial
+    self._every = max(1, (total_steps or 0) // 10)
+    self._min_seconds = min_seconds
+    self._start = self._last_line = time.monotonic()
+    self._step, self._printed_step, self._postfix = initial, initial, ""
 
   def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
     """Moves the bar to `step` (steps done) and shows `metrics` with 4 significant digits."""
-    if metrics:
-      self._bar.set_postfix({k: f"{_scalar(k, v):.4g}" for k, v in metrics.items()},
-                            refresh=False)
-    self._bar.update(step - self._bar.n)
+    postfix = {k: f"{_scalar(k, v):.4g}" for k, v in (metrics or {}).items()}
+    if not self._plain:
+      if postfix:
+        self._bar.set_postfix(postfix, refresh=False)
+      self._bar.update(step - self._bar.n)
+      return
+    if postfix:
+      self._postfix = " ".join(f"{k}={v}" for k, v in postfix.items())
+    self._step = step
+    if (self._printed_step == self._initial or step % self._every == 0 or step == self._total
+        or time.monotonic() - self._last_line >= self._min_seconds):
+      self._print_line()
+
+  def _print_line(self) -> None:
+    elapsed = time.monotonic() - self._start
+    done = self._step - self._initial
+    line = f"{self._desc} {self._step}" + (f"/{self._total}" if self._total else "")
+    if done > 0:
+      line += f" [{_duration(elapsed)}, {elapsed / done:.3g} s/step"
+      if self._total:
+        line += f", {_duration(elapsed / done * (self._total - self._step))} left"
+      line += "]"
+    print(line + (f" {self._postfix}" if self._postfix else ""), file=sys.stderr, flush=True)
+    self._printed_step, self._last_line = self._step, time.monotonic()
 
   def close(self) -> None:
+    if self._plain and self._step != self._printed_step:
+      self._print_line()  # where it stopped (data exhausted, SIGTERM)
     self._bar.close()
 
   def __enter__(self) -> ProgressBar:
@@ -240,6 +274,13 @@ class ProgressBar:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def _duration(seconds: float) -> str:
+  """`83.2` → `1:23`; `4000` → `1:06:40`."""
+  minutes, secs = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class StepTimer:

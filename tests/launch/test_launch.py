@@ -28,9 +28,10 @@ def _env(devices: int = 1) -> dict[str, str]:
   return env
 
 
-def _launch(*args: str, devices: int = 1, wait: bool = True, timeout: int = 600):
+def _launch(*args: str, devices: int = 1, wait: bool = True, timeout: int = 600,
+            env: dict[str, str] | None = None):
   cmd = [sys.executable, "-m", "robot_r1_jax.launch", *args]
-  proc = subprocess.Popen(cmd, env=_env(devices), cwd=ROOT, stdout=subprocess.PIPE,
+  proc = subprocess.Popen(cmd, env=env or _env(devices), cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   if not wait:
     return proc
@@ -49,12 +50,28 @@ def _metrics(workdir: pathlib.Path) -> dict[int, dict]:
 def default_job(tmp_path_factory) -> pathlib.Path:
   """The default main job (simulate → extract → SFT → GRPO → eval), shortened."""
   workdir = tmp_path_factory.mktemp("default")
+  # As a user runs it: JAX picks its backend itself (the TPU plugin is installed with the test
+  # extras; the launcher must not probe it on a host without a TPU), output captured to a file.
+  env = {k: v for k, v in _env().items() if k != "JAX_PLATFORMS"}
   out = _launch(f"--workdir={workdir}", "--sim_tasks=push_button", "--sim_episodes=2",
                 "--image_size=64", "--sft_steps=3", "--max_steps=2", "--eval_batch_size=4",
-                *[a for a in SMALL if a != "--stage=rl"])
+                *[a for a in SMALL if a != "--stage=rl"], env=env)
+  (workdir / "console.txt").write_text(out)
   assert "done: step 2" in out
   assert "accuracy SFT→GRPO" in out  # the before/after table
   return workdir
+
+
+def test_default_main_job_prints_little_besides_progress(default_job):
+  out = (default_job / "console.txt").read_text()
+  assert "\r" not in out  # not a terminal: plain progress lines, no redraws
+  progress = re.compile(r"^(sft|rl|eval) \d+/\d+ ")
+  lines = [line for line in out.splitlines() if not progress.match(line)]
+  assert len(lines) < 60, "\n".join(lines)
+  for noise in ("checkpoint_manager.py", "orbax", "Unable to initialize backend", "TPU"):
+    assert noise not in out, noise
+  # One line per save: every step of sft (3) and rl (2) with --checkpoint_every=1.
+  assert sum("checkpoint: saving step" in line for line in lines) == 5
 
 
 @pytest.fixture
@@ -168,6 +185,10 @@ def test_bad_input_is_one_line_naming_the_flag_or_file(data, tmp_path):
     assert "Traceback" not in proc.stderr, (name, proc.stderr[-3000:])
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and re.search(message, last), (name, last)
+  proc = subprocess.run([sys.executable, "-m", "robot_r1_jax.launch", "--verbosity=1",
+                         f"--data={tmp_path / 'nowhere'}"], env=_env(), cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and "Traceback" in proc.stderr  # asked for
 
 
 def test_dynamic_sampling_resumes_past_its_extra_draws(data, tmp_path):

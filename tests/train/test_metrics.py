@@ -158,13 +158,26 @@ def test_bad_values_name_the_key(tmp_path):
 
 
 def test_progress_bar_shows_metrics_on_stderr(capsys):
-  with ProgressBar(10, initial=2, enabled=True) as bar:
+  with ProgressBar(10, initial=2, enabled=True, plain=False) as bar:
     bar.update(3, {"reward": 0.5, "acc": np.float32(0.25), "kl": jnp.asarray(1.2345678e-3)})
   captured = capsys.readouterr()
   assert captured.out == ""
   assert "3/10" in captured.err
   assert "reward=0.5" in captured.err and "acc=0.25" in captured.err
   assert "kl=0.001235" in captured.err
+
+
+def test_plain_progress_is_a_few_whole_lines_without_carriage_returns(capsys):
+  with ProgressBar(40, initial=3, enabled=True, plain=True, desc="rl") as bar:
+    for step in range(4, 38):  # stops early: the last line says where
+      bar.update(step, {"reward": step / 100})
+  err = capsys.readouterr().err
+  assert "\r" not in err
+  lines = err.splitlines()
+  steps = [int(line.split()[1].split("/")[0]) for line in lines]
+  assert steps == [4, 8, 12, 16, 20, 24, 28, 32, 36, 37]  # first, every 4th (a tenth), last
+  assert lines[0].startswith("rl 4/40 [0:00, ") and " left] reward=0.04" in lines[0]
+  assert lines[-1].endswith("reward=0.37")
 
 
 def test_disabled_progress_bar_is_silent(capsys):

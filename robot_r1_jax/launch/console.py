@@ -1,0 +1,49 @@
+"""What a run prints: our own lines, every warning, and libraries' INFO only when asked for.
+
+Left alone, orbax logs ~30 INFO lines per checkpoint saved (every rename and merge), jax logs its
+backend probe, and with libtpu installed on a host without a TPU the TPU plugin prints a dozen
+lines of probe errors from C++; the progress and the final table drown in them.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import pathlib
+
+from absl import logging as absl_logging
+
+_PACKAGE = str(pathlib.Path(__file__).resolve().parents[1]) + os.sep
+
+
+def skip_absent_tpu() -> None:
+  """Picks the CPU backend when this host has no accelerator JAX could use, before any backend
+  starts, so the TPU plugin (installed with libtpu for `--compile_only`) is not probed.
+
+  Does nothing when JAX_PLATFORMS is set, or when a TPU (a Google PCI device), an NVIDIA GPU or an
+  AMD GPU (ROCm's /dev/kfd) may be present.
+  """
+  if os.environ.get("JAX_PLATFORMS") is not None or os.environ.get("JAX_FORCE_TPU_INIT"):
+    return
+  google = "0x1ae0"  # TPU chips' PCI vendor id, what jax's own TPU detection reads
+  vendors = glob.glob("/sys/bus/pci/devices/*/vendor")
+  if any(pathlib.Path(v).read_text().strip() == google for v in vendors):
+    return
+  if glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd"):
+    return
+  import jax  # the backends start on first use, not at import
+
+  jax.config.update("jax_platforms", "cpu")
+
+
+def quiet_libraries() -> None:
+  """Below `--verbosity=1`, drops INFO (and DEBUG) records logged from outside this package;
+  warnings and errors from anywhere still print. Call after flags are parsed."""
+  if absl_logging.get_verbosity() >= absl_logging.DEBUG:
+    return
+  absl_logging.get_absl_handler().addFilter(_ours_or_warning)
+
+
+def _ours_or_warning(record: logging.LogRecord) -> bool:
+  return record.levelno >= logging.WARNING or record.pathname.startswith(_PACKAGE)

@@ -2,7 +2,7 @@
 
 Layers, each importing only the ones before it (tests/test_layers.py keeps it so):
 
-    model → data → generate → rl → train → stages → launch
+    model → data → generate → rl → train → stages → launch → export
 
   model     Qwen2.5-VL: configs, vision tower, text decoder, HF safetensors, processor, sharding
   data      RLBench demos → keyframes → questions → ArrayRecord shards → grain batches; the sim
@@ -11,6 +11,7 @@ Layers, each importing only the ones before it (tests/test_layers.py keeps it so
   train     machinery that knows no stage: optimizer, scoring, the update, loop, checkpoints
   stages    SFT, the RL step and stage, evaluation
   launch    `python -m robot_r1_jax.launch`: flags → typed configs → stages
+  export    `python -m robot_r1_jax.export`: a trained run → a Hugging Face directory
 
 Dimensions: one alphabet in einsum strings, shape comments and docstrings everywhere.
 

@@ -12,7 +12,7 @@ from testing import imported_modules
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Lowest first: each layer imports only itself and the layers before it (robot_r1_jax/__init__.py).
-LAYERS = ("model", "data", "generate", "rl", "train", "stages", "launch")
+LAYERS = ("model", "data", "generate", "rl", "train", "stages", "launch", "export")
 
 
 def _modules() -> dict[str, pathlib.Path]:

@@ -39,6 +39,20 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1) -> Mesh:
 
 
 @pytest.fixture(scope="session")
+def extracted_data(tmp_path_factory) -> pathlib.Path:
+  """A small simulated, extracted question set (push_button, 2 episodes, 64 px), made once."""
+  pytest.importorskip("pybullet")
+  from robot_r1_jax.data import extract, sim
+
+  root = tmp_path_factory.mktemp("launch_data")
+  sim.generate(root / "demos", ["push_button"], 2, seed=0, progress=False,
+               config=sim.RenderConfig(image_size=64, cameras=("front",)))
+  extract.extract(root / "demos", root / "extracted",
+                  extract.ExtractConfig(image_size=64, val_fraction=0.5, progress=False))
+  return root / "extracted"
+
+
+@pytest.fixture(scope="session")
 def one_device_mesh() -> Mesh:
   return make_mesh()
 

@@ -66,6 +66,23 @@ def _components(cfg: config_lib.ModelConfig, model: Qwen25VL, layout: tuple[str,
   return groups
 
 
+def read_config(path: str | os.PathLike) -> config_lib.ModelConfig:
+  """The model config of a Hugging Face directory's `config.json`; errors name the file."""
+  config_file = Path(path) / "config.json"
+  if not config_file.exists():
+    raise FileNotFoundError(f"{config_file} not found: not a Hugging Face model directory")
+  try:
+    hf_config = json.loads(config_file.read_text())
+  except json.JSONDecodeError as e:  # cut short by an interrupted download or copy, typically
+    raise config_lib.ConfigError(
+        f"{config_file} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); copy or "
+        "download it again") from None
+  try:
+    return config_lib.from_hf_config(hf_config)
+  except config_lib.ConfigError as e:
+    raise config_lib.ConfigError(f"{config_file}: {e}") from None
+
+
 def load_hf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32,
             param_dtype: jnp.dtype = jnp.float32, mesh: Mesh | None = None,
             remat: bool = False) -> tuple[config_lib.ModelConfig, Qwen25VL]:
@@ -77,19 +94,7 @@ def load_hf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32,
   Raises `hf_names.ConversionError` naming every missing, unexpected or mis-shaped key.
   """
   path = Path(path)
-  config_file = path / "config.json"
-  if not config_file.exists():
-    raise FileNotFoundError(f"{config_file} not found: not a Hugging Face model directory")
-  try:
-    hf_config = json.loads(config_file.read_text())
-  except json.JSONDecodeError as e:  # cut short by an interrupted download or copy, typically
-    raise config_lib.ConfigError(
-        f"{config_file} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); copy or "
-        "download it again") from None
-  try:
-    cfg = config_lib.from_hf_config(hf_config)
-  except config_lib.ConfigError as e:
-    raise config_lib.ConfigError(f"{config_file}: {e}") from None
+  cfg = read_config(path)
   model = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
                                           rngs=nnx.Rngs(0)))
   ckpt = _Checkpoint(path)
@@ -144,9 +149,13 @@ def save_hf(cfg: config_lib.ModelConfig, model: Qwen25VL, path: str | os.PathLik
     index = len(written)
     tmp = path / f".shard-{index}.tmp"
     save_file(shards[-1], str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, mode)  # safetensors creates 0600: a shared model directory must be readable
     written.append((tmp, list(shards[-1])))
     shards[-1] = {}
 
+  mask = os.umask(0)
+  os.umask(mask)
+  mode = 0o666 & ~mask
   out_dtype = None
   for name, array in iter_hf_tensors(cfg, model):
     array = np.ascontiguousarray(array if dtype is None else array.astype(dtype))

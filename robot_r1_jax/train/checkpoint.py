@@ -263,6 +263,16 @@ class Checkpointer:
                                        partial_restore=True)}))
     return restored[_STATE]
 
+  def meta(self, step: int) -> dict[str, Any]:
+    """The JSON object saved with `step` (the run's flags under "config"), read alone."""
+    self.wait()
+    if step not in self.all_steps():
+      raise CheckpointError(
+          f"step {step} is not a complete checkpoint in {self.directory}; available: "
+          f"{self.all_steps()}")
+    return self._manager.restore(step, args=ocp.args.Composite(
+        **{_META: ocp.args.JsonRestore()}))[_META]
+
   def wait(self) -> None:
     """Blocks until an in-flight asynchronous save is committed (re-raising its error)."""
     self._manager.wait_until_finished()
@@ -278,29 +288,34 @@ class Checkpointer:
     self.close()
 
 
-def restore_params(model: nnx.Module, run_dir: str | os.PathLike[str]) -> int:
-  """Loads the newest parameters saved under `run_dir` into `model`; returns their step.
-
-  Looks in `run_dir/rl`, `run_dir`, `run_dir/sft` (an sft_rl run's stages, newest stage first) or
-  `run_dir` as a checkpoints folder itself. Only the parameters are read: the optimizer state saved
-  beside them stays on disk.
-  """
+def find_checkpoints(run_dir: str | os.PathLike[str]) -> pathlib.Path:
+  """The checkpoints folder of a run: `run_dir/rl`, `run_dir`, `run_dir/sft` (an sft_rl run's
+  stages, newest stage first) or `run_dir` as a checkpoints folder itself, whichever first holds a
+  step."""
   run_dir = pathlib.Path(run_dir)
   candidates = [run_dir / "rl" / "checkpoints", run_dir / "checkpoints",
                 run_dir / "sft" / "checkpoints", run_dir]
   for directory in candidates:
-    if not directory.is_dir():
-      continue
-    with Checkpointer(directory) as checkpoints:
-      step = checkpoints.latest_step()
-      if step is None:
-        continue
-      restored = checkpoints.restore_part(
-          step, abstract_part={"params": nnx.state(model, nnx.Param)})
-    nnx.update(model, restored["params"])
-    return step
+    if directory.is_dir():
+      with Checkpointer(directory) as checkpoints:
+        if checkpoints.latest_step() is not None:
+          return directory
   raise CheckpointError(f"no checkpoint under {run_dir} (looked in "
-                          f"{', '.join(str(c) for c in candidates)})")
+                        f"{', '.join(str(c) for c in candidates)})")
+
+
+def restore_params(model: nnx.Module, run_dir: str | os.PathLike[str],
+                   step: int | None = None) -> int:
+  """Loads the parameters of `step` (default: the newest) of the run into `model`; returns the
+  step. The run's checkpoints are found as `find_checkpoints` does. Only the parameters are read:
+  the optimizer state saved beside them stays on disk.
+  """
+  with Checkpointer(find_checkpoints(run_dir)) as checkpoints:
+    step = checkpoints.latest_step() if step is None else step
+    restored = checkpoints.restore_part(
+        step, abstract_part={"params": nnx.state(model, nnx.Param)})
+  nnx.update(model, restored["params"])
+  return step
 
 
 def _abstract(tree: Any) -> Any:

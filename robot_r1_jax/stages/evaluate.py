@@ -52,6 +52,7 @@ from robot_r1_jax.generate.sampler import Sampler
 from robot_r1_jax.model import sharding
 from robot_r1_jax.rl import rewards
 from robot_r1_jax.stages.context import StageContext
+from robot_r1_jax.train import processes
 from robot_r1_jax.train.metrics import ProgressBar
 
 _OVERALL = "all"  # The row/group name of all records together.
@@ -62,8 +63,8 @@ class EvalConfig:
   """How to evaluate.
 
   max_new_tokens: completion budget per question (rounded up to a sampler bucket for shapes).
-  batch_size: prompts per sampler call in `evaluate_split` (a multiple of the sampler mesh's
-    data×fsdp devices).
+  batch_size: prompts per sampler call in `evaluate_split`, over all processes (a multiple of
+    the sampler mesh's data×fsdp devices and of the process count).
   progress: show a progress bar (on process 0).
   """
 
@@ -303,8 +304,9 @@ def evaluate(sampler: Sampler, batches: Iterable[Batch], config: EvalConfig = Ev
   Args:
     sampler: a greedy, single-sample sampler with a tokenizer (see `check_sampler`); it reads the
       model's current parameters.
-    batches: loader batches; rows with `valid=False` are decoded (shapes stay fixed) but not
-      scored.
+    batches: this process's loader batches; rows with `valid=False` are decoded (shapes stay
+      fixed) but not scored. With several processes, the scores of all of them are gathered
+      (a collective), so the result is every process's rows, in record order when known.
     config: see `EvalConfig` (`batch_size` is the loader's business, unused here).
     num_batches: the number of batches, for the progress bar only.
 
@@ -329,6 +331,11 @@ def evaluate(sampler: Sampler, batches: Iterable[Batch], config: EvalConfig = Ev
                       record_indices=_take(batch.record_indices, rows))
       choice = [s.correct for s in scores if s.correct is not None]
       bar.update(step, {"accuracy": _mean(choice)} if choice else None)
+  if jax.process_count() > 1:  # each process scored its own rows: every process gets them all
+    parts = processes.gather_json([dataclasses.asdict(s) for s in scores])
+    scores = [RecordScore(**record) for part in parts for record in part]
+    if all(s.record_index is not None for s in scores):
+      scores.sort(key=lambda s: s.record_index)  # the split's order, as one process scores it
   return EvalResult.from_records(scores)
 
 
@@ -338,16 +345,17 @@ def evaluate_split(sampler: Sampler, data_dir: str | pathlib.Path, split: str,
   """`evaluate` on every record of `split` of an extractor output, once, in manifest order.
 
   Args:
-    sampler, config: as for `evaluate`; `config.batch_size` sets the loader's batch size.
+    sampler, config: as for `evaluate`; `config.batch_size` is the global batch size.
     data_dir: the extractor's output folder.
     split: "train" or "val" (a held-out-task extract's split works the same way).
     loader_config: preprocessing settings (tokenizer_path, pixels, length_buckets, workers); pass
       the training run's so prompts are built identically. Its order fields are overridden:
-      no shuffle, one epoch, the last batch padded, every process reading the whole split (each
-      process then holds the full result).
+      no shuffle, one epoch, the last batch padded, each process decoding its share of the split
+      (every process then holds the full result, in the split's order).
   """
-  loader_config = dataclasses.replace(loader_config, batch_size=config.batch_size, shuffle=False,
-                                      num_epochs=1, drop_remainder=False, shard_by_process=False)
+  loader_config = dataclasses.replace(
+      loader_config, batch_size=config.batch_size // jax.process_count(), shuffle=False,
+      num_epochs=1, drop_remainder=False, shard_by_process=True)
   data = make_loader(data_dir, split, loader_config)
   return evaluate(sampler, data, config, num_batches=data.num_steps)
 

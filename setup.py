@@ -8,7 +8,7 @@ setuptools.setup(
     description="Qwen2.5-VL + GRPO/RLOO/REINFORCE++ for robot reasoning (Robot-R1) in JAX/Flax",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["robot_r1_jax", "robot_r1_jax.*"]),
-    package_data={"robot_r1_jax": ["**/*.json", "**/*.jinja", "**/*.cfg", "**/*.txt"]},
+    package_data={"robot_r1_jax": ["**/*.json", "**/*.jinja", "**/*.cfg", "**/*.txt", "**/*.html"]},
     include_package_data=True,
     install_requires=[
         "absl-py",

@@ -11,12 +11,14 @@ initial policy and the frozen reference of the KL penalty. One step is one rollo
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 
+from robot_r1_jax.data import atomic, records
 from robot_r1_jax.data import loader as loader_lib
 from robot_r1_jax.generate import sampling
 from robot_r1_jax.stages.context import StageContext
@@ -57,6 +59,34 @@ class RLConfig:
         self.step.num_updates_per_rollout)
 
 
+class RolloutRecords:
+  """Saves, once per train record that a logged rollout used, what the rollouts viewer shows
+  beside its completions: the image as `WORKDIR/rollout_records/<record index>.png` and the
+  question as a line `record({...});` of `WORKDIR/rollout_records.js` (see train/rollouts.html).
+  """
+
+  def __init__(self, data_dir: str | os.PathLike[str], workdir: str | os.PathLike[str]):
+    self._data_dir, self._workdir = data_dir, pathlib.Path(workdir)
+    self._split: records.Split | None = None
+
+  def __call__(self, rollouts: list[dict[str, Any]]) -> None:
+    if self._split is None:
+      self._split = records.open_split(self._data_dir, "train")
+    images = self._workdir / "rollout_records"
+    images.mkdir(parents=True, exist_ok=True)
+    for index in sorted({r["record_index"] for r in rollouts}):
+      png = images / f"{index}.png"
+      if png.exists():  # written by an earlier step (or before a resume)
+        continue
+      record = records.decode_record(self._split.source[index])
+      question = record.question
+      line = {"record_index": index, "prompt": question.prompt, "options": list(question.options),
+              "episode": question.episode, "frame": question.frame}
+      with open(self._workdir / "rollout_records.js", "a", encoding="utf-8") as f:
+        f.write(f"record({json.dumps(line)});\n")  # a repeat after a crash is harmless
+      atomic.write_bytes(png, record.image_png)
+
+
 def train_rl(context: StageContext, config: RLConfig, workdir: str | os.PathLike[str], *,
              evaluate: Callable[[], loop.Evaluation] | None = None) -> list[dict[str, float]]:
   """Trains until the run's last step, resuming from the newest checkpoint in `workdir`.
@@ -81,5 +111,5 @@ def train_rl(context: StageContext, config: RLConfig, workdir: str | os.PathLike
           workdir=pathlib.Path(workdir), total_steps=total, stage="rl", settings=config.loop,
           progress=(("reward", "reward/total"), ("acc", "accuracy/all"),
                     ("kl", "kl/policy_ref"), ("draws", "dynamic_sampling/draws")),
-          meta=context.meta),
+          meta=context.meta, on_rollouts=RolloutRecords(context.data_dir, workdir)),
       evaluate=evaluate)

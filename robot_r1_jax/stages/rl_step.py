@@ -223,11 +223,20 @@ class Learner:
                    update.update_count(self.opt_state)))} if self.lr_schedule else {}),
                **timer.summary(),
                **self._compile_counts()}
-    records = [dict(completion=t, answer=str(a), reward=float(r), question_type=str(q))
-               for t, a, r, q in zip(out.text, answers, reward.total, types)]
+    advantages = np.asarray(sharding.local_rows(rows.advantages))
+    completion_mask = np.asarray(sharding.local_rows(rows.seqs.completion_mask))
+    # A sequence's advantage: its tokens' mean (one value per sequence for GRPO and RLOO).
+    seq_advantage = ((advantages * completion_mask).sum(-1)
+                     / np.maximum(completion_mask.sum(-1), 1))
+    records = [dict(record_index=int(i), task=str(task), sample=k % g, question_type=str(q),
+                    answer=str(a), completion=t, reward=float(r), format_reward=float(f),
+                    answer_reward=float(ar + xr), advantage=float(adv))
+               for k, (i, task, q, a, t, r, f, ar, xr, adv) in enumerate(zip(
+                   np.repeat(np.asarray(batch.record_indices), g),
+                   np.repeat(np.asarray(batch.tasks), g), types, answers, out.text, reward.total,
+                   reward.format, reward.answer, reward.xyz, seq_advantage))]
     return StepResult(metrics=metrics, rollouts=records, scores=np.asarray(reward.total),
-                      advantages=sharding.local_rows(rows.advantages),
-                      completion_mask=sharding.local_rows(rows.seqs.completion_mask))
+                      advantages=advantages, completion_mask=completion_mask)
 
   def _rollout(self, batch: Any, key: jax.Array, timer: StepTimer) -> dynamic_sampling.Rollout:
     """G completions per prompt of `batch` and their rewards, shaped."""

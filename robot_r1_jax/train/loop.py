@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Protocol
 import jax
 import numpy as np
 
+from robot_r1_jax.train import processes
 from robot_r1_jax.train.checkpoint import Checkpointer, PreemptionGuard
 from robot_r1_jax.train.metrics import MetricsWriter, ProgressBar
 
@@ -89,6 +90,9 @@ class LoopConfig:
   settings: LoopSettings = LoopSettings()
   progress: tuple[tuple[str, str], ...] = ()  # (label, metric) pairs on the progress bar
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. the flags
+  # Called on process 0 with each step's logged rollouts (all processes' rows) before they are
+  # written, e.g. to save the questions and images the rollouts viewer shows beside them.
+  on_rollouts: Callable[[list[dict[str, Any]]], None] | None = None
 
   def __post_init__(self):
     if self.total_steps < 1:
@@ -135,9 +139,13 @@ def run(trainer: Trainer, step_fn: StepFn, data: Iterator[Any], config: LoopConf
         out = step_fn(batch, step)
         history.append({**out.metrics, "step": step})
         writer.scalars(step, out.metrics)
-        if out.rollouts and settings.log_rollouts_every and (
+        if out.rollouts is not None and settings.log_rollouts_every and (
             step % settings.log_rollouts_every == 0):
-          writer.rollouts(step, out.rollouts)
+          # Every process's rows (a collective), written by process 0.
+          rollouts = [r for part in processes.gather_json(out.rollouts) for r in part]
+          if config.on_rollouts is not None and writer.enabled:
+            config.on_rollouts(rollouts)
+          writer.rollouts(step, rollouts)
         bar.update(step, {label: out.metrics[key] for label, key in config.progress
                           if key in out.metrics})
 

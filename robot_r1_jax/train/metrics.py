@@ -21,9 +21,12 @@ Files under `workdir`:
     tb/               TensorBoard event files (`tensorboard --logdir workdir/tb`).
     metrics.jsonl     one JSON object per `scalars` call: {"step": 3, "loss": 0.25, ...}.
     rollouts.jsonl    one JSON object per sampled rollout: {"step": 3, "prompt_id": ..., ...}.
+    rollouts.js       the same objects, each as a line `rollout({...});`, for rollouts.html:
+    rollouts.html     the viewer (open it in a browser; reload to see new steps): per step the
+                      image, the question, the G completions with rewards and advantages.
 
 JSON has no NaN or infinity, so non-finite floats are written as the strings "nan", "inf" and "-inf"
-(`float(...)` reads them back). Both JSONL files are append-only; a resumed run first calls
+(`float(...)` reads them back). The JSONL files and rollouts.js are append-only; a resumed run first calls
 `truncate_after(step)` so that lines written after the restored checkpoint (which the resumed run
 writes again) do not appear twice, and TensorBoard is told to hide its events after that step too.
 """
@@ -34,6 +37,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,7 +50,13 @@ import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 ROLLOUTS_FILE = "rollouts.jsonl"
+ROLLOUTS_JS = "rollouts.js"  # the same records as rollouts.jsonl, as the viewer's script
+ROLLOUTS_HTML = "rollouts.html"
 TENSORBOARD_DIR = "tb"
+# How each file wraps one JSON object per line: a browser runs a local script from a file:// page,
+# but refuses to fetch a local JSON file, so the viewer's data is JavaScript.
+_LINE = {METRICS_FILE: ("", ""), ROLLOUTS_FILE: ("", ""), ROLLOUTS_JS: ("rollout(", ");")}
+_VIEWER = Path(__file__).with_name(ROLLOUTS_HTML)
 
 
 class MetricsWriter:
@@ -108,13 +118,18 @@ class MetricsWriter:
     if not self.enabled:
       return
     step = int(step)
+    if not (self.workdir / ROLLOUTS_HTML).exists():
+      shutil.copyfile(_VIEWER, self.workdir / ROLLOUTS_HTML)
     for i, record in enumerate(records):
       if "step" in record:
         raise ValueError(f"rollout {i} of step {step} has its own 'step' key; the writer adds it")
-      self._append(ROLLOUTS_FILE, {"step": step, **_jsonable(f"rollout {i}", dict(record))})
+      line = {"step": step, **_jsonable(f"rollout {i}", dict(record))}
+      self._append(ROLLOUTS_FILE, line)
+      self._append(ROLLOUTS_JS, line)
 
   def truncate_after(self, step: int) -> None:
-    """Drops lines with a step after `step` from both JSONL files, and hides later TB events.
+    """Drops lines with a step after `step` from the JSONL files and rollouts.js, and hides later
+    TensorBoard events.
 
     A line torn by a kill in the middle of a write (only possible as the last line) is dropped too.
 
@@ -126,7 +141,7 @@ class MetricsWriter:
     self.close()
     # TensorBoard hides the older files' events at steps >= purge_step when it reads the next file.
     self._purge_step = step + 1
-    for name in (METRICS_FILE, ROLLOUTS_FILE):
+    for name, (head, tail) in _LINE.items():
       path = self.workdir / name
       if not path.exists():
         continue
@@ -134,7 +149,10 @@ class MetricsWriter:
       kept = []
       for number, line in enumerate(lines, start=1):
         try:
-          line_step = json.loads(line)["step"]
+          text = line.rstrip("\n")
+          if not (text.startswith(head) and text.endswith(tail)):
+            raise ValueError(f"not wrapped in {head!r}…{tail!r}")
+          line_step = json.loads(text[len(head):len(text) - len(tail)])["step"]
         except (ValueError, TypeError, KeyError) as e:
           if number == len(lines):
             break
@@ -187,7 +205,8 @@ class MetricsWriter:
       self._files[name] = open(  # pylint: disable=consider-using-with
           self.workdir / name, "a", encoding="utf-8")
     # allow_nan=False: `_jsonable` already turned non-finite floats into strings.
-    self._files[name].write(json.dumps(record, allow_nan=False) + "\n")
+    head, tail = _LINE[name]
+    self._files[name].write(head + json.dumps(record, allow_nan=False) + tail + "\n")
 
 
 def _scalar(name: str, value: Any) -> float | int:

@@ -79,6 +79,11 @@ def test_two_processes_match_one(tmp_path, extracted_data):
     assert b == pytest.approx(a, rel=1e-5)
   assert rl("two") == rl("one")
   assert rl("one")[0][3:] == (2.0, 4.0)  # two draws, the rollout filled with 4 refused groups
+  # Rollouts are logged from both processes' rows (gathered to process 0).
+  logged = lambda run: sorted(
+      (r["record_index"], r["sample"], r["completion"]) for r in map(
+          json.loads, (tmp_path / run / "rl" / "rollouts.jsonl").read_text().splitlines()))
+  assert len(logged("one")) == 4 * 2 and logged("two") == logged("one")
   # Evaluation: each of the two processes decodes half the val records; both write the same
   # gathered result, equal record for record (completions included) to one process's.
   after = [json.loads((tmp_path / run / "eval_after_rl.json").read_text())

@@ -86,6 +86,15 @@ def test_rollouts_jsonl(tmp_path):
   assert lines[1] == {"step": 4, **records[1]}
 
 
+def test_rollouts_viewer_files(tmp_path):
+  with MetricsWriter(tmp_path, enabled=True) as writer:
+    writer.rollouts(2, [{"completion": "</script><b>", "reward": float("inf")}])
+  assert (tmp_path / "rollouts.html").read_text().count('<script src="rollouts.js">') == 1
+  # One JavaScript statement per record, the record as JSON (no NaN/inf literals).
+  assert (tmp_path / "rollouts.js").read_text() == (
+      'rollout({"step": 2, "completion": "</script><b>", "reward": "inf"});\n')
+
+
 def test_resume_truncates_and_appends(tmp_path):
   with MetricsWriter(tmp_path, enabled=True) as first:
     for step in range(1, 6):
@@ -97,6 +106,8 @@ def test_resume_truncates_and_appends(tmp_path):
   with MetricsWriter(tmp_path, enabled=True) as resumed:  # restored the checkpoint of step 3
     resumed.truncate_after(3)
     assert [line["step"] for line in _lines(tmp_path / "rollouts.jsonl")] == [1, 2, 3]
+    script = (tmp_path / "rollouts.js").read_text().splitlines()
+    assert script == [f'rollout({{"step": {s}, "prompt_id": "p", "reward": 0.0}});' for s in (1, 2, 3)]
     for step in (4, 5):
       resumed.scalars(step, {"loss": 10.0 * step})
 

@@ -30,8 +30,10 @@ setuptools.setup(
     ],
     extras_require={
         # torch is the parity reference only; install it through constraints.txt (torch==2.13.0).
-        "test": ["hypothesis", "pytest", "pytest-xdist", "torch"],
+        "test": ["gcp-storage-emulator", "gcsfs", "hypothesis", "pytest", "pytest-xdist", "torch"],
         "sim": ["pybullet"],
+        # Workdirs and exports on Cloud Storage (gs://…), through etils.epath.
+        "gcs": ["gcsfs"],
         # Compiling for a TPU topology on any host (--compile_only); pinned in constraints.txt.
         "tpu": ["libtpu"],
     },

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 import pathlib
-from typing import Any, Collection, Sequence
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Collection, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -50,6 +55,43 @@ def extracted_data(tmp_path_factory) -> pathlib.Path:
   extract.extract(root / "demos", root / "extracted",
                   extract.ExtractConfig(image_size=64, val_fraction=0.5, progress=False))
   return root / "extracted"
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket() -> Iterator[str]:
+  """`gs://test`, a bucket of a Cloud Storage emulator on 127.0.0.1 (gcp-storage-emulator, in
+  memory) for the session. The environment points gcsfs (etils.epath's gs:// backend), tensorstore
+  (orbax's array files) and launched subprocesses at it."""
+  pytest.importorskip("gcsfs")
+  pytest.importorskip("gcp_storage_emulator")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = subprocess.Popen(
+      [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1", f"--port={port}",
+       "--in-memory", "--default-bucket=test"],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 60
+  while True:
+    try:
+      socket.create_connection(("127.0.0.1", port), timeout=1).close()
+      break
+    except OSError:
+      assert server.poll() is None and time.monotonic() < deadline, "the emulator did not start"
+      time.sleep(0.1)
+  url = f"http://127.0.0.1:{port}"
+  saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+  os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url)
+  try:
+    yield "gs://test"
+  finally:
+    server.kill()
+    server.wait()
+    for key, value in saved.items():
+      if value is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

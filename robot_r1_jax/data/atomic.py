@@ -19,8 +19,19 @@ def _temporary_name(path: pathlib.Path, kind: str) -> pathlib.Path:
   return path.with_name(f".{path.name}.{kind}-{secrets.token_hex(8)}")
 
 
-def write_bytes(path: pathlib.Path, data: bytes) -> None:
-  """Writes `data` to `path` via a temporary file in the same directory and a rename."""
+def is_remote(path: str | os.PathLike[str]) -> bool:
+  """Whether `path` names an object store (`gs://…`, `s3://…`) rather than a local folder."""
+  return "://" in os.fspath(path)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+  """Writes `data` to `path` via a temporary file in the same directory and a rename; on an
+  object store (`gs://…`, through etils.epath), as one object, which is atomic there."""
+  if is_remote(path):
+    from etils import epath  # only remote paths need it
+
+    epath.Path(path).write_bytes(data)
+    return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = _temporary_name(path, "tmp")

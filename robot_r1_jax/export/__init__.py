@@ -20,11 +20,13 @@ import dataclasses
 import json
 import pathlib
 import shutil
+import tempfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from robot_r1_jax.data import atomic
@@ -39,8 +41,8 @@ _PROCESSOR_FILE = "preprocessor_config.json"
 
 @dataclasses.dataclass(frozen=True)
 class Exported:
-  out: pathlib.Path
-  checkpoints: pathlib.Path  # the folder the step came from
+  out: epath.Path
+  checkpoints: epath.Path  # the folder the step came from
   step: int
   model: str  # the run's --model
   files: tuple[str, ...]
@@ -52,7 +54,7 @@ def export_run(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *,
   """Writes `step` (default: the newest) of the run in `run_dir` as a Hugging Face directory.
 
   `run_dir` is a run (its newest stage is taken: rl, then sft), a stage directory, or a
-  checkpoints folder. `out_dir` is replaced atomically: on any error it is left as it was.
+  checkpoints folder; both it and `out_dir` may be on an object store (gs://…). `out_dir` is replaced atomically: on any error it is left as it was.
   Tensors go in safetensors files of at most `max_shard_bytes`, with an index when there are
   several.
   """
@@ -78,8 +80,8 @@ def export_run(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *,
   tokenizer_dir = flags.get("tokenizer") or (
       model_dir if model_dir and (model_dir / "tokenizer_config.json").exists() else None)
   tokenizer = processor.load_tokenizer(tokenizer_dir)
-  out_dir = pathlib.Path(out_dir)
-  with atomic.directory(out_dir) as tmp:
+
+  def write(tmp: pathlib.Path) -> tuple[str, ...]:
     hf_io.save_hf(cfg, model, tmp, dtype=DTYPES[dtype], max_shard_bytes=max_shard_bytes)
     tokenizer.save_pretrained(str(tmp))
     if model_dir and (model_dir / _PROCESSOR_FILE).exists():
@@ -88,7 +90,19 @@ def export_run(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *,
       (tmp / _PROCESSOR_FILE).write_text(json.dumps(image_processor_config(cfg), indent=2) + "\n")
     (tmp / "generation_config.json").write_text(
         json.dumps(generation_config(cfg, tokenizer, flags), indent=2) + "\n")
-    files = tuple(sorted(p.name for p in tmp.iterdir()))
+    return tuple(sorted(p.name for p in tmp.iterdir()))
+
+  if atomic.is_remote(out_dir):  # written locally, then uploaded file by file
+    out_dir = epath.Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+      files = write(pathlib.Path(tmp))
+      out_dir.mkdir(parents=True, exist_ok=True)
+      for name in files:
+        (out_dir / name).write_bytes((pathlib.Path(tmp) / name).read_bytes())
+  else:
+    out_dir = epath.Path(out_dir)
+    with atomic.directory(pathlib.Path(out_dir)) as tmp:
+      files = write(tmp)
   return Exported(out=out_dir, checkpoints=directory, step=step, model=name, files=files)
 
 

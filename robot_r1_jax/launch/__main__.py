@@ -17,6 +17,7 @@ import jax
 from absl import app, flags
 from absl import logging as absl_logging
 
+from robot_r1_jax.data import atomic
 from robot_r1_jax.data.demo import DemoError
 from robot_r1_jax.data.loader import LoaderConfig
 from robot_r1_jax.data.records import RecordError
@@ -133,7 +134,8 @@ def _train(config: RunConfig, context: StageContext, evaluator: Evaluator) -> No
   if jax.process_index() == 0 and history:
     last = history[-1]
     print(f"done: step {last['step']} reward {last['reward/total']:.3f} "
-          f"accuracy {last['accuracy/all']:.3f}; workdir {workdir.resolve()}")
+          f"accuracy {last['accuracy/all']:.3f}; workdir "
+          f"{workdir if atomic.is_remote(workdir) else workdir.resolve()}")
   if before is not None:
     after = evaluator()
     if jax.process_index() == 0:

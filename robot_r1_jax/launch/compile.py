@@ -27,6 +27,7 @@ from typing import Any, Callable, Collection
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -408,7 +409,7 @@ def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
   report = Report(topology=config.topology, chips=len(devices), hbm_per_chip=hbm,
                   mesh=dict(mesh.shape), model=config.model.name, shapes=shapes,
                   executables=tuple(done))
-  atomic.write_bytes(pathlib.Path(config.workdir) / "compile_report.json",
+  atomic.write_bytes(epath.Path(config.workdir) / "compile_report.json",
                      report.to_json().encode())
   return report
 

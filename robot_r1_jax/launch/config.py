@@ -6,6 +6,8 @@ import dataclasses
 import pathlib
 from typing import Any
 
+from etils import epath
+
 from robot_r1_jax.data.prompts import PAPER
 from robot_r1_jax.stages.evaluate import EvalConfig
 from robot_r1_jax.stages.rl import RLConfig
@@ -45,7 +47,7 @@ class Distributed:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  workdir: pathlib.Path
+  workdir: epath.Path  # local, or an object store (gs://…)
   mode: str = "train"  # train | eval
   stage: str = "sft_rl"  # sft_rl | sft | rl
   seed: int = 0

@@ -7,6 +7,7 @@ import importlib
 import pathlib
 
 from absl import flags
+from etils import epath
 
 from robot_r1_jax.data.sft_targets import TargetConfig
 from robot_r1_jax.generate.sampling import SamplingParams
@@ -257,6 +258,11 @@ def run_config() -> RunConfig:
   """The flags, read once, as the run's typed configuration (raises ValueError naming a field
   whose value a config refuses)."""
   _import_user_modules()
+  if DATA.value and "://" in DATA.value:  # grain reads ArrayRecord shards from local files only
+    raise ValueError(
+        f"--data={DATA.value}: the loader reads shards from local disk only; copy the extracted "
+        "folder to local disk, or mount the bucket with gcsfuse "
+        "(https://cloud.google.com/storage/docs/gcsfuse-mount) and pass the mounted path")
   loop = LoopSettings(checkpoint_every=CHECKPOINT_EVERY.value,
                       keep_checkpoints=KEEP_CHECKPOINTS.value,
                       max_consecutive_bad_steps=MAX_BAD_STEPS.value,
@@ -286,7 +292,7 @@ def run_config() -> RunConfig:
                                 grad_clip=GRAD_CLIP.value),
       loop=loop)
   return RunConfig(
-      workdir=pathlib.Path(WORKDIR.value), mode=MODE.value, stage=STAGE.value, seed=SEED.value,
+      workdir=epath.Path(WORKDIR.value), mode=MODE.value, stage=STAGE.value, seed=SEED.value,
       mesh=MESH.value, rollout_tensor_parallel=ROLLOUT_TENSOR.value,
       distributed=Distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value),
       model=ModelSpec(name=MODEL.value, tokenizer=TOKENIZER.value,

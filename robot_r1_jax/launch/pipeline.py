@@ -8,9 +8,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from jax.sharding import Mesh
 
-from robot_r1_jax.data import extract, records
+from robot_r1_jax.data import atomic, extract, records
 from robot_r1_jax.data.mcqa import McqaConfig
 from robot_r1_jax.launch.config import DataSpec, ModelSpec
 from robot_r1_jax.model import config as model_config
@@ -22,11 +23,15 @@ class InputError(ValueError):
   """A flag points at something unusable; the message names the flag, the file and what to do."""
 
 
-def data_dir(spec: DataSpec, default_dir: pathlib.Path, seed: int) -> pathlib.Path:
+def data_dir(spec: DataSpec, default_dir: epath.Path, seed: int) -> pathlib.Path:
   """`spec.path` (checked to be extractor output), else the default data under `default_dir`
   (made once)."""
   if spec.path is None:
-    return ensure_default_data(default_dir, spec, seed)
+    if atomic.is_remote(default_dir):
+      raise InputError(f"--workdir on object storage needs --data: the default data would be "
+                       f"simulated into {default_dir}, which the loader cannot read from there; "
+                       "extract it locally (python -m robot_r1_jax.data.extract) and pass --data")
+    return ensure_default_data(pathlib.Path(default_dir), spec, seed)
   extract_cmd = "python -m robot_r1_jax.data.extract --demos DEMOS --out DIR"
   if not spec.path.is_dir():
     raise InputError(f"--data={spec.path}: no such directory; give the folder `{extract_cmd}` "

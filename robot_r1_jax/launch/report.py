@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
-import pathlib
 
 import matplotlib
+from etils import epath
+
+from robot_r1_jax.data import atomic
 
 matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 
-def _series(path: pathlib.Path, key: str) -> tuple[list[int], list[float]]:
+def _series(path: epath.Path, key: str) -> tuple[list[int], list[float]]:
   steps, values = [], []
   if path.exists():
     for line in path.read_text().splitlines():
@@ -22,9 +25,9 @@ def _series(path: pathlib.Path, key: str) -> tuple[list[int], list[float]]:
   return steps, values
 
 
-def plot_curves(workdir: pathlib.Path) -> pathlib.Path:
+def plot_curves(workdir: epath.PathLike) -> epath.Path:
   """Writes `workdir/curves.png` (SFT loss; RL reward and accuracy, with eval points)."""
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   fig, (ax_sft, ax_rl) = plt.subplots(1, 2, figsize=(10, 3.6))
   ax_sft.plot(*_series(workdir / "sft" / "metrics.jsonl", "loss"), color="tab:blue")
   ax_sft.set(title="SFT warm-up", xlabel="step", ylabel="loss")
@@ -37,7 +40,8 @@ def plot_curves(workdir: pathlib.Path) -> pathlib.Path:
   ax_rl.set(title="RL", xlabel="step", ylim=(-0.05, 2.05))
   ax_rl.legend(fontsize=8)
   fig.tight_layout()
-  out = workdir / "curves.png"
-  fig.savefig(out, dpi=100)
+  out, png = workdir / "curves.png", io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
+  atomic.write_bytes(out, png.getvalue())
   return out

@@ -38,6 +38,7 @@ import collections
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 from typing import Any, Callable, Iterable, Sequence
 
@@ -173,9 +174,9 @@ class EvalResult:
     except (KeyError, TypeError) as e:
       raise ValueError(f"not an evaluation result: {type(e).__name__}: {e}") from e
 
-  def write(self, path: str | pathlib.Path) -> pathlib.Path:
-    """Writes `to_json()` to `path` atomically (the old file or the new one, never half)."""
-    path = pathlib.Path(path)
+  def write(self, path: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """Writes `to_json()` to `path` (local, or gs://…) atomically (the old file or the new one,
+    never half)."""
     atomic.write_bytes(path, self.to_json().encode())
     return path
 

@@ -13,17 +13,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pathlib
 from typing import Any, Callable
 
 import jax
+from etils import epath
 
-from robot_r1_jax.data import atomic, records
+from robot_r1_jax.data import records
 from robot_r1_jax.data import loader as loader_lib
 from robot_r1_jax.generate import sampling
 from robot_r1_jax.stages.context import StageContext
 from robot_r1_jax.stages.rl_step import Learner, LearnerConfig
 from robot_r1_jax.train import loop, optim
+from robot_r1_jax.train.metrics import MetricsWriter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,30 +62,32 @@ class RLConfig:
 
 class RolloutRecords:
   """Saves, once per train record that a logged rollout used, what the rollouts viewer shows
-  beside its completions: the image as `WORKDIR/rollout_records/<record index>.png` and the
-  question as a line `record({...});` of `WORKDIR/rollout_records.js` (see train/rollouts.html).
+  beside its completions: the image as `rollout_records/<record index>.png` and the question as
+  a line `record({...});` of `rollout_records.js`, beside rollouts.jsonl (see train/rollouts.html).
   """
 
-  def __init__(self, data_dir: str | os.PathLike[str], workdir: str | os.PathLike[str]):
-    self._data_dir, self._workdir = data_dir, pathlib.Path(workdir)
-    self._split: records.Split | None = None
+  SCRIPT = "rollout_records.js"
 
-  def __call__(self, rollouts: list[dict[str, Any]]) -> None:
-    if self._split is None:
+  def __init__(self, data_dir: str | os.PathLike[str]):
+    self._data_dir = data_dir
+    self._split: records.Split | None = None
+    self._saved: set[int] = set()
+
+  def __call__(self, rollouts: list[dict[str, Any]], writer: MetricsWriter) -> None:
+    if self._split is None:  # first call, perhaps of a resumed run: what is saved already
       self._split = records.open_split(self._data_dir, "train")
-    images = self._workdir / "rollout_records"
-    images.mkdir(parents=True, exist_ok=True)
-    for index in sorted({r["record_index"] for r in rollouts}):
-      png = images / f"{index}.png"
-      if png.exists():  # written by an earlier step (or before a resume)
-        continue
+      self._saved = {json.loads(line[len("record("):-len(");")])["record_index"]
+                     for line in writer.read_text(self.SCRIPT).splitlines()
+                     if line.startswith("record(") and line.endswith(");")}
+    for index in sorted({r["record_index"] for r in rollouts} - self._saved):
       record = records.decode_record(self._split.source[index])
       question = record.question
+      # The image first: its line is what marks the record saved.
+      writer.write_bytes(f"rollout_records/{index}.png", record.image_png)
       line = {"record_index": index, "prompt": question.prompt, "options": list(question.options),
               "episode": question.episode, "frame": question.frame}
-      with open(self._workdir / "rollout_records.js", "a", encoding="utf-8") as f:
-        f.write(f"record({json.dumps(line)});\n")  # a repeat after a crash is harmless
-      atomic.write_bytes(png, record.image_png)
+      writer.append_text(self.SCRIPT, f"record({json.dumps(line)});")
+      self._saved.add(index)
 
 
 def train_rl(context: StageContext, config: RLConfig, workdir: str | os.PathLike[str], *,
@@ -108,8 +111,8 @@ def train_rl(context: StageContext, config: RLConfig, workdir: str | os.PathLike
       learner, lambda batch, step: learner.step(batch, jax.random.fold_in(base_key, step),
                                                 draw=lambda: next(batches)),
       batches, loop.LoopConfig(
-          workdir=pathlib.Path(workdir), total_steps=total, stage="rl", settings=config.loop,
+          workdir=epath.Path(workdir), total_steps=total, stage="rl", settings=config.loop,
           progress=(("reward", "reward/total"), ("acc", "accuracy/all"),
                     ("kl", "kl/policy_ref"), ("draws", "dynamic_sampling/draws")),
-          meta=context.meta, on_rollouts=RolloutRecords(context.data_dir, workdir)),
+          meta=context.meta, on_rollouts=RolloutRecords(context.data_dir)),
       evaluate=evaluate)

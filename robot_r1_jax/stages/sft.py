@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -219,6 +219,6 @@ def run_sft(model: Qwen25VL, optimizer: optax.GradientTransformation, data: Iter
   build = SftBatchBuilder(tokenizer, config.targets, config.target_buckets)
   step_fn = lambda batch, step: trainer.step(build(batch, questions(batch.record_indices)))
   return loop.run(trainer, step_fn, data, loop.LoopConfig(
-      workdir=pathlib.Path(workdir), total_steps=config.total_steps, stage="sft",
+      workdir=epath.Path(workdir), total_steps=config.total_steps, stage="sft",
       settings=config.loop, progress=(("loss", "loss"), ("acc", "token_accuracy")),
       meta={**config.meta, "target": config.targets.kind}))

@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
 import signal
 import threading
 import types
@@ -288,11 +287,11 @@ class Checkpointer:
     self.close()
 
 
-def find_checkpoints(run_dir: str | os.PathLike[str]) -> pathlib.Path:
+def find_checkpoints(run_dir: str | os.PathLike[str]) -> epath.Path:
   """The checkpoints folder of a run: `run_dir/rl`, `run_dir`, `run_dir/sft` (an sft_rl run's
   stages, newest stage first) or `run_dir` as a checkpoints folder itself, whichever first holds a
   step."""
-  run_dir = pathlib.Path(run_dir)
+  run_dir = epath.Path(run_dir)
   candidates = [run_dir / "rl" / "checkpoints", run_dir / "checkpoints",
                 run_dir / "sft" / "checkpoints", run_dir]
   for directory in candidates:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import pathlib
 from typing import Any, Callable, Iterator, Protocol
 
 import jax
 import numpy as np
+from etils import epath
 
 from robot_r1_jax.train import processes
 from robot_r1_jax.train.checkpoint import Checkpointer, PreemptionGuard
@@ -42,7 +42,7 @@ class Evaluation(Protocol):
 
   def scalars(self) -> dict[str, float]: ...
 
-  def write(self, path: pathlib.Path) -> Any: ...
+  def write(self, path: epath.Path) -> Any: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,15 +84,16 @@ class LoopSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-  workdir: pathlib.Path
+  workdir: epath.Path  # local, or an object store (gs://…)
   total_steps: int  # the run ends at this step (resumed runs continue up to it)
   stage: str = "rl"  # recorded in checkpoint meta; names the progress bar
   settings: LoopSettings = LoopSettings()
   progress: tuple[tuple[str, str], ...] = ()  # (label, metric) pairs on the progress bar
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. the flags
-  # Called on process 0 with each step's logged rollouts (all processes' rows) before they are
-  # written, e.g. to save the questions and images the rollouts viewer shows beside them.
-  on_rollouts: Callable[[list[dict[str, Any]]], None] | None = None
+  # Called on process 0 with each step's logged rollouts (all processes' rows) and the run's
+  # writer before they are written, e.g. to save the questions and images the rollouts viewer
+  # shows beside them.
+  on_rollouts: Callable[[list[dict[str, Any]], MetricsWriter], None] | None = None
 
   def __post_init__(self):
     if self.total_steps < 1:
@@ -108,7 +109,7 @@ def run(trainer: Trainer, step_fn: StepFn, data: Iterator[Any], config: LoopConf
   a row save and raise `TrainingStopped`. `evaluate` runs every `eval_every` steps and after the
   last; its scalars go to the metrics and its full result to `workdir/eval/step_<N>.json`.
   """
-  workdir, settings = pathlib.Path(config.workdir), config.settings
+  workdir, settings = epath.Path(config.workdir), config.settings
   checkpoints = Checkpointer(workdir / "checkpoints", max_to_keep=settings.keep_checkpoints)
   writer = MetricsWriter(workdir)
   state = lambda: {"params": trainer.params, "opt_state": trainer.opt_state}
@@ -144,7 +145,7 @@ def run(trainer: Trainer, step_fn: StepFn, data: Iterator[Any], config: LoopConf
           # Every process's rows (a collective), written by process 0.
           rollouts = [r for part in processes.gather_json(out.rollouts) for r in part]
           if config.on_rollouts is not None and writer.enabled:
-            config.on_rollouts(rollouts)
+            config.on_rollouts(rollouts, writer)
           writer.rollouts(step, rollouts)
         bar.update(step, {label: out.metrics[key] for label, key in config.progress
                           if key in out.metrics})

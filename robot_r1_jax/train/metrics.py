@@ -39,6 +39,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Mapping, Sequence
@@ -47,6 +48,9 @@ import jax
 import numpy as np
 import tensorboardX
 import tqdm
+from etils import epath
+
+from robot_r1_jax.data.atomic import is_remote
 
 METRICS_FILE = "metrics.jsonl"
 ROLLOUTS_FILE = "rollouts.jsonl"
@@ -79,13 +83,19 @@ class MetricsWriter:
     """
     if flush_every < 1:
       raise ValueError(f"flush_every must be >= 1, got {flush_every}")
-    self.workdir = Path(workdir)
+    self.workdir = epath.Path(workdir)
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._flush_every = flush_every
     self._unflushed = 0
     self._files: dict[str, IO[str]] = {}
     self._tb: tensorboardX.SummaryWriter | None = None
     self._purge_step: int | None = None
+    # An object store cannot append: files are written in a local mirror and uploaded whole by
+    # `flush` (the appended ones fetched first, so a resumed run continues them).
+    self._remote = is_remote(workdir)
+    self._mirror: Path | None = None  # made on first use, removed by `close`
+    self._fetched: set[str] = set()
+    self._dirty: set[str] = set()
     if self.enabled:
       self.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -118,8 +128,8 @@ class MetricsWriter:
     if not self.enabled:
       return
     step = int(step)
-    if not (self.workdir / ROLLOUTS_HTML).exists():
-      shutil.copyfile(_VIEWER, self.workdir / ROLLOUTS_HTML)
+    if not self.exists(ROLLOUTS_HTML):
+      self.write_bytes(ROLLOUTS_HTML, _VIEWER.read_bytes())
     for i, record in enumerate(records):
       if "step" in record:
         raise ValueError(f"rollout {i} of step {step} has its own 'step' key; the writer adds it")
@@ -142,7 +152,7 @@ class MetricsWriter:
     # TensorBoard hides the older files' events at steps >= purge_step when it reads the next file.
     self._purge_step = step + 1
     for name, (head, tail) in _LINE.items():
-      path = self.workdir / name
+      path = self._fetch(name)
       if not path.exists():
         continue
       lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -162,14 +172,54 @@ class MetricsWriter:
       tmp = path.with_name(path.name + ".tmp")
       tmp.write_text("".join(kept), encoding="utf-8")
       os.replace(tmp, path)  # atomic: a kill here leaves the old or the new file, never half
+      self._dirty.add(name)
+    self.flush()
+
+  def append_text(self, name: str, line: str) -> None:
+    """Appends `line` and a newline to the file `name` (relative to the workdir)."""
+    if self.enabled:
+      self._open(name).write(line + "\n")
+
+  def write_bytes(self, name: str, data: bytes) -> None:
+    """Writes the file `name` (relative to the workdir, folders made) whole: the old content or
+    the new, never half."""
+    if not self.enabled:
+      return
+    path = self._local() / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    self._dirty.add(name)
+
+  def read_text(self, name: str) -> str:
+    """What the file `name` (relative to the workdir) holds now ("" if there is none)."""
+    if name in self._files:
+      self._files[name].flush()
+    path = self._fetch(name)
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+  def exists(self, name: str) -> bool:
+    """Whether the file `name` (relative to the workdir) was written, by this writer or before."""
+    return (self._local() / name).exists() or (self._remote and (self.workdir / name).exists())
 
   def flush(self) -> None:
-    """Pushes buffered lines and events to the files."""
+    """Pushes buffered lines and events to the files (and a remote workdir's changed files to
+    the object store)."""
     for f in self._files.values():
       f.flush()
     if self._tb is not None:
       self._tb.flush()
     self._unflushed = 0
+    if self._remote:
+      events = self._local() / TENSORBOARD_DIR
+      names = self._dirty | {str(p.relative_to(self._local())) for p in events.glob("*")
+                             if p.is_file()}
+      for name in sorted(names):
+        target = self.workdir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((self._local() / name).read_bytes())
+    self._dirty.clear()
 
   def close(self) -> None:
     """Flushes and closes the files; later writes reopen them in append mode."""
@@ -180,6 +230,18 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._mirror is not None:
+      self.flush()  # the events the TensorBoard writer wrote as it closed
+      shutil.rmtree(self._mirror, ignore_errors=True)
+      self._mirror, self._fetched = None, set()
+
+  def _local(self) -> Path:
+    """Where files are written: the workdir, or for a remote one a local mirror of it."""
+    if not self._remote:
+      return Path(self.workdir)
+    if self._mirror is None:
+      self._mirror = Path(tempfile.mkdtemp(prefix="metrics-"))
+    return self._mirror
 
   def __enter__(self) -> MetricsWriter:
     return self
@@ -194,19 +256,36 @@ class MetricsWriter:
       # Nanoseconds keep the names unique and sorted by creation, the order TensorBoard reads in.
       # flush_secs is a backstop; `flush` controls when events reach the disk.
       self._tb = tensorboardX.SummaryWriter(
-          str(self.workdir / TENSORBOARD_DIR), purge_step=self._purge_step, flush_secs=30,
+          str(self._local() / TENSORBOARD_DIR), purge_step=self._purge_step, flush_secs=30,
           filename_suffix=f".{time.time_ns()}")
       self._purge_step = None
     return self._tb
 
   def _append(self, name: str, record: dict[str, Any]) -> None:
+    # allow_nan=False: `_jsonable` already turned non-finite floats into strings.
+    head, tail = _LINE[name]
+    self._open(name).write(head + json.dumps(record, allow_nan=False) + tail + "\n")
+
+  def _open(self, name: str) -> IO[str]:
     if name not in self._files:
       # Kept open between calls; `close` closes it.
       self._files[name] = open(  # pylint: disable=consider-using-with
-          self.workdir / name, "a", encoding="utf-8")
-    # allow_nan=False: `_jsonable` already turned non-finite floats into strings.
-    head, tail = _LINE[name]
-    self._files[name].write(head + json.dumps(record, allow_nan=False) + tail + "\n")
+          self._fetch(name), "a", encoding="utf-8")
+    self._dirty.add(name)
+    return self._files[name]
+
+  def _fetch(self, name: str) -> Path:
+    """The local file of `name`; from a remote workdir, a copy of what is there (once)."""
+    path = self._local() / name
+    if self._remote and name not in self._fetched:
+      self._fetched.add(name)
+      remote = self.workdir / name
+      if remote.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(remote.read_bytes())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
 
 
 def _scalar(name: str, value: Any) -> float | int:

@@ -98,3 +98,15 @@ def test_bad_run_or_step_is_one_line(trained_run, tmp_path):
               "--step=7")
   assert proc.returncode == 1 and "step 7 is not a complete checkpoint" in proc.stderr
   assert not (tmp_path / "o").exists()
+
+
+def test_export_to_a_bucket(trained_run, gcs_bucket):
+  from etils import epath
+  out = epath.Path(gcs_bucket) / "exported"
+  proc = _run("robot_r1_jax.export", f"--run={trained_run}", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  names = {p.name for p in out.iterdir()}
+  assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
+          "preprocessor_config.json"} <= names
+  assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+

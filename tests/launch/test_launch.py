@@ -176,6 +176,10 @@ def test_bad_input_is_one_line_naming_the_flag_or_file(data, tmp_path):
                      r"cut_model/config.json is not valid JSON .*download it again"),
       "no init": ([f"--data={data}", f"--init_from={tmp_path / 'empty'}", "--model=tiny"],
                   "no checkpoint under .*empty"),
+      "data in a bucket": (["--data=gs://bucket/extracted"],
+                           "--data=gs://bucket/extracted: .*local disk only; .*gcsfuse"),
+      "default data, bucket workdir": (["--workdir=gs://bucket/run"],
+                                       "--workdir on object storage needs --data"),
   }
   for name, (args, message) in cases.items():
     proc = subprocess.run([sys.executable, "-m", "robot_r1_jax.launch", "--stage=rl",

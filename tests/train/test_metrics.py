@@ -218,3 +218,25 @@ def test_step_timer():
   assert timer.summary()["time/update"] == 2.0
   timer.reset()
   assert timer.summary() == {}
+
+
+def test_remote_workdir_uploads_and_resumes(gcs_bucket):
+  from etils import epath
+  workdir = epath.Path(gcs_bucket) / "metrics_run"
+  with MetricsWriter(workdir, enabled=True) as first:
+    for step in range(1, 6):
+      first.scalars(step, {"loss": float(step)})
+      first.rollouts(step, [{"prompt_id": "p"}])
+    first.write_bytes("rollout_records/3.png", b"png")
+  assert (workdir / "rollouts.html").exists() and (workdir / "rollout_records/3.png").exists()
+  assert list((workdir / "tb").iterdir())
+  with MetricsWriter(workdir, enabled=True) as resumed:  # another process: nothing local
+    resumed.truncate_after(3)
+    resumed.scalars(4, {"loss": 40.0})
+    assert resumed.exists("rollout_records/3.png") and not resumed.exists("rollout_records/4.png")
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert rows == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 3.0},
+                  {"step": 4, "loss": 40.0}]
+  assert [json.loads(line)["step"] for line in
+          (workdir / "rollouts.jsonl").read_text().splitlines()] == [1, 2, 3]
+

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
-from absl import logging as absl_logging
 
 from robot_r1_jax.export import DTYPES, export_run
 from robot_r1_jax.launch import console
@@ -30,13 +27,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.quiet_libraries()
-  try:
+  with console.one_line_errors(CheckpointError, ConfigError, FileNotFoundError):
     done = export_run(RUN.value, OUT.value, step=STEP.value, dtype=DTYPE.value,
                       max_shard_bytes=MAX_SHARD_MB.value << 20)
-  except (CheckpointError, ConfigError, FileNotFoundError) as e:
-    if absl_logging.get_verbosity() >= absl_logging.DEBUG:
-      raise
-    sys.exit(f"error: {e}")
   print(f"exported step {done.step} of {done.checkpoints} (--model={done.model}) to {done.out}: "
         f"{', '.join(done.files)}")
 

@@ -15,7 +15,6 @@ from typing import Callable
 
 import jax
 from absl import app, flags
-from absl import logging as absl_logging
 
 from robot_r1_jax.data import atomic
 from robot_r1_jax.data.demo import DemoError
@@ -51,12 +50,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.quiet_libraries()
-  try:
+  with console.one_line_errors(*_USER_ERRORS):
     _run()
-  except _USER_ERRORS as e:
-    if absl_logging.get_verbosity() >= absl_logging.DEBUG:
-      raise
-    sys.exit(f"error: {e}")
 
 
 def _run() -> None:

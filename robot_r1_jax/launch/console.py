@@ -7,10 +7,13 @@ lines of probe errors from C++; the progress and the final table drown in them.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
 import pathlib
+import sys
+from typing import Iterator
 
 from absl import logging as absl_logging
 
@@ -43,6 +46,18 @@ def quiet_libraries() -> None:
   if absl_logging.get_verbosity() >= absl_logging.DEBUG:
     return
   absl_logging.get_absl_handler().addFilter(_ours_or_warning)
+
+
+@contextlib.contextmanager
+def one_line_errors(*errors: type[Exception]) -> Iterator[None]:
+  """Ends the program with `error: <message>` for `errors`, whose messages name the flag, file or
+  key and what to do; the traceback only under `--verbosity=1` or more."""
+  try:
+    yield
+  except errors as e:
+    if absl_logging.get_verbosity() >= absl_logging.DEBUG:
+      raise
+    sys.exit(f"error: {e}")
 
 
 def _ours_or_warning(record: logging.LogRecord) -> bool:

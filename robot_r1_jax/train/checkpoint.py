@@ -53,11 +53,12 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
+
+from robot_r1_jax.train import processes
 
 _STATE = "state"
 _DATA = "data"
@@ -212,7 +213,7 @@ class Checkpointer:
         error = ""
       except Exception as e:  # orbax, tensorstore and json each raise their own kinds
         restored, error = None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
-      if _any_process(bool(error)):
+      if processes.any_process(bool(error)):
         failures.append((step, error or "failed on another process"))
         logging.warning("checkpoint: step %d in %s does not restore (%s); trying an older one",
                         step, self.directory, failures[-1][1])
@@ -333,13 +334,6 @@ def _abstract(tree: Any) -> Any:
   return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
-def _any_process(flag: bool) -> bool:
-  """`flag` on any process (a collective when there are several)."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-
-
 _Handler = Callable[[int, types.FrameType | None], Any] | int | None
 
 
@@ -368,7 +362,7 @@ class PreemptionGuard:
 
     With one process this is `requested` and costs nothing.
     """
-    return _any_process(self._requested)
+    return processes.any_process(self._requested)
 
   def __enter__(self) -> PreemptionGuard:
     if threading.current_thread() is not threading.main_thread():

@@ -10,6 +10,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 
+def any_process(flag: bool) -> bool:
+  """`flag` on any process; a collective when there are several (free with one)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 def gather_json(value: Any) -> list[Any]:
   """`value` (anything `json.dumps` takes) from every process, in process order.
 

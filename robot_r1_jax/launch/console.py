@@ -1,8 +1,10 @@
-"""What a run prints: our own lines, every warning, and libraries' INFO only when asked for.
+"""What a run prints: our own lines, every error, each distinct warning once, and libraries' INFO
+only when asked for.
 
 Left alone, orbax logs ~30 INFO lines per checkpoint saved (every rename and merge), jax logs its
-backend probe, and with libtpu installed on a host without a TPU the TPU plugin prints a dozen
-lines of probe errors from C++; the progress and the final table drown in them.
+backend probe, with libtpu installed on a host without a TPU the TPU plugin prints a dozen lines
+of probe errors from C++, and gcsfs warns once per file it opens in a bucket when it cannot tell
+the bucket's type (~300 identical lines in a 2-step run); the progress and the final table drown.
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ def skip_absent_tpu() -> None:
 
 
 def quiet_libraries() -> None:
-  """Below `--verbosity=1`, drops INFO (and DEBUG) records logged from outside this package;
-  warnings and errors from anywhere still print. Call after flags are parsed."""
+  """Below `--verbosity=1`, drops INFO (and DEBUG) records logged from outside this package and
+  repeats of a library's warning (same logger, same message); errors from anywhere and our own
+  records all print. Call after flags are parsed."""
   if absl_logging.get_verbosity() >= absl_logging.DEBUG:
     return
-  absl_logging.get_absl_handler().addFilter(_ours_or_warning)
+  absl_logging.get_absl_handler().addFilter(_Quiet())
 
 
 @contextlib.contextmanager
@@ -60,5 +63,19 @@ def one_line_errors(*errors: type[Exception]) -> Iterator[None]:
     sys.exit(f"error: {e}")
 
 
-def _ours_or_warning(record: logging.LogRecord) -> bool:
-  return record.levelno >= logging.WARNING or record.pathname.startswith(_PACKAGE)
+class _Quiet(logging.Filter):
+
+  def __init__(self):
+    super().__init__()
+    self._warned: set[tuple[str, str]] = set()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.pathname.startswith(_PACKAGE) or record.levelno >= logging.ERROR:
+      return True
+    if record.levelno < logging.WARNING:
+      return False
+    key = (record.name, record.getMessage())
+    if key in self._warned:
+      return False
+    self._warned.add(key)
+    return True

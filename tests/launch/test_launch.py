@@ -10,8 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Callable
 
 import pytest
+from etils import epath
 
 pytest.importorskip("pybullet")
 
@@ -103,20 +108,33 @@ def test_eval_mode_scores_the_newest_checkpoint(default_job):
   assert "question type" in out and len(result["records"]) > 0
 
 
-def test_resume_after_sigkill_repeats_the_uninterrupted_run(data, tmp_path):
+@pytest.fixture(scope="module")
+def straight(extracted_data, tmp_path_factory) -> dict[int, dict]:
+  """The metrics of a 4-step run that nothing interrupts."""
+  workdir = tmp_path_factory.mktemp("straight")
+  _launch(f"--workdir={workdir}", "--max_steps=4", f"--data={extracted_data}", *SMALL)
+  return _metrics(workdir)
+
+
+def _kill_after_step_2_and_resume(workdir: str, data: pathlib.Path,
+                                  committed: Callable[[], bool]) -> None:
   steps = ["--max_steps=4", f"--data={data}", *SMALL]
-  _launch(f"--workdir={tmp_path / 'straight'}", *steps)
-  killed = tmp_path / "killed"
-  proc = _launch(f"--workdir={killed}", *steps, wait=False)
+  proc = _launch(f"--workdir={workdir}", *steps, wait=False)
   deadline = time.time() + 600
-  while not (killed / "checkpoints" / "2").is_dir():
+  while not committed():
     assert proc.poll() is None, proc.stdout.read()[-4000:]
     assert time.time() < deadline
     time.sleep(0.2)
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
-  _launch(f"--workdir={killed}", *steps)
-  straight, resumed = _metrics(tmp_path / "straight"), _metrics(killed)
+  _launch(f"--workdir={workdir}", *steps)
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_run(data, straight, tmp_path):
+  killed = tmp_path / "killed"
+  _kill_after_step_2_and_resume(str(killed), data, (killed / "checkpoints" / "2").is_dir)
+  steps = ["--max_steps=4", f"--data={data}", *SMALL]
+  resumed = _metrics(killed)
   assert sorted(resumed) == [1, 2, 3, 4]
   for step in (3, 4):
     assert resumed[step] == straight[step], step
@@ -132,6 +150,28 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(data, tmp_path):
   assert "resumed from" in out and "at step 3" in out, out[-4000:]
   assert (killed / "checkpoints" / "damaged" / "4").is_dir()
   assert _metrics(killed)[4] == straight[4]
+
+
+def test_resume_after_sigkill_from_a_bucket_repeats_the_uninterrupted_local_run(
+    data, straight, gcs_bucket):
+  """The whole workdir (checkpoints, metrics, rollouts) in a bucket of a local emulator."""
+  url = os.environ["STORAGE_EMULATOR_HOST"]
+  step2 = urllib.parse.quote("run/checkpoints/2/commit_success.txt", safe="")
+
+  def committed() -> bool:  # asked of the emulator directly: gcsfs would answer from its cache
+    try:
+      urllib.request.urlopen(f"{url}/storage/v1/b/test/o/{step2}", timeout=5).close()
+      return True
+    except urllib.error.HTTPError:
+      return False
+
+  _kill_after_step_2_and_resume(f"{gcs_bucket}/run", data, committed)
+  resumed = _metrics(epath.Path(gcs_bucket) / "run")
+  assert sorted(resumed) == [1, 2, 3, 4]
+  for step in (1, 2, 3, 4):
+    assert resumed[step] == straight[step], step
+  rollouts = (epath.Path(gcs_bucket) / "run" / "rollouts.jsonl").read_text().splitlines()
+  assert sorted({json.loads(line)["step"] for line in rollouts}) == [1, 2, 3, 4]
 
 
 def test_sigterm_saves_the_current_step(data, tmp_path):

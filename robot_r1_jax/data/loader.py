@@ -46,11 +46,12 @@ Dimensions: B batch (per process) · T prompt length (a bucket) · P vision patc
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import math
 import pathlib
 import threading
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 from absl import flags
 import grain
@@ -256,22 +257,18 @@ class _MakeExample(grain.transforms.MapWithIndex):
   def map_with_index(self, index: int, record_index: int) -> _Example:
     position = self._shard_index + index * self._shard_count  # In the global stream.
     record = self._read(record_index)
-    pixel_values, grid = processor.preprocess_image(record.image(), min_pixels=self._min_pixels,
-                                                    max_pixels=self._max_pixels)
-    # Hugging Face tokenizers are not safe to call from several threads at once (the Rust side
-    # raises "Already borrowed"), and grain's read threads share this transform.
     with self._lock:
       if self._tokenizer is None:
         self._tokenizer = processor.load_tokenizer(self._tokenizer_path)
-      input_ids = processor.build_prompt_ids(self._tokenizer, record.question.prompt, grid)
-    if len(input_ids) > self._max_length:
-      raise ValueError(f"{self._describe(record_index, record.question)}: the prompt has "
-                       f"{len(input_ids)} tokens, more than the largest length bucket "
-                       f"{self._max_length}; add a larger one to length_buckets")
-    return _Example(input_ids=input_ids, pixel_values=pixel_values, grid_thw=grid,
-                    question=record.question, record_index=record_index,
-                    epoch=position // self._num_records,
-                    valid=self._end is None or position < self._end)
+    # Hugging Face tokenizers are not safe to call from several threads at once (the Rust side
+    # raises "Already borrowed"), and grain's read threads share this transform.
+    example = _example(record.question, record.image(), self._tokenizer,
+                       min_pixels=self._min_pixels, max_pixels=self._max_pixels,
+                       max_length=self._max_length, tokenizer_lock=self._lock,
+                       where=lambda: self._describe(record_index, record.question))
+    return dataclasses.replace(example, record_index=record_index,
+                               epoch=position // self._num_records,
+                               valid=self._end is None or position < self._end)
 
   def _read(self, record_index: int) -> records.Record:
     try:
@@ -286,6 +283,32 @@ class _MakeExample(grain.transforms.MapWithIndex):
     if question is None:
       return where
     return f"{where}, {question.episode} frame {question.frame} {question.question_type}"
+
+
+def prompt_batch(questions: Sequence[Question], images: Sequence[np.ndarray],
+                 tokenizer: PreTrainedTokenizerBase, config: LoaderConfig = LoaderConfig()) -> Batch:
+  """A batch of questions asked now (not read from a split: the closed loop's), built exactly as
+  the loader builds a split's; `record_indices` count the questions."""
+  examples = [dataclasses.replace(
+      _example(q, image, tokenizer, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
+               max_length=config.length_buckets[-1], where=lambda q=q: f"{q.episode} frame "
+               f"{q.frame} {q.question_type}"), record_index=i)
+      for i, (q, image) in enumerate(zip(questions, images, strict=True))]
+  return _Collate(config.length_buckets, tokenizer.pad_token_id)(examples)
+
+
+def _example(question: Question, image: np.ndarray, tokenizer: PreTrainedTokenizerBase, *,
+             min_pixels: int, max_pixels: int, max_length: int, where: Callable[[], str],
+             tokenizer_lock: ContextManager[Any] = contextlib.nullcontext()) -> _Example:
+  pixel_values, grid = processor.preprocess_image(image, min_pixels=min_pixels,
+                                                  max_pixels=max_pixels)
+  with tokenizer_lock:
+    input_ids = processor.build_prompt_ids(tokenizer, question.prompt, grid)
+  if len(input_ids) > max_length:
+    raise ValueError(f"{where()}: the prompt has {len(input_ids)} tokens, more than the largest "
+                     f"length bucket {max_length}; add a larger one to length_buckets")
+  return _Example(input_ids=input_ids, pixel_values=pixel_values, grid_thw=grid,
+                  question=question, record_index=0, epoch=0, valid=True)
 
 
 class _Collate:

@@ -82,6 +82,21 @@ class McqaConfig:
       raise ValueError(f"min_axis_move={self.min_axis_move} must be >= 0 and action_bins="
                        f"{self.action_bins} >= 2")
 
+  @classmethod
+  def from_dict(cls, data: dict[str, Any]) -> McqaConfig:
+    """Inverse of `dataclasses.asdict` (also after JSON, as in an extractor's manifest.json)."""
+    data = dict(data)
+    workspace = data.pop("workspace", None)
+    metadata = data.pop("metadata", None)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if set(data) - fields:
+      raise ValueError(f"unknown question settings {sorted(set(data) - fields)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()},
+               **({} if workspace is None else {"workspace": Workspace(
+                   **{k: tuple(v) for k, v in workspace.items()})}),
+               **({} if metadata is None else {"metadata": RobotMetadata(
+                   **{k: tuple(v) if isinstance(v, list) else v for k, v in metadata.items()})}))
+
 
 @dataclasses.dataclass(frozen=True)
 class FrameContext:

@@ -134,6 +134,12 @@ def chosen_option(text: str) -> str | None:
   return None if match is None else match.group(1)
 
 
+def answered_xyz(text: str) -> tuple[float, float, float] | None:
+  """The position `[x, y, z]` a completion's single answer block holds, or None."""
+  content = answer_block(text)
+  return None if content is None else _parse_xyz(content)
+
+
 def _parse_xyz(content: str) -> tuple[float, float, float] | None:
   match = _XYZ.fullmatch(content)
   if match is None:
@@ -175,8 +181,7 @@ def xyz_reward(text: str, target: str | Sequence[float]) -> float:
     ValueError: `target` is not a position (the completion itself never raises).
   """
   true = parse_xyz(target)
-  content = answer_block(text)
-  pred = None if content is None else _parse_xyz(content)
+  pred = answered_xyz(text)
   if pred is None:
     return 0.0
   l1 = sum(abs(p - t) for p, t in zip(pred, true))

@@ -376,12 +376,8 @@ def split_evaluator(context: StageContext, config: EvalConfig = EvalConfig(),
 
 def _answer_l1(text: str, answer: str) -> float | None:
   """L1 metres between the position in `text`'s answer block and `answer`; None if unparsable."""
-  content = rewards.answer_block(text)
-  if content is None:
-    return None
-  try:
-    pred = rewards.parse_xyz(content)
-  except ValueError:
+  pred = rewards.answered_xyz(text)
+  if pred is None:
     return None
   return float(sum(abs(p - t) for p, t in zip(pred, rewards.parse_xyz(answer))))
 

@@ -183,3 +183,13 @@ def test_config_errors_name_the_field():
   tiny = mcqa.McqaConfig(workspace=mcqa.Workspace(low=(0, 0, 0), high=(0.01, 0.01, 0.01)))
   with pytest.raises(ValueError, match="cannot place 3 distractors"):
     mcqa.build_question("waypoint", _ctx(), seed=0, config=tiny)
+
+
+def test_config_round_trips_through_a_manifest_json():
+  config = mcqa.McqaConfig(answer_format="xyz", prompt_style="compact", frame_interval=7,
+                      workspace=mcqa.Workspace(low=(-0.1, -0.2, 0.8), high=(0.5, 0.4, 1.3)),
+                      metadata=mcqa.RobotMetadata(finger_length=0.05))
+  data = json.loads(json.dumps(dataclasses.asdict(config)))
+  assert mcqa.McqaConfig.from_dict(data) == config
+  with pytest.raises(ValueError, match="unknown question settings .*'colour'"):
+    mcqa.McqaConfig.from_dict({**data, "colour": "red"})

@@ -148,28 +148,47 @@ def run_expert(panda: Panda, kinematics: Kinematics, waypoints: Sequence[Waypoin
   script = Script()
   q = panda.joint_positions()
   for n, waypoint in enumerate(waypoints):
-    last = n == len(waypoints) - 1
-    segment = plan_segment(kinematics, q, waypoint)
-    step = 0
-    for _ in range(segment.frames):
-      for _ in range(SUBSTEPS):
-        step += 1
-        panda.command(*segment.at(step / PHYSICS_HZ))
-        panda.scene.step()
-      frame = record(waypoint.ignore_collisions)
-    q = segment.samples[-1]
-    panda.command(q, np.zeros(7))
-    if last:
-      script.keyframes.append(frame)
-    elif waypoint.gripper is not None:
-      panda.actuate_gripper(waypoint.gripper == "open", q, graspable)
-      if panda.state().gripper_open != (1.0 if waypoint.gripper == "open" else 0.0):
-        raise PlanningError(f"the gripper did not {waypoint.gripper} at "
-                            f"{np.round(waypoint.position, 3).tolist()}")
-      script.keyframes.append(record(waypoint.ignore_collisions))
-    else:
-      script.keyframes.append(frame)
-      for _ in range(waypoint.hold - 1):
-        panda.scene.step(SUBSTEPS)
-        record(waypoint.ignore_collisions)
+    q, keyframe = execute(panda, kinematics, q, waypoint, record, graspable,
+                          last=n == len(waypoints) - 1)
+    script.keyframes.append(keyframe)
   return script
+
+
+def execute(panda: Panda, kinematics: Kinematics, q: np.ndarray, waypoint: Waypoint,
+            record: Callable[[bool], int], graspable: Sequence[int] = (), *, last: bool = False,
+            strict: bool = True) -> tuple[np.ndarray, int]:
+  """Moves from configuration `q` to `waypoint` and does what it asks on arrival (see
+  `run_expert`); returns the configuration reached and the waypoint's keyframe.
+
+  Raises PlanningError when the move cannot be planned (nothing has moved then) or, if `strict`,
+  when a gripper action did not take (closing on nothing is fine for a policy, not the expert).
+  """
+  segment = plan_segment(kinematics, q, waypoint)
+  step = 0
+  for _ in range(segment.frames):
+    for _ in range(SUBSTEPS):
+      step += 1
+      panda.command(*segment.at(step / PHYSICS_HZ))
+      panda.scene.step()
+    frame = record(waypoint.ignore_collisions)
+  q = segment.samples[-1]
+  panda.command(q, np.zeros(7))
+  if last:
+    return q, frame
+  if waypoint.gripper is not None:
+    return q, act_gripper(panda, q, waypoint, record, graspable, strict=strict)
+  for _ in range(waypoint.hold - 1):
+    panda.scene.step(SUBSTEPS)
+    record(waypoint.ignore_collisions)
+  return q, frame
+
+
+def act_gripper(panda: Panda, q: np.ndarray, waypoint: Waypoint, record: Callable[[bool], int],
+                graspable: Sequence[int] = (), *, strict: bool = True) -> int:
+  """Opens or closes the gripper as `waypoint` asks, the arm holding `q`; returns the frame
+  recorded after it (the keyframe)."""
+  panda.actuate_gripper(waypoint.gripper == "open", q, graspable)
+  if strict and panda.state().gripper_open != (1.0 if waypoint.gripper == "open" else 0.0):
+    raise PlanningError(f"the gripper did not {waypoint.gripper} at "
+                        f"{np.round(waypoint.position, 3).tolist()}")
+  return record(waypoint.ignore_collisions)

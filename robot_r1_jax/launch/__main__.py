@@ -18,8 +18,11 @@ from absl import app, flags
 
 from robot_r1_jax.data import atomic
 from robot_r1_jax.data.demo import DemoError
+from robot_r1_jax.data import records
 from robot_r1_jax.data.loader import LoaderConfig
+from robot_r1_jax.data.mcqa import McqaConfig
 from robot_r1_jax.data.records import RecordError
+from robot_r1_jax.generate.sampling import SamplingParams
 from robot_r1_jax.launch import compile as compile_lib
 from robot_r1_jax.launch import console
 from robot_r1_jax.launch import flagfiles
@@ -66,6 +69,8 @@ def _run() -> None:
   evaluator = eval_lib.split_evaluator(context, config.eval)
   if config.mode == "eval":
     _evaluate(config, context, evaluator)
+  elif config.mode == "closed_loop":
+    _closed_loop(config, context)
   else:
     _train(config, context, evaluator)
 
@@ -113,6 +118,41 @@ def _evaluate(config: RunConfig, context: StageContext, evaluator: Evaluator) ->
   if jax.process_index() == 0:
     result.write(config.workdir / "eval.json")
     print(result.table())
+
+
+def _closed_loop(config: RunConfig, context: StageContext) -> None:
+  """--mode=closed_loop: the policies' answers drive the simulated arm; success per task.
+
+  Every process runs the same episodes (the model's decoding is one program over the mesh); process
+  0 writes closed_loop.json, the table and a contact sheet per episode under closed_loop/.
+  """
+  from robot_r1_jax.stages import closed_loop  # pybullet is optional: only this mode needs it
+
+  data = records.Manifest.load(context.data_dir).config
+  try:
+    spec = closed_loop.ClosedLoopConfig(
+        tasks=config.data.sim_tasks, episodes=config.closed_loop.episodes, seed=config.seed,
+        # The questions and images the model was trained on: the extractor's settings.
+        image_size=data.get("image_size") or config.data.image_size,
+        mcqa=McqaConfig.from_dict(data.get("mcqa", {})), batch_size=config.eval.batch_size,
+        sheets=jax.process_index() == 0)
+  except ValueError as e:
+    raise pipeline.InputError(f"--mode=closed_loop (--sim_tasks, --data): {e}") from None
+  policies = {"oracle": closed_loop.oracle_policy,
+              "random": closed_loop.random_policy(config.seed, spec.mcqa)}
+  if "model" in config.closed_loop.policies:
+    if not config.init_from:
+      restore_params(context.model, config.workdir)
+    sampler = context.sampler(SamplingParams(temperature=0.0))
+    policies["model"] = closed_loop.model_policy(
+        sampler, context.loader, max_new_tokens=config.eval.max_new_tokens,
+        batch_size=config.eval.batch_size)
+  out = config.workdir / "closed_loop" if jax.process_index() == 0 else None
+  results = [closed_loop.run(name, policies[name], spec, out)
+             for name in config.closed_loop.policies]
+  if jax.process_index() == 0:
+    closed_loop.write_json(results, config.workdir / "closed_loop.json")
+    print(closed_loop.table(results))
 
 
 def _train(config: RunConfig, context: StageContext, evaluator: Evaluator) -> None:

@@ -13,8 +13,9 @@ from robot_r1_jax.stages.evaluate import EvalConfig
 from robot_r1_jax.stages.rl import RLConfig
 from robot_r1_jax.stages.sft import SftConfig
 
-MODES = ("train", "eval")
+MODES = ("train", "eval", "closed_loop")
 STAGES = ("sft_rl", "sft", "rl")
+POLICIES = ("model", "oracle", "random")  # closed-loop policies (see stages.closed_loop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,21 @@ class DataSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClosedLoopSpec:
+  """--mode=closed_loop: the policies compared and the episodes per task (tasks: --sim_tasks)."""
+
+  policies: tuple[str, ...] = ("model", "oracle", "random")
+  episodes: int = 5
+
+  def __post_init__(self):
+    bad = [p for p in self.policies if p not in POLICIES]
+    if bad or not self.policies:
+      raise ValueError(f"closed_loop_policy={list(self.policies)}: choose from {list(POLICIES)}")
+    if self.episodes < 1:
+      raise ValueError(f"closed_loop_episodes={self.episodes} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class Distributed:
   """jax.distributed settings (all None: one process, or auto-detection where JAX does it)."""
 
@@ -48,7 +64,7 @@ class Distributed:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   workdir: epath.Path  # local, or an object store (gs://…)
-  mode: str = "train"  # train | eval
+  mode: str = "train"  # train | eval | closed_loop
   stage: str = "sft_rl"  # sft_rl | sft | rl
   seed: int = 0
   mesh: str = "data=1,fsdp=-1,tensor=1"
@@ -60,6 +76,7 @@ class RunConfig:
   sft: SftConfig = SftConfig(total_steps=60)
   rl: RLConfig = RLConfig()
   eval: EvalConfig = EvalConfig()
+  closed_loop: ClosedLoopSpec = ClosedLoopSpec()
   compile_only: bool = False  # compile every executable for `topology`, report memory, stop
   topology: str | None = None  # a TPU slice, e.g. "v5e:4x4"
   compile_executables: tuple[str, ...] | None = None  # only these (None: every one)
@@ -85,7 +102,7 @@ class RunConfig:
   @property
   def evaluates(self) -> bool:
     """Eval mode; sft_rl (before and after RL); rl with --eval_every."""
-    return self.mode == "eval" or (self.mode == "train" and (
+    return self.mode in ("eval", "closed_loop") or (self.mode == "train" and (
         self.stage == "sft_rl" or (self.stage == "rl" and bool(self.rl.loop.eval_every))))
 
   @property

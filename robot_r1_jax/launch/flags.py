@@ -11,7 +11,8 @@ from etils import epath
 
 from robot_r1_jax.data.sft_targets import TargetConfig
 from robot_r1_jax.generate.sampling import SamplingParams
-from robot_r1_jax.launch.config import MODES, STAGES, DataSpec, Distributed, ModelSpec, RunConfig
+from robot_r1_jax.launch.config import (MODES, POLICIES, STAGES, ClosedLoopSpec, DataSpec,
+                                        Distributed, ModelSpec, RunConfig)
 from robot_r1_jax.model import config as model_config
 from robot_r1_jax.rl import advantages, kl, losses, shaping
 from robot_r1_jax.stages.evaluate import EvalConfig
@@ -34,7 +35,7 @@ TOKENIZER = flags.DEFINE_string("tokenizer", None, "Local tokenizer directory. D
 DATA = flags.DEFINE_string("data", None, "Extracted shards (python -m robot_r1_jax.data.extract). "
                            "Default: simulate demos and extract them into WORKDIR/data once.")
 SIM_TASKS = flags.DEFINE_list("sim_tasks", ["pick_up_cup", "push_button"], "Simulator tasks for "
-                              "the default data.")
+                              "the default data, and those --mode=closed_loop runs.")
 SIM_EPISODES = flags.DEFINE_integer("sim_episodes", 3, "Simulated episodes per task for the "
                                     "default data.")
 IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, "Rendered and extracted image size (pixels) "
@@ -48,7 +49,16 @@ STAGE = flags.DEFINE_enum("stage", "sft_rl", list(STAGES), "sft_rl: an SFT warm-
                           "(WORKDIR/sft) then RL (WORKDIR/rl), evaluated before and after RL; "
                           "sft or rl: that stage alone, in WORKDIR.")
 MODE = flags.DEFINE_enum("mode", "train", list(MODES), "eval: greedy evaluation of the "
-                         "newest checkpoint in WORKDIR (or --init_from) on the val split.")
+                         "newest checkpoint in WORKDIR (or --init_from) on the val split; "
+                         "closed_loop: its answers drive the simulated arm through --sim_tasks, "
+                         "scored by task success (see --closed_loop_policy).")
+CLOSED_LOOP_POLICY = flags.DEFINE_list(
+    "closed_loop_policy", list(POLICIES), "--mode=closed_loop: the policies run, side by side in "
+    "one table: model (greedy answers of the newest checkpoint in WORKDIR, or --init_from), oracle "
+    "(the expert's answers) and random (a uniformly random option).")
+CLOSED_LOOP_EPISODES = flags.DEFINE_integer(
+    "closed_loop_episodes", 5, "--mode=closed_loop: seeded episodes per task of --sim_tasks (from "
+    "seeds the simulated training data never uses).")
 INIT_FROM = flags.DEFINE_string("init_from", None, "A run directory (or its checkpoints/) whose "
                                 "newest parameters initialise the model, e.g. an SFT run for RL.")
 SFT_STEPS = flags.DEFINE_integer("sft_steps", 60, "SFT steps (sft and sft_rl stages).")
@@ -303,6 +313,8 @@ def run_config() -> RunConfig:
       init_from=pathlib.Path(INIT_FROM.value) if INIT_FROM.value else None,
       sft=sft, rl=rl,
       eval=EvalConfig(max_new_tokens=MAX_NEW_TOKENS.value, batch_size=EVAL_BATCH.value),
+      closed_loop=ClosedLoopSpec(policies=tuple(CLOSED_LOOP_POLICY.value),
+                                 episodes=CLOSED_LOOP_EPISODES.value),
       compile_only=COMPILE_ONLY.value, topology=TOPOLOGY.value,
       compile_executables=tuple(COMPILE_EXECUTABLES.value) if COMPILE_EXECUTABLES.value else None,
       compile_prompt_length=COMPILE_PROMPT_LENGTH.value,

@@ -37,13 +37,14 @@ from robot_r1_jax.data.loader import LoaderConfig, prompt_batch
 from robot_r1_jax.data.mcqa import FrameContext, McqaConfig, Question, build_question
 from robot_r1_jax.data.prompts import LETTERS, MCQA, WAYPOINT, format_xyz
 from robot_r1_jax.data.rlbench_io import encode_png
+from robot_r1_jax.data.sim import TASKS
 from robot_r1_jax.data.sim.closed_loop import (ClosedLoopEpisode, EpisodeError, View,
                                                closed_loop_seed)
 from robot_r1_jax.generate.sampler import Sampler
 from robot_r1_jax.rl import rewards
 from robot_r1_jax.stages.evaluate import check_sampler
+from robot_r1_jax.train.metrics import ProgressBar
 
-POLICIES = ("model", "oracle", "random")
 MAX_ATTEMPTS = 10  # seeds tried per episode until the expert's own run succeeds
 
 # questions, their front-camera images -> one completion text each
@@ -59,11 +60,15 @@ class ClosedLoopConfig:
   mcqa: McqaConfig = McqaConfig()  # the training data's answer format, prompt style, workspace
   batch_size: int = 8  # episodes stepped together
   sheets: bool = True  # write a contact sheet per episode
+  progress: bool = True  # a progress bar over episodes (process 0)
 
   def __post_init__(self):
     if not self.tasks or self.episodes < 1 or self.batch_size < 1:
       raise ValueError(f"closed loop needs tasks (got {self.tasks}), episodes >= 1 (got "
                        f"{self.episodes}) and batch_size >= 1 (got {self.batch_size})")
+    unknown = sorted(set(self.tasks) - set(TASKS))
+    if unknown:
+      raise ValueError(f"no simulated task {unknown}; available: {', '.join(sorted(TASKS))}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,17 +178,20 @@ def run(name: str, policy: Policy, config: ClosedLoopConfig,
   """Every task's episodes under `policy`; contact sheets go to `out_dir/<name>/`."""
   specs = [(task, i) for task in config.tasks for i in range(config.episodes)]
   results = []
-  for start in range(0, len(specs), config.batch_size):
-    episodes = [_open(task, i, config) for task, i in specs[start:start + config.batch_size]]
-    try:
-      results += _step_together(episodes, policy, config)
-    finally:
-      for episode in episodes:
-        episode.close()
-    if out_dir is not None and config.sheets:
-      for episode, result in zip(episodes, results[start:]):
-        path = os.path.join(os.fspath(out_dir), name, f"{episode.task}_{episode.seed}.png")
-        atomic.write_bytes(path, encode_png(contact_sheet(episode, result)))
+  with ProgressBar(len(specs), enabled=None if config.progress else False,
+                   desc=f"closed loop {name}") as bar:
+    for start in range(0, len(specs), config.batch_size):
+      episodes = [_open(task, i, config) for task, i in specs[start:start + config.batch_size]]
+      try:
+        results += _step_together(episodes, policy, config)
+      finally:
+        for episode in episodes:
+          episode.close()
+      if out_dir is not None and config.sheets:
+        for episode, result in zip(episodes, results[start:]):
+          path = os.path.join(os.fspath(out_dir), name, f"{episode.task}_{episode.seed}.png")
+          atomic.write_bytes(path, encode_png(contact_sheet(episode, result)))
+      bar.update(len(results), {"success": float(np.mean([r.success for r in results]))})
   return PolicyResult(name, tuple(results))
 
 

@@ -108,6 +108,20 @@ def test_eval_mode_scores_the_newest_checkpoint(default_job):
   assert "question type" in out and len(result["records"]) > 0
 
 
+def test_closed_loop_mode_drives_the_arm_with_each_policy(default_job):
+  out = _launch(f"--workdir={default_job}", "--mode=closed_loop",
+                f"--data={default_job / 'data' / 'extracted'}", "--sim_tasks=push_button",
+                "--closed_loop_episodes=2", "--eval_batch_size=4", *SMALL)
+  result = json.loads((default_job / "closed_loop.json").read_text())
+  assert list(result) == ["model", "oracle", "random"]
+  assert result["oracle"]["success_rate"] == {"push_button": 1.0, "all": 1.0}
+  assert all(len(r["per_episode"]) == 2 for r in result.values())
+  # Greedy decoding of the trained checkpoint, 16 new tokens per keyframe.
+  assert all(len(e["completions"]) == e["keyframes"] for e in result["model"]["per_episode"])
+  assert re.search(r"^closed loop success +model +oracle +random$", out, re.M), out[-2000:]
+  assert len(list((default_job / "closed_loop" / "model").glob("push_button_*.png"))) == 2
+
+
 @pytest.fixture(scope="module")
 def straight(extracted_data, tmp_path_factory) -> dict[int, dict]:
   """The metrics of a 4-step run that nothing interrupts."""
@@ -220,6 +234,11 @@ def test_bad_input_is_one_line_naming_the_flag_or_file(data, tmp_path):
                            "--data=gs://bucket/extracted: .*local disk only; .*gcsfuse"),
       "default data, bucket workdir": (["--workdir=gs://bucket/run"],
                                        "--workdir on object storage needs --data"),
+      "closed loop, no such task": ([f"--data={data}", "--mode=closed_loop", "--sim_tasks=fly",
+                                     "--closed_loop_policy=oracle"],
+                                    r"--sim_tasks.*no simulated task \['fly'\]; available: "),
+      "closed loop, no such policy": (["--mode=closed_loop", "--closed_loop_policy=expert"],
+                                      r"closed_loop_policy=\['expert'\]: choose from"),
   }
   for name, (args, message) in cases.items():
     proc = subprocess.run([sys.executable, "-m", "robot_r1_jax.launch", "--stage=rl",

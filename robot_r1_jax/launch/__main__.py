@@ -9,6 +9,7 @@ the including file, then among the packaged `configs/`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from typing import Callable
@@ -126,33 +127,72 @@ def _closed_loop(config: RunConfig, context: StageContext) -> None:
   Every process runs the same episodes (the model's decoding is one program over the mesh); process
   0 writes closed_loop.json, the table and a contact sheet per episode under closed_loop/.
   """
-  from robot_r1_jax.stages import closed_loop  # pybullet is optional: only this mode needs it
+  from robot_r1_jax.stages import closed_loop  # pybullet is optional: only closed loops need it
 
-  data = records.Manifest.load(context.data_dir).config
-  try:
-    spec = closed_loop.ClosedLoopConfig(
-        tasks=config.data.sim_tasks, episodes=config.closed_loop.episodes, seed=config.seed,
-        # The questions and images the model was trained on: the extractor's settings.
-        image_size=data.get("image_size") or config.data.image_size,
-        mcqa=McqaConfig.from_dict(data.get("mcqa", {})), batch_size=config.eval.batch_size,
-        sheets=jax.process_index() == 0)
-  except ValueError as e:
-    raise pipeline.InputError(f"--mode=closed_loop (--sim_tasks, --data): {e}") from None
+  spec = _closed_loop_config(config, context, config.closed_loop.episodes)
   policies = {"oracle": closed_loop.oracle_policy,
               "random": closed_loop.random_policy(config.seed, spec.mcqa)}
   if "model" in config.closed_loop.policies:
     if not config.init_from:
       restore_params(context.model, config.workdir)
-    sampler = context.sampler(SamplingParams(temperature=0.0))
-    policies["model"] = closed_loop.model_policy(
-        sampler, context.loader, max_new_tokens=config.eval.max_new_tokens,
-        batch_size=config.eval.batch_size)
+    policies["model"] = _model_policy(config, context)
   out = config.workdir / "closed_loop" if jax.process_index() == 0 else None
   results = [closed_loop.run(name, policies[name], spec, out)
              for name in config.closed_loop.policies]
   if jax.process_index() == 0:
     closed_loop.write_json(results, config.workdir / "closed_loop.json")
     print(closed_loop.table(results))
+
+
+def _closed_loop_config(config: RunConfig, context: StageContext, episodes: int):
+  from robot_r1_jax.stages import closed_loop
+
+  data = records.Manifest.load(context.data_dir).config
+  try:
+    return closed_loop.ClosedLoopConfig(
+        tasks=config.data.sim_tasks, episodes=episodes, seed=config.seed,
+        # The questions and images the model was trained on: the extractor's settings.
+        image_size=data.get("image_size") or config.data.image_size,
+        mcqa=McqaConfig.from_dict(data.get("mcqa", {})), batch_size=config.eval.batch_size,
+        sheets=jax.process_index() == 0)
+  except ValueError as e:
+    raise pipeline.InputError(f"--mode=closed_loop (--sim_tasks, --data): {e}") from None
+
+
+def _model_policy(config: RunConfig, context: StageContext):
+  """Greedy answers of the context's model, its parameters at call time."""
+  from robot_r1_jax.stages import closed_loop
+
+  return closed_loop.model_policy(
+      context.sampler(SamplingParams(temperature=0.0)), context.loader,
+      max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
+
+
+class _TrainingLoop:
+  """The sft_rl job's closed loop on its own simulated tasks: the model before and after RL, the
+  oracle and random baselines, in one table (closed_loop.json, sheets under closed_loop/)."""
+
+  def __init__(self, config: RunConfig, context: StageContext):
+    from robot_r1_jax.stages import closed_loop
+
+    self._lib = closed_loop
+    self._spec = _closed_loop_config(config, context, config.closed_loop.in_training)
+    self._policy = _model_policy(config, context)
+    self._out = config.workdir / "closed_loop" if jax.process_index() == 0 else None
+    self.results = [closed_loop.run(name, policy, self._spec, self._out) for name, policy in (
+        ("oracle", closed_loop.oracle_policy),
+        ("random", closed_loop.random_policy(config.seed, self._spec.mcqa)))]
+
+  def model(self, directory: str, label: str) -> None:
+    """The model as it is now; sheets under closed_loop/`directory`, `label` in the table."""
+    result = self._lib.run(directory, self._policy, self._spec, self._out)
+    self.results.insert(len(self.results) - 2, dataclasses.replace(result, policy=label))
+
+  def table(self) -> str:
+    return self._lib.table(self.results)
+
+  def write(self, path) -> None:
+    self._lib.write_json(self.results, path)
 
 
 def _train(config: RunConfig, context: StageContext, evaluator: Evaluator) -> None:
@@ -164,6 +204,12 @@ def _train(config: RunConfig, context: StageContext, evaluator: Evaluator) -> No
     return
   # The reference policy is the model as it is now (after SFT or --init_from).
   before = evaluator() if evaluator and two_stage else None
+  algo = config.rl.step.algo.upper()
+  # Closed loops need the simulator's tasks: only the job's own simulated data has them for sure.
+  loop = (_TrainingLoop(config, context) if two_stage and config.data.path is None
+          and config.closed_loop.in_training else None)
+  if loop:
+    loop.model("sft", "SFT")
   history = train_rl(context, config.rl, workdir / "rl" if two_stage else workdir,
                      evaluate=evaluator)
   if jax.process_index() == 0 and history:
@@ -176,9 +222,14 @@ def _train(config: RunConfig, context: StageContext, evaluator: Evaluator) -> No
     if jax.process_index() == 0:
       before.write(workdir / "eval_before_rl.json")
       after.write(workdir / "eval_after_rl.json")
-      algo = config.rl.step.algo.upper()
       print(eval_lib.compare_table(before, after, labels=("SFT", f"SFT→{algo}")))
-      print(f"curves: {report.plot_curves(workdir)}")
+  if loop:
+    loop.model(f"sft_{algo.lower()}", f"SFT→{algo}")
+    if jax.process_index() == 0:
+      loop.write(workdir / "closed_loop.json")
+      print(loop.table())
+  if before is not None and jax.process_index() == 0:
+    print(f"curves: {report.plot_curves(workdir)}")
 
 
 if __name__ == "__main__":

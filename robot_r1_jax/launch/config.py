@@ -39,10 +39,12 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ClosedLoopSpec:
-  """--mode=closed_loop: the policies compared and the episodes per task (tasks: --sim_tasks)."""
+  """--mode=closed_loop: the policies compared and the episodes per task (tasks: --sim_tasks);
+  `in_training`: episodes per task the sft_rl job on simulated data runs before and after RL."""
 
   policies: tuple[str, ...] = ("model", "oracle", "random")
   episodes: int = 5
+  in_training: int = 1
 
   def __post_init__(self):
     bad = [p for p in self.policies if p not in POLICIES]
@@ -50,6 +52,8 @@ class ClosedLoopSpec:
       raise ValueError(f"closed_loop_policy={list(self.policies)}: choose from {list(POLICIES)}")
     if self.episodes < 1:
       raise ValueError(f"closed_loop_episodes={self.episodes} must be >= 1")
+    if self.in_training < 0:
+      raise ValueError(f"closed_loop_train_episodes={self.in_training} must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,6 +59,10 @@ CLOSED_LOOP_POLICY = flags.DEFINE_list(
 CLOSED_LOOP_EPISODES = flags.DEFINE_integer(
     "closed_loop_episodes", 5, "--mode=closed_loop: seeded episodes per task of --sim_tasks (from "
     "seeds the simulated training data never uses).")
+CLOSED_LOOP_TRAIN_EPISODES = flags.DEFINE_integer(
+    "closed_loop_train_episodes", 1, "--stage=sft_rl on the simulated default data (no --data): "
+    "closed-loop episodes per task run with the SFT and the RL model, beside the oracle and random "
+    "baselines, in the final table (0: off).")
 INIT_FROM = flags.DEFINE_string("init_from", None, "A run directory (or its checkpoints/) whose "
                                 "newest parameters initialise the model, e.g. an SFT run for RL.")
 SFT_STEPS = flags.DEFINE_integer("sft_steps", 60, "SFT steps (sft and sft_rl stages).")
@@ -314,7 +318,8 @@ def run_config() -> RunConfig:
       sft=sft, rl=rl,
       eval=EvalConfig(max_new_tokens=MAX_NEW_TOKENS.value, batch_size=EVAL_BATCH.value),
       closed_loop=ClosedLoopSpec(policies=tuple(CLOSED_LOOP_POLICY.value),
-                                 episodes=CLOSED_LOOP_EPISODES.value),
+                                 episodes=CLOSED_LOOP_EPISODES.value,
+                                 in_training=CLOSED_LOOP_TRAIN_EPISODES.value),
       compile_only=COMPILE_ONLY.value, topology=TOPOLOGY.value,
       compile_executables=tuple(COMPILE_EXECUTABLES.value) if COMPILE_EXECUTABLES.value else None,
       compile_prompt_length=COMPILE_PROMPT_LENGTH.value,

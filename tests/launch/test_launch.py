@@ -70,7 +70,7 @@ def default_job(tmp_path_factory) -> pathlib.Path:
 def test_default_main_job_prints_little_besides_progress(default_job):
   out = (default_job / "console.txt").read_text()
   assert "\r" not in out  # not a terminal: plain progress lines, no redraws
-  progress = re.compile(r"^(sft|rl|eval) \d+/\d+ ")
+  progress = re.compile(r"^(sft|rl|eval|closed loop \w+) \d+/\d+ ")
   lines = [line for line in out.splitlines() if not progress.match(line)]
   assert len(lines) < 60, "\n".join(lines)
   for noise in ("checkpoint_manager.py", "orbax", "Unable to initialize backend", "TPU"):
@@ -96,6 +96,14 @@ def test_default_main_job_writes_everything(default_job):
   before = json.loads((default_job / "eval_before_rl.json").read_text())
   after = json.loads((default_job / "eval_after_rl.json").read_text())
   assert len(before["records"]) == len(after["records"]) > 0
+  # The closed loop on the job's own task: one episode per policy, the two models in the table.
+  loop = json.loads((default_job / "closed_loop.json").read_text())
+  assert sorted(loop) == ["SFT", "SFT→GRPO", "oracle", "random"]
+  assert all(loop[p]["episodes"] == 1 and "push_button" in loop[p]["success_rate"] for p in loop)
+  assert loop["oracle"]["success_rate"]["all"] == 1.0
+  assert len(list((default_job / "closed_loop" / "sft_grpo").glob("push_button_*.png"))) == 1
+  assert re.search(r"^closed loop success +SFT +SFT→GRPO +oracle +random$",
+                   (default_job / "console.txt").read_text(), re.M)
   png = (default_job / "curves.png").read_bytes()
   assert png.startswith(b"\x89PNG") and len(png) > 10_000
 

@@ -47,7 +47,8 @@ from robot_r1_jax.data import atomic
 from robot_r1_jax.data import records
 from robot_r1_jax.data.demo import DemoError
 from robot_r1_jax.data.keyframes import discover_keyframes
-from robot_r1_jax.data.mcqa import QUESTION_TYPES, McqaConfig, Question, episode_questions
+from robot_r1_jax.data.mcqa import (ANSWER_FORMATS, QUESTION_TYPES, McqaConfig, Question,
+                                    episode_questions)
 from robot_r1_jax.data.rlbench_io import (EpisodeRef, encode_png, list_episodes, load_demo,
                                           load_variation_descriptions, task_instruction)
 
@@ -291,9 +292,13 @@ def _define_flags() -> None:
                      "(1: a test set of fresh episodes, every one in val).")
   flags.DEFINE_integer("seed", 0, "Seed for option shuffles, distractors and the split.")
   flags.DEFINE_integer("shard_size", 1024, "Records per ArrayRecord shard.")
-  flags.DEFINE_enum("answer_format", "mcqa", ["mcqa", "xyz"],
-                    "mcqa: options [[A]]..[[D]]; xyz: open-ended positions (then no movement "
-                    "questions).")
+  flags.DEFINE_enum("answer_format", "mcqa", list(ANSWER_FORMATS),
+                    "mcqa: options [[A]]..[[D]]; xyz: open-ended positions [x, y, z]; "
+                    "action_tokens: the position as RT-2's bins, three numbers 'i j k' "
+                    "(--action_bins per axis over the workspace, stated in the prompt). The "
+                    "open-ended formats ask no movement questions.")
+  flags.DEFINE_integer("action_bins", 256, "Bins per workspace axis of --answer_format="
+                       "action_tokens.")
   flags.DEFINE_list("question_types", list(QUESTION_TYPES),
                     "Question types to ask. A subset asks the same questions as the full set "
                     "(each is seeded by its frame and type), e.g. movement alone for an RL stage "
@@ -314,7 +319,7 @@ def main(argv: Sequence[str]) -> None:
         image_size=values.image_size, val_fraction=values.val_fraction, seed=values.seed,
         shard_size=values.shard_size, progress=values.progress,
         mcqa=McqaConfig(frame_interval=values.frame_interval, answer_format=values.answer_format,
-                        question_types=tuple(values.question_types),
+                        action_bins=values.action_bins, question_types=tuple(values.question_types),
                         prompt_style=values.prompt_style))
   except ValueError as e:  # Field names are flag names, so the message names the flag.
     raise app.UsageError(f"--{e}") from e

@@ -17,7 +17,8 @@ asks about the state there and the next keyframe:
 Options are shuffled with a generator seeded from (seed, task, episode, frame, question type), so a
 question is a pure function of its inputs and the right letter is uniform over A–D. Position
 questions also carry their metric target (for an L1 reward on open-ended answers) and its RT-2
-style discretisation (`action_bins` bins per axis over the workspace).
+style discretisation (`action_bins` bins per axis over the workspace), which is the answer itself
+with `answer_format="action_tokens"` (three bin numbers, "147 130 21"; the prompt states the bins).
 """
 
 from __future__ import annotations
@@ -30,25 +31,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from robot_r1_jax.data.demo import Demo, DemoError
-from robot_r1_jax.data.prompts import (ANSWER_FORMATS, CURRENT_STATE, LETTERS, MCQA, MOVEMENT,
-                                       PAPER, PROMPT_STYLES, QUESTION_TYPES, WAYPOINT,
-                                       RobotMetadata, format_xyz, render_prompt)
+from robot_r1_jax.data.prompts import (ACTION_TOKENS, ANSWER_FORMATS, CURRENT_STATE, LETTERS, MCQA,
+                                       MOVEMENT, PAPER, PROMPT_STYLES, QUESTION_TYPES, WAYPOINT,
+                                       ActionBins, RobotMetadata, Workspace, format_bins,
+                                       format_xyz, render_prompt)
 
 XYZ3 = tuple[float, float, float]
 _AXIS_WORDS = (("backward", "forward"), ("left", "right"), ("down", "up"))  # (negative, positive)
-
-
-@dataclasses.dataclass(frozen=True)
-class Workspace:
-  """The valid gripper positions (world frame, metres): PerAct's scene bounds above the table."""
-
-  low: XYZ3 = (-0.3, -0.5, 0.752)
-  high: XYZ3 = (0.7, 0.5, 1.6)
-
-  def __post_init__(self):
-    if len(self.low) != 3 or len(self.high) != 3 or any(
-        lo >= hi for lo, hi in zip(self.low, self.high)):
-      raise ValueError(f"Workspace low={self.low} must be below high={self.high} on all 3 axes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +46,12 @@ class McqaConfig:
 
   frame_interval: int = 10  # t: sample a state every t frames before the next keyframe.
   question_types: tuple[str, ...] = QUESTION_TYPES
-  answer_format: str = MCQA  # "mcqa" (options [[A]]…[[D]]) or "xyz" (open-ended position).
+  # "mcqa" (options [[A]]…[[D]]), "xyz" (an open-ended position) or "action_tokens" (its bins).
+  answer_format: str = MCQA
   workspace: Workspace = Workspace()
   min_separation: float = 0.05  # Metres between any two position options.
   min_axis_move: float = 1e-3  # Metres; smaller |Δ_axis| is jitter, not a direction.
-  action_bins: int = 256
+  action_bins: int = 256  # per axis over `workspace` (RT-2's action tokens)
   metadata: RobotMetadata = RobotMetadata()
   prompt_style: str = PAPER  # "paper", or "compact" for CPU-scale learning runs (see `prompts`).
 
@@ -81,6 +71,10 @@ class McqaConfig:
     if self.min_axis_move < 0 or self.action_bins < 2:
       raise ValueError(f"min_axis_move={self.min_axis_move} must be >= 0 and action_bins="
                        f"{self.action_bins} >= 2")
+
+  @property
+  def bins(self) -> ActionBins:
+    return ActionBins(self.workspace, self.action_bins)
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> McqaConfig:
@@ -118,7 +112,8 @@ class Question:
 
   prompt: str  # The user message text.
   options: tuple[str, ...]  # Option texts in letter order; () for open-ended questions.
-  answer: str  # What must appear inside <answer></answer>: "[[B]]" or "[x, y, z]".
+  # What must appear inside <answer></answer>: "[[B]]", "[x, y, z]" or bins "128 64 201".
+  answer: str
   answer_letter: str | None  # "B"; None for open-ended questions.
   question_type: str
   answer_format: str
@@ -207,11 +202,16 @@ def build_question(question_type: str, ctx: FrameContext, *, seed: int,
     letter = LETTERS[int(np.flatnonzero(order == 0)[0])]
     answer = f"[[{letter}]]"
   else:
-    options, letter, answer = (), None, format_xyz(target)
+    tokens = config.answer_format == ACTION_TOKENS
+    options, letter = (), None
+    answer = (format_bins(discretize(target, config.workspace, config.action_bins)) if tokens
+              else format_xyz(target))
   assert len(set(options)) == len(options), f"duplicate options {options}"  # By construction.
   prompt = render_prompt(question_type, description=ctx.description, camera=ctx.camera,
                          state_xyz=ctx.state_xyz, options=options or None,
-                         metadata=config.metadata, style=config.prompt_style)
+                         metadata=config.metadata, style=config.prompt_style,
+                         action_bins=config.bins if config.answer_format == ACTION_TOKENS
+                         else None)
   return Question(
       prompt=prompt, options=options, answer=answer, answer_letter=letter,
       question_type=question_type, answer_format=config.answer_format, task=ctx.task,

@@ -20,11 +20,32 @@ from typing import Sequence
 
 WAYPOINT, CURRENT_STATE, MOVEMENT = "waypoint", "current_state", "movement"
 QUESTION_TYPES = (WAYPOINT, CURRENT_STATE, MOVEMENT)
-MCQA, XYZ = "mcqa", "xyz"
-ANSWER_FORMATS = (MCQA, XYZ)
+MCQA, XYZ, ACTION_TOKENS = "mcqa", "xyz", "action_tokens"
+ANSWER_FORMATS = (MCQA, XYZ, ACTION_TOKENS)
 PAPER, COMPACT = "paper", "compact"
 PROMPT_STYLES = (PAPER, COMPACT)
 LETTERS = "ABCD"
+
+
+@dataclasses.dataclass(frozen=True)
+class Workspace:
+  """The valid gripper positions (world frame, metres): PerAct's scene bounds above the table."""
+
+  low: tuple[float, float, float] = (-0.3, -0.5, 0.752)
+  high: tuple[float, float, float] = (0.7, 0.5, 1.6)
+
+  def __post_init__(self):
+    if len(self.low) != 3 or len(self.high) != 3 or any(
+        lo >= hi for lo, hi in zip(self.low, self.high)):
+      raise ValueError(f"Workspace low={self.low} must be below high={self.high} on all 3 axes")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActionBins:
+  """RT-2's action tokens for a position: each workspace axis cut into `count` equal bins."""
+
+  workspace: Workspace
+  count: int = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +67,11 @@ def format_xyz(xyz: Sequence[float]) -> str:
   return "[" + ", ".join(format_number(v) for v in xyz) + "]"
 
 
+def format_bins(bins: Sequence[int]) -> str:
+  """An action-token answer: the three bin indices, space-separated as RT-2 writes actions."""
+  return " ".join(str(int(b)) for b in bins)
+
+
 _QUESTIONS = {
     WAYPOINT: "Which position should the gripper reach next (the next keyframe) to make progress "
               "on the task?",
@@ -56,7 +82,8 @@ _QUESTIONS = {
 
 def render_prompt(question_type: str, *, description: str, camera: str,
                   state_xyz: Sequence[float], options: Sequence[str] | None,
-                  metadata: RobotMetadata, style: str = PAPER) -> str:
+                  metadata: RobotMetadata, style: str = PAPER,
+                  action_bins: ActionBins | None = None) -> str:
   """The user-message text of one question.
 
   Args:
@@ -64,9 +91,12 @@ def render_prompt(question_type: str, *, description: str, camera: str,
     description: the task description (a variation description, e.g. "pick up the red cup").
     camera: the camera whose image accompanies the prompt.
     state_xyz: the gripper position now (printed for waypoint and movement questions).
-    options: the four option texts in letter order, or None for an open-ended [x, y, z] answer.
+    options: the four option texts in letter order, or None for an open-ended answer: a position
+      [x, y, z], or its bins (`action_bins`).
     metadata: table and gripper facts.
     style: `PAPER`, or `COMPACT` (see the module doc).
+    action_bins: for an open-ended answer, ask for the position's bins instead (stated in the
+      question, in both styles: the answer means nothing without them).
   """
   if question_type not in QUESTION_TYPES:
     raise ValueError(f"question_type={question_type!r}; expected one of {QUESTION_TYPES}")
@@ -90,7 +120,10 @@ def render_prompt(question_type: str, *, description: str, camera: str,
   if question_type != CURRENT_STATE:
     sections.append(f"## Current robot state\nPosition: {format_xyz(state_xyz)}")
   question = _QUESTIONS[question_type]
-  if options is None:
+  if options is None and action_bins is not None:
+    sections.append(f"## Question\n{question} {_bins_statement(action_bins)}")
+    example, what = format_bins([action_bins.count // 2] * 3), "the three bin numbers"
+  elif options is None:
     sections.append(f"## Question\n{question} Answer with a position [x, y, z] in metres with 3 "
                     "decimals.")
     example, what = "[x, y, z]", "the position"
@@ -105,6 +138,15 @@ def render_prompt(question_type: str, *, description: str, camera: str,
         f"## Output format\nReason step by step inside <think> </think>, then give {what} inside "
         f"<answer> </answer>. For example:\n<think> ... </think> <answer> {example} </answer>")
   return "\n\n".join(sections)
+
+
+def _bins_statement(bins: ActionBins) -> str:
+  low, high = bins.workspace.low, bins.workspace.high
+  ranges = ", ".join(f"{axis} from {format_number(lo)} to {format_number(hi)} m"
+                     for axis, lo, hi in zip("xyz", low, high))
+  return (f"Answer with the position as three bin numbers \"x y z\": each axis of the workspace "
+          f"({ranges}) is cut into {bins.count} equal bins, numbered 0 to {bins.count - 1} from "
+          "its low end.")
 
 
 def _coordinates(metadata: RobotMetadata | None) -> str:

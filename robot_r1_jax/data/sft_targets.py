@@ -10,7 +10,8 @@ Three kinds, all in the output format the prompt asks for and the RL reward chec
              [[C]] [0.301, 0.085, 0.812]: yes, so the answer is [[C]]. </think>
              <answer> [[C]] </answer>
 
-Open-ended questions (`answer_format="xyz"`) answer `<answer> [x, y, z] </answer>` instead.
+Open-ended questions answer `<answer> [x, y, z] </answer>` (`answer_format="xyz"`) or the
+position's bins, `<answer> 147 130 21 </answer>` (`"action_tokens"`), instead.
 
 Decisions:
   * Direct targets keep an *empty* think block. The paper's Direct-SFT baseline answers without
@@ -49,8 +50,9 @@ from typing import Sequence
 import numpy as np
 
 from robot_r1_jax.data import mcqa
-from robot_r1_jax.data.prompts import (CURRENT_STATE, LETTERS, MCQA, MOVEMENT, WAYPOINT, XYZ,
-                                       RobotMetadata, format_number, format_xyz)
+from robot_r1_jax.data.prompts import (ACTION_TOKENS, CURRENT_STATE, LETTERS, MCQA, MOVEMENT,
+                                       WAYPOINT, XYZ, RobotMetadata, format_bins, format_number,
+                                       format_xyz)
 
 DIRECT, COT, CHECK = "direct", "cot", "check"
 TARGET_KINDS = (DIRECT, COT, CHECK)
@@ -129,6 +131,8 @@ def reasoning_text(question: mcqa.Question, config: TargetConfig = TargetConfig(
     option = question.options[LETTERS.index(question.answer_letter)]
     shown = f'"{option}"' if question.question_type == MOVEMENT else option
     sentences.append(f"Option {question.answer} is {shown}, so the answer is {question.answer}.")
+  elif question.answer_format == ACTION_TOKENS:
+    sentences.append(f"In the workspace's bins that is {question.answer}.")
   else:
     sentences.append(f"The answer is {question.answer}.")
   return " ".join(sentences)
@@ -170,6 +174,8 @@ def _moves(delta: np.ndarray, min_axis_move: float) -> list[str]:
 
 def _expected_answer_text(question: mcqa.Question, config: TargetConfig) -> str:
   """What the right option (or the open-ended answer) must say, from the question's numbers."""
+  if question.answer_format == ACTION_TOKENS and question.target_tokens is not None:
+    return format_bins(question.target_tokens)
   if question.question_type == MOVEMENT:
     delta = np.subtract(question.next_xyz, question.state_xyz)
     return mcqa.movement_text(delta, config.min_axis_move)
@@ -188,11 +194,11 @@ def _check_answer(question: mcqa.Question, config: TargetConfig) -> None:
                        f"{question.answer_letter!r} / {len(question.options)} options is not a "
                        "four-option question")
     actual = question.options[LETTERS.index(question.answer_letter)]
-  elif question.answer_format == XYZ and question.question_type != MOVEMENT:
+  elif question.answer_format in (XYZ, ACTION_TOKENS) and question.question_type != MOVEMENT:
     actual = question.answer
   else:
     raise ValueError(f"{_describe(question)}: answer_format {question.answer_format!r} is not "
-                     f"one of ({MCQA!r}, {XYZ!r} for position questions)")
+                     f"one of ({MCQA!r}, {XYZ!r} or {ACTION_TOKENS!r} for position questions)")
   if actual != expected:
     raise ValueError(
         f"{_describe(question)}: the right answer says {actual!r} but the question's numbers give "

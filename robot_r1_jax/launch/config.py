@@ -8,7 +8,7 @@ from typing import Any
 
 from etils import epath
 
-from robot_r1_jax.data.prompts import PAPER
+from robot_r1_jax.data.prompts import MCQA, PAPER
 from robot_r1_jax.stages.evaluate import EvalConfig
 from robot_r1_jax.stages.rl import RLConfig
 from robot_r1_jax.stages.sft import SftConfig
@@ -35,6 +35,7 @@ class DataSpec:
   sim_episodes: int = 3
   image_size: int = 128
   prompt_style: str = PAPER
+  answer_format: str = MCQA
 
 
 @dataclasses.dataclass(frozen=True)

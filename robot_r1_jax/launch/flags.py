@@ -9,6 +9,7 @@ import pathlib
 from absl import flags
 from etils import epath
 
+from robot_r1_jax.data.prompts import ANSWER_FORMATS
 from robot_r1_jax.data.sft_targets import TargetConfig
 from robot_r1_jax.generate.sampling import SamplingParams
 from robot_r1_jax.launch.config import (MODES, POLICIES, STAGES, ClosedLoopSpec, DataSpec,
@@ -43,6 +44,11 @@ IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, "Rendered and extracted ima
 PROMPT_STYLE = flags.DEFINE_enum("prompt_style", "paper", ["paper", "compact"], "Prompts of the "
                                  "default data: Robot-R1's, or only the task, current state and "
                                  "question (small models trained from scratch on a CPU).")
+ANSWER_FORMAT = flags.DEFINE_enum("answer_format", "mcqa", list(ANSWER_FORMATS), "Answers of the "
+                                  "default data: mcqa (options [[A]]..[[D]]), xyz (a position "
+                                  "[x, y, z]) or action_tokens (its RT-2 bins, 256 per axis, 'i j "
+                                  "k'); the open-ended formats ask no movement questions. With "
+                                  "--data, the extraction's format holds.")
 
 # Stages.
 STAGE = flags.DEFINE_enum("stage", "sft_rl", list(STAGES), "sft_rl: an SFT warm-up "
@@ -313,7 +319,8 @@ def run_config() -> RunConfig:
                       compute_dtype=COMPUTE_DTYPE.value, remat=REMAT.value),
       data=DataSpec(path=pathlib.Path(DATA.value) if DATA.value else None,
                     sim_tasks=tuple(SIM_TASKS.value), sim_episodes=SIM_EPISODES.value,
-                    image_size=IMAGE_SIZE.value, prompt_style=PROMPT_STYLE.value),
+                    image_size=IMAGE_SIZE.value, prompt_style=PROMPT_STYLE.value,
+                    answer_format=ANSWER_FORMAT.value),
       init_from=pathlib.Path(INIT_FROM.value) if INIT_FROM.value else None,
       sft=sft, rl=rl,
       eval=EvalConfig(max_new_tokens=MAX_NEW_TOKENS.value, batch_size=EVAL_BATCH.value),

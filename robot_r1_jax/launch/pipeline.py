@@ -56,7 +56,15 @@ def ensure_default_data(out_dir: pathlib.Path, spec: DataSpec, seed: int) -> pat
   """
   from robot_r1_jax.data import sim  # pybullet is optional: only the default data needs it
 
+  questions = McqaConfig(prompt_style=spec.prompt_style, answer_format=spec.answer_format)
   if (out_dir / "extracted" / "manifest.json").exists():
+    made = records.Manifest.load(out_dir / "extracted").config.get("mcqa", {})
+    differ = {k: made.get(k) for k in ("prompt_style", "answer_format")
+              if made.get(k) != getattr(questions, k)}
+    if differ:
+      raise InputError(f"{out_dir} holds the default data made with "
+                       + ", ".join(f"--{k}={v}" for k, v in differ.items())
+                       + "; pass those flags, or another --workdir for new data")
     return out_dir / "extracted"
   if jax.process_index() == 0:
     demos = out_dir / "demos"
@@ -68,7 +76,7 @@ def ensure_default_data(out_dir: pathlib.Path, spec: DataSpec, seed: int) -> pat
     manifest = extract.extract(
         demos, out_dir / "extracted",
         extract.ExtractConfig(image_size=spec.image_size, seed=seed, val_fraction=0.34,
-                              progress=bars, mcqa=McqaConfig(prompt_style=spec.prompt_style)))
+                              progress=bars, mcqa=questions))
     logging.info("extracted %s questions into %s", " / ".join(
         f"{info.num_records} {name}" for name, info in manifest.splits.items()),
                  out_dir / "extracted")

@@ -17,8 +17,8 @@ from robot_r1_jax.rl.kl import KL_ESTIMATORS, KLPenalty, kl_divergence
 from robot_r1_jax.rl.losses import (AGGREGATIONS, POLICY_LOSSES, LossOutput, PolicyLossConfig,
                                     TokenTerms, finalize, loss_metrics, policy_loss,
                                     register_policy_loss)
-from robot_r1_jax.rl.rewards import (RewardOutput, RewardWeights, answer_reward, compute_rewards,
-                                     format_reward, xyz_reward)
+from robot_r1_jax.rl.rewards import (RewardOutput, RewardWeights, answer_reward, bins_reward,
+                                     compute_rewards, format_reward, xyz_reward)
 from robot_r1_jax.rl.shaping import (BATCH_FILTERS, REWARD_SHAPERS, ShapingOptions,
                                      register_batch_filter, register_reward_shaper)
 
@@ -38,6 +38,7 @@ __all__ = [
     "ShapingOptions",
     "TokenTerms",
     "answer_reward",
+    "bins_reward",
     "compute_rewards",
     "finalize",
     "format_reward",

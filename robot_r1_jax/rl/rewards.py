@@ -1,4 +1,4 @@
-"""Rule-based rewards for Robot-R1 completions: format, multiple-choice answer and xyz distance.
+"""Rule-based rewards for Robot-R1 completions: format, multiple-choice answer, position distance.
 
 A completion is expected to look like `<think> … </think> <answer> [[B]] </answer>`. Each reward
 component is computed independently (the paper's total is r_format + r_answer), so the trainer can
@@ -13,6 +13,15 @@ Matching is deliberately strict, because RL finds every loophole a lenient match
   * Coordinates are `[x, y, z]` with plain decimal numbers (ASCII digits, optional sign and
     fraction); exponents, `nan`, `inf`, `1_0` and non-ASCII digits are rejected even though Python's
     `float` would accept them.
+  * Action tokens (RT-2) are three bin numbers separated by whitespace, `147 130 21`: ASCII digits
+    only, nothing else in the block.
+
+Open-ended answers (a position or its bins) score in the `xyz` component:
+  * `[x, y, z]`: clip(1 − ‖pred − true‖₁ / 1 m, 0, 1);
+  * bins: exp(−Σ|pred_bin − true_bin| / BIN_SCALE), BIN_SCALE = 16 bins: 1 at the right bins,
+    0.94 one bin off on one axis, 0.37 at 16 bins (about 6 cm at 256 bins over a metre), ≈0.002
+    at 100. Bin distance rather than metres because the bins are what the model writes; the scale is
+    stated in bins for RT-2's 256 per axis.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ _OPTION = re.compile(r"\[\[([A-Z])\]\]")
 _BARE_OR_MARKED_OPTION = re.compile(r"\s*(?:\[\[([A-Z])\]\]|([A-Z]))\s*")
 _NUMBER = r"([-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
 _XYZ = re.compile(rf"\s*\[\s*{_NUMBER}\s*,\s*{_NUMBER}\s*,\s*{_NUMBER}\s*\]\s*")
+_BINS = re.compile(r"\s*([0-9]+)\s+([0-9]+)\s+([0-9]+)\s*")
+BIN_SCALE = 16.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +64,9 @@ class RewardWeights:
 class RewardOutput:
   """Per-completion rewards, one float32 entry per completion [B·G], split by component.
 
-  `answer` is 0 for open-ended (coordinate) questions and `xyz` is 0 for multiple-choice ones;
-  `open_ended` says which applies, so accuracies can be logged over the right subset.
+  `answer` is 0 for open-ended questions (a position or its bins) and `xyz`, their position reward,
+  is 0 for multiple-choice ones; `open_ended` says which applies, so accuracies can be logged over
+  the right subset.
   """
 
   format: np.ndarray  # [B·G] f32
@@ -140,6 +152,43 @@ def answered_xyz(text: str) -> tuple[float, float, float] | None:
   return None if content is None else _parse_xyz(content)
 
 
+def answered_bins(text: str) -> tuple[int, int, int] | None:
+  """The three bin numbers a completion's single answer block holds, or None."""
+  content = answer_block(text)
+  match = None if content is None else _BINS.fullmatch(content)
+  return None if match is None else tuple(int(g) for g in match.groups())
+
+
+def is_bins(answer: str) -> bool:
+  """Whether a reference answer is action tokens ("147 130 21")."""
+  return isinstance(answer, str) and _BINS.fullmatch(answer) is not None
+
+
+def parse_bins(target: str) -> tuple[int, int, int]:
+  """A reference's three bin numbers ("147 130 21").
+
+  Raises:
+    ValueError: `target` is not three bin numbers.
+  """
+  match = _BINS.fullmatch(target) if isinstance(target, str) else None
+  if match is None:
+    raise ValueError(f"target={target!r} is not action tokens: expected three bin numbers 'i j k'")
+  return tuple(int(g) for g in match.groups())
+
+
+def bins_reward(text: str, target: str) -> float:
+  """exp(−(L1 bin distance) / BIN_SCALE) for the bins in the single answer block, else 0.0.
+
+  Raises:
+    ValueError: `target` is not three bin numbers (the completion itself never raises).
+  """
+  true = parse_bins(target)
+  pred = answered_bins(text)
+  if pred is None:
+    return 0.0
+  return math.exp(-sum(abs(p - t) for p, t in zip(pred, true)) / BIN_SCALE)
+
+
 def _parse_xyz(content: str) -> tuple[float, float, float] | None:
   match = _XYZ.fullmatch(content)
   if match is None:
@@ -194,8 +243,8 @@ def compute_rewards(texts: Sequence[str], answers: Sequence[str],
 
   Args:
     texts: the B·G completions.
-    answers: B·G references: an option ("B" / "[[B]]") for multiple-choice questions, or a position
-      "[x, y, z]" for open-ended ones (scored with `xyz_reward`).
+    answers: B·G references: an option ("B" / "[[B]]") for multiple-choice questions; for
+      open-ended ones a position "[x, y, z]" (`xyz_reward`) or bins "147 130 21" (`bins_reward`).
     weights: weights of the components in `total`.
 
   Raises:
@@ -210,12 +259,15 @@ def compute_rewards(texts: Sequence[str], answers: Sequence[str],
     fmt[i] = format_reward(text)
     if isinstance(answer, str) and _BARE_OR_MARKED_OPTION.fullmatch(answer):
       ans[i] = answer_reward(text, answer)
+    elif is_bins(answer):
+      xyz[i] = bins_reward(text, answer)
+      open_ended[i] = True
     else:
       try:
         xyz[i] = xyz_reward(text, answer)
       except ValueError:
         raise ValueError(f"answers[{i}]={answer!r} is neither an option ('B' or '[[B]]') nor a "
-                         "position ('[x, y, z]')") from None
+                         "position ('[x, y, z]') nor bins ('147 130 21')") from None
       open_ended[i] = True
   total = (weights.format * fmt + weights.answer * ans + weights.xyz * xyz).astype(np.float32)
   return RewardOutput(format=fmt, answer=ans, xyz=xyz, open_ended=open_ended, total=total)

@@ -4,14 +4,15 @@ For each task, `episodes` seeded episodes (seeds from a stream the demo generato
 `data.sim.closed_loop`). At every keyframe the policy sees the front camera and the waypoint
 question the model was trained on, built as the extractor builds it (the expert's next keyframe
 position and three distractors, in the training data's answer format and prompt style); the arm
-then moves to the position answered (the option's, or the `[x, y, z]` written) with the expert's
-orientation and gripper action; an unparsable answer holds the arm still. After the last keyframe
+then moves to the position answered (the option's, the `[x, y, z]` written, or its bins' centre)
+with the expert's orientation and gripper action; an unparsable answer holds the arm still. After the last keyframe
 the task's own success check decides.
 
 Policies answer in completion text, so every policy goes through the same parsing:
   * model: greedy decoding of the model (`model_policy`);
   * oracle: the right answer (the expert replayed; success should be ~100%);
-  * random: a uniformly random option (or a uniform workspace position for `[x, y, z]` answers).
+  * random: a uniformly random option (or a uniform workspace position for `[x, y, z]` answers, or
+    uniform bins for action tokens).
 
 Episodes run side by side, `batch_size` at a time (one question per live episode per call of the
 policy), each in its own pybullet clients.
@@ -34,8 +35,9 @@ from PIL import Image, ImageDraw
 
 from robot_r1_jax.data import atomic
 from robot_r1_jax.data.loader import LoaderConfig, prompt_batch
-from robot_r1_jax.data.mcqa import FrameContext, McqaConfig, Question, build_question
-from robot_r1_jax.data.prompts import LETTERS, MCQA, WAYPOINT, format_xyz
+from robot_r1_jax.data.mcqa import FrameContext, McqaConfig, Question, build_question, undiscretize
+from robot_r1_jax.data.prompts import (ACTION_TOKENS, LETTERS, MCQA, WAYPOINT, format_bins,
+                                       format_xyz)
 from robot_r1_jax.data.rlbench_io import encode_png
 from robot_r1_jax.data.sim import TASKS
 from robot_r1_jax.data.sim.closed_loop import (ClosedLoopEpisode, EpisodeError, View,
@@ -141,6 +143,8 @@ def random_policy(seed: int, mcqa: McqaConfig) -> Policy:
     del images
     if mcqa.answer_format == MCQA:
       return [_completion(f"[[{LETTERS[rng.integers(len(q.options))]}]]") for q in questions]
+    if mcqa.answer_format == ACTION_TOKENS:
+      return [_completion(format_bins(rng.integers(mcqa.action_bins, size=3))) for _ in questions]
     low, high = mcqa.workspace.low, mcqa.workspace.high
     return [_completion(format_xyz(rng.uniform(low, high))) for _ in questions]
 
@@ -220,7 +224,7 @@ def _step_together(episodes: Sequence[ClosedLoopEpisode], policy: Policy,
     asked = [_question(episodes[i], view, config) for i, view in live]
     answers = policy(asked, [view.image for _, view in live])
     for (i, view), question, text in zip(live, asked, answers):
-      xyz = _position(text, question)
+      xyz = _position(text, question, config.mcqa)
       questions[i].append(question)
       texts[i].append(text)
       answered[i].append(xyz)
@@ -242,13 +246,20 @@ def _question(episode: ClosedLoopEpisode, view: View, config: ClosedLoopConfig) 
   return question
 
 
-def _position(text: str, question: Question) -> tuple[float, float, float] | None:
-  """The position a completion answers: its option's, or the `[x, y, z]` it writes."""
+def _position(text: str, question: Question,
+              mcqa: McqaConfig) -> tuple[float, float, float] | None:
+  """The position a completion answers: its option's, the `[x, y, z]` it writes, or the centre of
+  the bins it writes (a bin number past the last is no answer)."""
   if question.answer_format == MCQA:
     letter = rewards.chosen_option(text)
     if letter is None or LETTERS.index(letter) >= len(question.options):
       return None
     return rewards.parse_xyz(question.options[LETTERS.index(letter)])
+  if question.answer_format == ACTION_TOKENS:
+    bins = rewards.answered_bins(text)
+    if bins is None or max(bins) >= mcqa.action_bins:
+      return None
+    return undiscretize(bins, mcqa.workspace, mcqa.action_bins)
   return rewards.answered_xyz(text)
 
 

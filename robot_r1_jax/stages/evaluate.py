@@ -24,6 +24,9 @@ trainer's `accuracy/*` mean the same thing):
     position and the truth, averaged over the completions that hold a parsable position (how many
     did is `num_parsed`), and the xyz reward clip(1 − L1, 0, 1) averaged over all of them (an
     unparsable answer scores 0).
+  * action-token records (reference bins "147 130 21"): bin accuracy (all three bins right), the
+    L1 in metres between the centres of the answered and the right bins (given the data's
+    `ActionBins`), and the bin reward (`rewards.bins_reward`) in the xyz reward's place.
   * collapse check (multiple choice): the share of records giving the most common option, and the
     accuracy of the best constant answer. A small model often settles on one letter for every
     question; its accuracy is then the constant's, whatever it learned, and greedy decoding hides
@@ -47,7 +50,8 @@ import numpy as np
 
 from robot_r1_jax.data import atomic, records
 from robot_r1_jax.data.loader import Batch, LoaderConfig, make_loader
-from robot_r1_jax.data.prompts import QUESTION_TYPES
+from robot_r1_jax.data.mcqa import McqaConfig, undiscretize
+from robot_r1_jax.data.prompts import QUESTION_TYPES, ActionBins
 from robot_r1_jax.generate import sampling
 from robot_r1_jax.generate.sampler import Sampler
 from robot_r1_jax.model import sharding
@@ -86,14 +90,15 @@ class RecordScore:
 
   question_type: str
   task: str
-  answer: str  # The reference: "[[B]]" or "[x, y, z]".
+  answer: str  # The reference: "[[B]]", "[x, y, z]" or bins "147 130 21".
   completion: str
   length: int  # Completion tokens, the stop token included.
   formatted: bool  # format_reward == 1.
   open_ended: bool  # The reference is a position, not an option.
-  correct: bool | None  # Multiple choice: the answer block is the right option. None if open-ended.
+  # Multiple choice: the answer block is the right option; bins: all three are right; else None.
+  correct: bool | None
   l1: float | None  # Open-ended with a parsable answer position: L1 metres to the truth; else None.
-  xyz_reward: float | None  # Open-ended: clip(1 − L1, 0, 1), 0 if unparsable; else None.
+  xyz_reward: float | None  # Open-ended: the position (or bin) reward, 0 if unparsable; else None.
   record_index: int | None = None  # The record's index in its split, when known.
 
 
@@ -114,6 +119,7 @@ class GroupMetrics:
   num_parsed: int  # Open-ended records whose answer block holds a parsable position.
   mean_l1: float | None  # Metres, over the parsed open-ended records.
   mean_xyz_reward: float | None  # Over all open-ended records.
+  bin_accuracy: float | None = None  # Over the action-token records: all three bins right.
 
   @classmethod
   def of(cls, records: Sequence[RecordScore]) -> GroupMetrics:
@@ -133,14 +139,16 @@ class GroupMetrics:
                top_answer_share=(max(chosen.values(), default=0) / len(choice)) if choice else None,
                constant_accuracy=(max(right.values()) / len(choice)) if choice else None,
                num_open_ended=len(open_ended), num_parsed=len(parsed), mean_l1=_mean(parsed),
-               mean_xyz_reward=_mean([r.xyz_reward for r in open_ended]))
+               mean_xyz_reward=_mean([r.xyz_reward for r in open_ended]),
+               bin_accuracy=_mean([r.correct for r in open_ended if r.correct is not None]))
 
   def scalars(self) -> dict[str, float]:
     """The metrics as floats, named as in `EvalResult.scalars`; None means are left out."""
     values = {"count": self.count, "format_rate": self.format_rate,
               "response_length": self.mean_length, "accuracy": self.accuracy,
               "top_answer_share": self.top_answer_share,
-              "l1": self.mean_l1, "xyz_reward": self.mean_xyz_reward}
+              "l1": self.mean_l1, "xyz_reward": self.mean_xyz_reward,
+              "bin_accuracy": self.bin_accuracy}
     return {name: float(value) for name, value in values.items() if value is not None}
 
 
@@ -193,7 +201,7 @@ class EvalResult:
 
     Names are `{prefix}{metric}/all`, `{prefix}{metric}/{question type}` and
     `{prefix}{metric}/task/{task}` for metric in count, format_rate, response_length, accuracy,
-    top_answer_share, l1, xyz_reward (the last four only where defined). `accuracy/<type>` matches
+    top_answer_share, l1, xyz_reward, bin_accuracy (the last five only where defined). `accuracy/<type>` matches
     the trainer's.
     """
     groups = {_OVERALL: self.overall, **self.by_type,
@@ -207,11 +215,14 @@ class EvalResult:
     has_l1 = self.overall.num_open_ended > 0
     header = ["question type", "count", "accuracy", "constant", "same answer", "format", "length"]
     header += ["L1"] if has_l1 else []
+    has_bins = self.overall.bin_accuracy is not None
+    header += ["bin accuracy"] if has_bins else []
     rows = []
     for name, m in {**self.by_type, _OVERALL: self.overall}.items():
       row = [name, str(m.count), _percent(m.accuracy), _percent(m.constant_accuracy),
              _percent(m.top_answer_share), _percent(m.format_rate), f"{m.mean_length:.1f}"]
-      rows.append(row + ([_metres(m.mean_l1)] if has_l1 else []))
+      rows.append(row + ([_metres(m.mean_l1)] if has_l1 else [])
+                  + ([_percent(m.bin_accuracy)] if has_bins else []))
     return _render(header, rows)
 
 
@@ -234,6 +245,9 @@ def compare_table(before: EvalResult, after: EvalResult,
             "constant", f"same answer {labels[0]}", f"same answer {labels[1]}"]
   if has_l1:
     header += [f"L1 {labels[0]}", f"L1 {labels[1]}"]
+  has_bins = before.overall.bin_accuracy is not None
+  if has_bins:
+    header += [f"bins {labels[0]}", f"bins {labels[1]}"]
   rows = []
   for name, b in {**before.by_type, _OVERALL: before.overall}.items():
     a = after.overall if name == _OVERALL else after.by_type[name]
@@ -242,21 +256,25 @@ def compare_table(before: EvalResult, after: EvalResult,
     row = [name, str(b.count), _percent(b.accuracy), _percent(a.accuracy), delta,
            _percent(b.constant_accuracy), _percent(b.top_answer_share),
            _percent(a.top_answer_share)]
-    rows.append(row + ([_metres(b.mean_l1), _metres(a.mean_l1)] if has_l1 else []))
+    rows.append(row + ([_metres(b.mean_l1), _metres(a.mean_l1)] if has_l1 else [])
+                + ([_percent(b.bin_accuracy), _percent(a.bin_accuracy)] if has_bins else []))
   return _render(header, rows)
 
 
 def score(completions: Sequence[str], *, answers: Sequence[str], question_types: Sequence[str],
           tasks: Sequence[str], lengths: Sequence[int],
-          record_indices: Sequence[int] | None = None) -> tuple[RecordScore, ...]:
+          record_indices: Sequence[int] | None = None,
+          bins: ActionBins | None = None) -> tuple[RecordScore, ...]:
   """Scores B completions against their records (see the module docstring for the metrics).
 
   Args:
     completions: B completion texts.
-    answers: B references, "[[B]]" (or "B") for multiple choice, "[x, y, z]" for open-ended.
+    answers: B references, "[[B]]" (or "B") for multiple choice, "[x, y, z]" or bins "147 130 21"
+      for open-ended.
     question_types, tasks: B labels to group by.
     lengths: B completion lengths in tokens.
     record_indices: B indices of the records in their split, if known.
+    bins: the data's bins, for the L1 in metres of bin answers (without it their L1 is None).
 
   Raises:
     ValueError: the sequences differ in length, or a reference is neither an option nor a
@@ -273,12 +291,21 @@ def score(completions: Sequence[str], *, answers: Sequence[str], question_types:
   reward = rewards.compute_rewards(completions, answers)
   scores = []
   for i, (text, answer) in enumerate(zip(completions, answers)):
-    open_ended = bool(reward.open_ended[i])
+    open_ended, tokens = bool(reward.open_ended[i]), rewards.is_bins(answer)
+    if tokens:
+      answered, right = rewards.answered_bins(text), rewards.parse_bins(answer)
+      correct = answered == right
+      l1 = None if answered is None or bins is None else _l1(
+          undiscretize(answered, bins.workspace, bins.count),
+          undiscretize(right, bins.workspace, bins.count))
+    else:
+      correct = None if open_ended else bool(reward.answer[i] == 1)
+      answered = rewards.answered_xyz(text) if open_ended else None
+      l1 = None if answered is None else _l1(answered, rewards.parse_xyz(answer))
     scores.append(RecordScore(
         question_type=str(question_types[i]), task=str(tasks[i]), answer=answer,
         completion=str(text), length=int(lengths[i]), formatted=bool(reward.format[i] == 1),
-        open_ended=open_ended, correct=None if open_ended else bool(reward.answer[i] == 1),
-        l1=_answer_l1(text, answer) if open_ended else None,
+        open_ended=open_ended, correct=correct, l1=l1,
         xyz_reward=float(reward.xyz[i]) if open_ended else None,
         record_index=None if record_indices is None else int(record_indices[i])))
   return tuple(scores)
@@ -299,7 +326,7 @@ def check_sampler(sampler: Sampler) -> None:
 
 
 def evaluate(sampler: Sampler, batches: Iterable[Batch], config: EvalConfig = EvalConfig(), *,
-             num_batches: int | None = None) -> EvalResult:
+             num_batches: int | None = None, bins: ActionBins | None = None) -> EvalResult:
   """Greedy completions for every valid row of `batches`, scored and aggregated.
 
   Args:
@@ -310,6 +337,7 @@ def evaluate(sampler: Sampler, batches: Iterable[Batch], config: EvalConfig = Ev
       (a collective), so the result is every process's rows, in record order when known.
     config: see `EvalConfig` (`batch_size` is the loader's business, unused here).
     num_batches: the number of batches, for the progress bar only.
+    bins: the data's action-token bins (see `score`).
 
   Raises:
     ValueError: a sampler that is not deterministic, or no valid row at all.
@@ -329,8 +357,8 @@ def evaluate(sampler: Sampler, batches: Iterable[Batch], config: EvalConfig = Ev
                       question_types=_take(batch.question_types, rows),
                       tasks=_take(batch.tasks, rows),
                       lengths=_take(sharding.local_rows(out.lengths), rows),
-                      record_indices=_take(batch.record_indices, rows))
-      choice = [s.correct for s in scores if s.correct is not None]
+                      record_indices=_take(batch.record_indices, rows), bins=bins)
+      choice = [s.correct for s in scores if not s.open_ended]
       bar.update(step, {"accuracy": _mean(choice)} if choice else None)
   if jax.process_count() > 1:  # each process scored its own rows: every process gets them all
     parts = processes.gather_json([dataclasses.asdict(s) for s in scores])
@@ -358,7 +386,8 @@ def evaluate_split(sampler: Sampler, data_dir: str | pathlib.Path, split: str,
       loader_config, batch_size=config.batch_size // jax.process_count(), shuffle=False,
       num_epochs=1, drop_remainder=False, shard_by_process=True)
   data = make_loader(data_dir, split, loader_config)
-  return evaluate(sampler, data, config, num_batches=data.num_steps)
+  questions = McqaConfig.from_dict(records.Manifest.load(data_dir).config.get("mcqa", {}))
+  return evaluate(sampler, data, config, num_batches=data.num_steps, bins=questions.bins)
 
 
 def split_evaluator(context: StageContext, config: EvalConfig = EvalConfig(),
@@ -374,12 +403,8 @@ def split_evaluator(context: StageContext, config: EvalConfig = EvalConfig(),
                                 loader_config=context.loader)
 
 
-def _answer_l1(text: str, answer: str) -> float | None:
-  """L1 metres between the position in `text`'s answer block and `answer`; None if unparsable."""
-  pred = rewards.answered_xyz(text)
-  if pred is None:
-    return None
-  return float(sum(abs(p - t) for p, t in zip(pred, rewards.parse_xyz(answer))))
+def _l1(a: Sequence[float], b: Sequence[float]) -> float:
+  return float(sum(abs(p - t) for p, t in zip(a, b, strict=True)))
 
 
 def _take(values: Sequence[Any], rows: np.ndarray) -> list[Any]:

@@ -122,6 +122,21 @@ def test_open_ended_xyz_format_and_tokens():
   assert mcqa.build_question("movement", _ctx(), seed=0, config=config) is None
 
 
+def test_action_tokens_answer_with_the_bins_the_prompt_states():
+  config = mcqa.McqaConfig(answer_format="action_tokens", action_bins=100,
+                           workspace=mcqa.Workspace(low=(-0.2, -0.3, 0.7), high=(0.8, 0.7, 1.7)))
+  q = mcqa.build_question("waypoint", _ctx(), seed=0, config=config)
+  assert q.options == () and q.answer_letter is None
+  assert q.target_tokens == mcqa.discretize(_ctx().next_xyz, config.workspace, 100)
+  assert q.answer == " ".join(map(str, q.target_tokens))
+  assert ("x from -0.200 to 0.800 m, y from -0.300 to 0.700 m, z from 0.700 to 1.700 m) is cut "
+          "into 100 equal bins, numbered 0 to 99") in q.prompt
+  assert "<answer> 50 50 50 </answer>" in q.prompt and "[[A]]" not in q.prompt
+  assert mcqa.build_question("movement", _ctx(), seed=0, config=config) is None
+  back = mcqa.undiscretize(q.target_tokens, config.workspace, 100)
+  assert np.all(np.abs(np.subtract(back, _ctx().next_xyz)) <= 0.5 / 100 + 1e-12)  # half a bin
+
+
 def test_discretize_round_trip():
   ws = mcqa.Workspace(low=(0.0, -1.0, 0.5), high=(1.0, 1.0, 1.5))
   assert mcqa.discretize(ws.low, ws) == (0, 0, 0)

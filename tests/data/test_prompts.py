@@ -20,6 +20,9 @@ CTX = mcqa.FrameContext(task="pick_up_cup", episode="pick_up_cup/variation0/epis
     ("prompt_current_state", "current_state", "mcqa", "[[D]]"),
     ("prompt_movement", "movement", "mcqa", "[[C]]"),
     ("prompt_waypoint_xyz", "waypoint", "xyz", "[0.301, 0.085, 0.812]"),
+    # (0.3011 + 0.3) / 1.0 · 256 = 153.9; (0.0846 + 0.5) / 1.0 · 256 = 149.7;
+    # (0.8122 − 0.752) / 0.848 · 256 = 18.2.
+    ("prompt_waypoint_action_tokens", "waypoint", "action_tokens", "153 149 18"),
 ])
 def test_prompt_matches_golden_file(name, question_type, answer_format, answer):
   q = mcqa.build_question(question_type, CTX, seed=0,
@@ -50,7 +53,7 @@ def test_sections_in_the_papers_order(question_type, headings):
 
 @pytest.mark.parametrize("question_type, answer_format", [
     ("waypoint", "mcqa"), ("current_state", "mcqa"), ("movement", "mcqa"), ("waypoint", "xyz"),
-    ("current_state", "xyz")])
+    ("current_state", "xyz"), ("current_state", "action_tokens")])
 def test_compact_prompt_is_the_papers_varying_sections(question_type, answer_format):
   paper, compact = (mcqa.build_question(
       question_type, CTX, seed=0, config=mcqa.McqaConfig(answer_format=answer_format,

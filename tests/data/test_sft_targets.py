@@ -19,7 +19,7 @@ _CTX = mcqa.FrameContext(task="pick_up_cup", episode="pick_up_cup/variation0/epi
                          state_xyz=(0.2784, -0.0121, 1.1543), next_xyz=(0.3011, 0.0846, 0.8122))
 _CASES = [(fmt, kind, t) for fmt in ANSWER_FORMATS for kind in sft_targets.TARGET_KINDS
           for t in QUESTION_TYPES
-          if not (fmt == XYZ and (t == MOVEMENT or kind == sft_targets.CHECK))]
+          if fmt == MCQA or not (t == MOVEMENT or kind == sft_targets.CHECK)]
 
 
 def _questions(question_type: str, answer_format: str, n: int = 300) -> list[mcqa.Question]:
@@ -54,8 +54,8 @@ def test_every_target_scores_full_format_and_answer_reward(answer_format, kind, 
   # The learner passes each question's `answer` as the reference (Batch.answers).
   out = rewards.compute_rewards(texts, [q.answer for q in questions])
   np.testing.assert_array_equal(out.format, 1.0)
-  np.testing.assert_array_equal(out.xyz if answer_format == XYZ else out.answer, 1.0)
-  np.testing.assert_array_equal(out.open_ended, answer_format == XYZ)
+  np.testing.assert_array_equal(out.answer if answer_format == MCQA else out.xyz, 1.0)
+  np.testing.assert_array_equal(out.open_ended, answer_format != MCQA)
   # Deterministic, and equal for a question that went through the shard's JSON round trip.
   again = [sft_targets.target_text(mcqa.Question.from_dict(q.to_dict()), config)
            for q in questions]

@@ -274,3 +274,24 @@ def test_dynamic_sampling_resumes_past_its_extra_draws(data, tmp_path):
   assert all(1 <= m["dynamic_sampling/draws"] <= 3 for m in straight.values())
   assert sum(m["dynamic_sampling/draws"] for m in straight.values()) > 3  # it did draw more
   assert resumed[3] == straight[3]
+
+
+def test_action_tokens_train_evaluate_and_drive_the_arm(tmp_path):
+  """--answer_format=action_tokens through the default job: the questions ask for bins, SFT and
+  GRPO steps run on them, evaluation reports bin accuracy and metres, the closed loop executes
+  the bins; the same workdir refuses to reuse its data under another format."""
+  workdir = tmp_path / "tokens"
+  args = [f"--workdir={workdir}", "--answer_format=action_tokens", "--sim_tasks=push_button",
+          "--sim_episodes=2", "--image_size=32", "--sft_steps=1", "--max_steps=1",
+          "--eval_batch_size=4", *[a for a in SMALL if a != "--stage=rl"]]
+  out = _launch(*args)
+  record = json.loads((workdir / "eval_after_rl.json").read_text())["records"][0]
+  assert re.fullmatch(r"\d+ \d+ \d+", record["answer"]), record
+  assert re.search(r"^question type .* bins SFT +bins SFT→GRPO$", out, re.M), out[-3000:]
+  assert sorted(_metrics(workdir / "rl")) == [1] and sorted(_metrics(workdir / "sft")) == [1]
+  loop = json.loads((workdir / "closed_loop.json").read_text())
+  assert loop["oracle"]["success_rate"]["all"] == 1.0 and loop["oracle"]["mean_l1"] < 0.006
+  proc = subprocess.run([sys.executable, "-m", "robot_r1_jax.launch", *args[:1], "--stage=rl"],
+                        env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and re.search(
+      r"made with --answer_format=action_tokens; pass those flags", proc.stderr), proc.stderr[-2000:]

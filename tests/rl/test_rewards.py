@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import hypothesis
 import hypothesis.strategies as st
 import numpy as np
@@ -96,6 +98,40 @@ XYZ_CASES = [
 def test_xyz_reward(text, expected):
   assert rewards.xyz_reward(text, XYZ_TARGET) == pytest.approx(expected, abs=1e-12)
   assert rewards.xyz_reward(text, (0.1, -0.2, 0.3)) == pytest.approx(expected, abs=1e-12)
+
+
+BINS_TARGET = "153 149 18"
+BINS_CASES = [
+    ("<think>r</think><answer>153 149 18</answer>", 1.0),
+    ("<answer> 153  149\t18 </answer>", 1.0),
+    ("<answer>0153 149 18</answer>", 1.0),  # leading zeros name the same bin
+    ("<answer>154 149 18</answer>", math.exp(-1 / 16)),
+    ("<answer>150 152 10</answer>", math.exp(-14 / 16)),  # 3 + 3 + 8 bins
+    ("<answer>0 0 0</answer>", math.exp(-320 / 16)),
+    ("<answer>153 149</answer>", 0.0),
+    ("<answer>153 149 18 7</answer>", 0.0),
+    ("<answer>153, 149, 18</answer>", 0.0),
+    ("<answer>[153, 149, 18]</answer>", 0.0),  # a position, not bins
+    ("<answer>153 149 -18</answer>", 0.0),
+    ("<answer>153 149 18.0</answer>", 0.0),
+    ("<answer>153 149 ١٨</answer>", 0.0),  # Arabic-Indic digits
+    ("<answer>153 149 18</answer><answer>153 149 18</answer>", 0.0),
+    ("153 149 18", 0.0),
+]
+
+
+@pytest.mark.parametrize("text,expected", BINS_CASES)
+def test_bins_reward(text, expected):
+  assert rewards.bins_reward(text, BINS_TARGET) == pytest.approx(expected, abs=1e-12)
+  out = rewards.compute_rewards([text], [BINS_TARGET])
+  assert out.open_ended[0] and out.answer[0] == 0
+  assert out.xyz[0] == pytest.approx(expected, abs=1e-7)
+
+
+@pytest.mark.parametrize("bad", ["1 2", "1 2 3 4", "[1, 2, 3]", "-1 2 3", None])
+def test_bad_bins_reference_raises_naming_target(bad):
+  with pytest.raises(ValueError, match="target="):
+    rewards.bins_reward("<answer>1 2 3</answer>", bad)
 
 
 @pytest.mark.parametrize("bad", ["", "1", "[[e]]", "[[A]] or [[B]]", "AB", None])

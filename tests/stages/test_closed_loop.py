@@ -11,7 +11,7 @@ from PIL import Image
 
 from robot_r1_jax.data.loader import LoaderConfig
 from robot_r1_jax.data.mcqa import McqaConfig
-from robot_r1_jax.data.prompts import XYZ
+from robot_r1_jax.data.prompts import ACTION_TOKENS, XYZ
 from robot_r1_jax.generate import sampling
 from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model.qwen2_5_vl import init_model
@@ -84,13 +84,20 @@ def test_unparsable_answers_hold_the_arm_still():
   assert not episode.success
 
 
-def test_open_ended_answers_move_the_arm_to_the_written_position():
-  mcqa = McqaConfig(answer_format=XYZ)
+@pytest.mark.parametrize("answer_format,oracle_l1", [
+    (XYZ, 0.003),  # 3 decimals per axis
+    (ACTION_TOKENS, 0.006),  # half a bin per axis: 1/512 of 1 m, 1 m and 0.848 m
+])
+def test_open_ended_answers_move_the_arm_to_the_written_position(answer_format, oracle_l1):
+  mcqa = McqaConfig(answer_format=answer_format)
   config = cl.ClosedLoopConfig(tasks=("push_button",), episodes=2, image_size=32, mcqa=mcqa)
   oracle = cl.run("oracle", cl.oracle_policy, config)
-  assert oracle.success_rate() == 1.0 and oracle.mean_l1() < 0.003
+  assert oracle.success_rate() == 1.0 and oracle.mean_l1() < oracle_l1
   random = cl.run("random", cl.random_policy(0, mcqa), config)
   assert random.success_rate() == 0.0 and random.mean_l1() > 0.3
+  if answer_format == ACTION_TOKENS:  # a bin past the last is no position: the arm holds
+    past = cl.run("past", lambda qs, _: ["<answer> 3 256 7 </answer>"] * len(qs), config)
+    assert all(a is None for e in past.episodes for a in e.answered)
 
 
 def test_model_policy_decodes_every_keyframe_in_fixed_shapes(tokenizer):

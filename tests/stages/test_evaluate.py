@@ -11,6 +11,7 @@ import pytest
 from robot_r1_jax.data import extract
 from robot_r1_jax.data.loader import Batch, LoaderConfig
 from robot_r1_jax.data.mcqa import McqaConfig
+from robot_r1_jax.data.prompts import ActionBins, Workspace
 from robot_r1_jax.generate import sampling
 from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model.qwen2_5_vl import init_model
@@ -92,6 +93,33 @@ def test_score_matches_hand_labels():
   assert result.by_task["cup"].format_rate == pytest.approx(3 / 5)
   assert result.by_task["button"].accuracy == pytest.approx(1 / 3)
   assert result.by_task["button"].format_rate == pytest.approx(2 / 5)
+
+
+def test_action_token_answers_score_bin_accuracy_and_metres():
+  # 100 bins per axis over a 1 m cube: a bin is 1 cm, its centre at k + 0.5 cm.
+  bins = ActionBins(Workspace(low=(0.0, 0.0, 0.0), high=(1.0, 1.0, 1.0)), count=100)
+  rows = [("waypoint", "cup", "10 20 30", "<think> </think> <answer> 10 20 30 </answer>"),
+          ("waypoint", "cup", "10 20 30", "<think> </think> <answer> 12 20 29 </answer>"),
+          ("current_state", "cup", "50 50 50", "<answer> 50 50 </answer>"),
+          ("current_state", "cup", "[[B]]", "<answer> [[B]] </answer>")]
+  scores = ev.score([r[3] for r in rows], answers=[r[2] for r in rows],
+                    question_types=[r[0] for r in rows], tasks=[r[1] for r in rows],
+                    lengths=[5] * 4, bins=bins)
+  assert [s.correct for s in scores] == [True, False, False, True]
+  assert [s.open_ended for s in scores] == [True, True, True, False]
+  assert scores[0].l1 == 0.0 and scores[2].l1 is None and scores[3].l1 is None
+  assert scores[1].l1 == pytest.approx(0.03)  # 2 bins on x, 1 on z
+  assert [s.xyz_reward for s in scores][:3] == pytest.approx([1.0, np.exp(-3 / 16), 0.0])
+  result = ev.EvalResult.from_records(scores)
+  assert result.overall.bin_accuracy == pytest.approx(1 / 3)
+  assert result.overall.accuracy == 1.0  # the one multiple-choice record
+  assert result.overall.mean_l1 == pytest.approx(0.015)
+  assert result.scalars()["eval/bin_accuracy/all"] == pytest.approx(1 / 3)
+  assert "bin accuracy" in result.table().splitlines()[0]
+  assert "bins SFT" in ev.compare_table(result, result).splitlines()[0]
+  # Without the data's bins there are no metres, but the rest holds.
+  assert ev.score([rows[1][3]], answers=["10 20 30"], question_types=["waypoint"], tasks=["cup"],
+                  lengths=[5])[0].l1 is None
 
 
 def test_collapse_check_names_the_constant_answer():

@@ -104,6 +104,62 @@ def gcs_bucket() -> Iterator[str]:
         os.environ[key] = value
 
 
+@dataclasses.dataclass
+class JudgeStub:
+  """An OpenAI-compatible chat-completions server on 127.0.0.1 whose replies the model answer
+  chooses: containing SLOW, it waits 3 s; MALFORMED, a message without the JSON verdict; NOTJSON,
+  a body that is not JSON; ERROR, HTTP 500; OUTOFRANGE, score 7; else a fenced JSON verdict, 3 when
+  the answer holds the reference and 0 when not. `requests` keeps every request body."""
+
+  base_url: str
+  requests: list[dict[str, Any]]
+
+
+@pytest.fixture
+def judge_stub() -> Iterator[JudgeStub]:
+  import http.server
+  import threading
+
+  requests: list[dict[str, Any]] = []
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 - the http.server hook's name
+      body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+      requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+      user = body["messages"][-1]["content"]
+      reference = user.split("Reference answer:\n")[1].split("\n\nModel answer:")[0]
+      answer = user.split("Model answer:\n")[1]
+      if "SLOW" in answer:
+        time.sleep(3)
+      if "ERROR" in answer:
+        self.send_error(500)
+        return
+      score = 7 if "OUTOFRANGE" in answer else 3 if reference in answer else 0
+      content = ("Looks right to me." if "MALFORMED" in answer else
+                 f'```json\n{{"score": {score}, "reason": "stub verdict"}}\n```')
+      reply = (b"<html>oops</html>" if "NOTJSON" in answer else json.dumps(
+          {"object": "chat.completion", "model": body["model"],
+           "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+      ).encode())
+      self.send_response(200)
+      self.send_header("Content-Type", "application/json")
+      self.send_header("Content-Length", str(len(reply)))
+      self.end_headers()
+      self.wfile.write(reply)
+
+    def log_message(self, *args):  # quiet: pytest shows stderr of failing tests
+      pass
+
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield JudgeStub(f"http://127.0.0.1:{server.server_address[1]}/v1", requests)
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
 @pytest.fixture(scope="session")
 def one_device_mesh() -> Mesh:
   return make_mesh()

@@ -119,7 +119,7 @@ class Batch:
   attention_mask: np.ndarray  # int32 [B, T], 1 on prompt tokens, 0 on padding
   pixel_values: np.ndarray  # float32 [B·P, 1176]; row b's patches are rows [b·P, (b+1)·P)
   image_grid_thw: np.ndarray  # int32 [B, 3], (t, h, w) per image, P = t·h·w
-  answers: np.ndarray  # str [B], the exact <answer> content: "[[B]]" or "[x, y, z]"
+  answers: np.ndarray  # str [B], the exact <answer> content: "[[B]]", "[x, y, z]" or "153 149 18"
   question_types: np.ndarray  # str [B], "waypoint" | "current_state" | "movement"
   tasks: np.ndarray  # str [B]
   episodes: np.ndarray  # str [B], e.g. "pick_up_cup/variation0/episode3"

@@ -9,11 +9,12 @@ Schema version 1. One record is one question with its image, serialised without 
 
 The JSON object holds "schema_version" (1), "variation" (int) and every field of
 `mcqa.Question`: prompt (the user message text), options (list of 4 option texts, [] when
-open-ended), answer (exact <answer> content: "[[B]]" or "[x, y, z]"), answer_letter ("B" or null),
-question_type ("waypoint" | "current_state" | "movement"), answer_format ("mcqa" | "xyz"), task,
-episode (e.g. "pick_up_cup/variation0/episode3"), frame, next_keyframe, description, camera,
-state_xyz, next_xyz ([x, y, z] floats, metres), target_xyz ([x, y, z] or null), target_tokens
-([i, j, k] or null). Decoding needs only this module; `read_records` reads a whole shard.
+open-ended), answer (exact <answer> content: "[[B]]", "[x, y, z]" or bins "153 149 18"),
+answer_letter ("B" or null), question_type ("waypoint" | "current_state" | "movement"),
+answer_format ("mcqa" | "xyz" | "action_tokens"), task, episode (e.g.
+"pick_up_cup/variation0/episode3"), frame, next_keyframe, description, camera, state_xyz,
+next_xyz ([x, y, z] floats, metres), target_xyz ([x, y, z] or null), target_tokens ([i, j, k] or
+null). Decoding needs only this module; `read_records` reads a whole shard.
 
 An extractor output folder holds the shards and `manifest.json` (`Manifest`: splits, shards with
 their sha256, skipped episodes, the extraction config). `open_split` is how every reader (the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -119,6 +120,28 @@ def _evaluate(config: RunConfig, context: StageContext, evaluator: Evaluator) ->
   if jax.process_index() == 0:
     result.write(config.workdir / "eval.json")
     print(result.table())
+    if config.judge.kind != "none":  # once, on process 0: a judge server need not see P copies
+      _judge(config, context, result)
+
+
+def _judge(config: RunConfig, context: StageContext, result: eval_lib.EvalResult) -> None:
+  """--judge: the open-ended answers scored 0-3 into judge.json."""
+  from robot_r1_jax.stages import judge as judge_lib
+
+  spec = config.judge
+  if spec.kind == "rule":
+    data = records.Manifest.load(context.data_dir).config
+    judge = judge_lib.RuleJudge(McqaConfig.from_dict(data.get("mcqa", {})).bins)
+  else:
+    judge = judge_lib.ChatJudge(spec.base_url, spec.model, spec.timeout_s,
+                                api_key=os.environ.get("OPENAI_API_KEY"))
+  report = judge_lib.judge_result(judge, spec.kind, result, context.data_dir)
+  if not report.records:
+    logging.warning("--judge=%s: %s has no open-ended val questions (an mcqa extraction); nothing "
+                    "was judged", spec.kind, context.data_dir)
+    return
+  report.write(config.workdir / "judge.json")
+  print(report.table())
 
 
 def _closed_loop(config: RunConfig, context: StageContext) -> None:

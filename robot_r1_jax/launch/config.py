@@ -16,6 +16,7 @@ from robot_r1_jax.stages.sft import SftConfig
 MODES = ("train", "eval", "closed_loop")
 STAGES = ("sft_rl", "sft", "rl")
 POLICIES = ("model", "oracle", "random")  # closed-loop policies (see stages.closed_loop)
+JUDGES = ("none", "rule", "chat")  # judges of open-ended answers (see stages.judge)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,24 @@ class ClosedLoopSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class JudgeSpec:
+  """--mode=eval: who scores the open-ended answers 0-3 (see stages.judge)."""
+
+  kind: str = "none"  # none | rule | chat
+  base_url: str | None = None  # chat: an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1
+  model: str | None = None  # chat: the served judge model
+  timeout_s: float = 30.0
+
+  def __post_init__(self):
+    if self.kind not in JUDGES:
+      raise ValueError(f"judge={self.kind!r}: choose from {list(JUDGES)}")
+    if self.kind == "chat" and not (self.base_url and self.model):
+      raise ValueError("judge=chat needs --judge_base_url and --judge_model")
+    if self.timeout_s <= 0:
+      raise ValueError(f"judge_timeout={self.timeout_s} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class Distributed:
   """jax.distributed settings (all None: one process, or auto-detection where JAX does it)."""
 
@@ -82,6 +101,7 @@ class RunConfig:
   rl: RLConfig = RLConfig()
   eval: EvalConfig = EvalConfig()
   closed_loop: ClosedLoopSpec = ClosedLoopSpec()
+  judge: JudgeSpec = JudgeSpec()
   compile_only: bool = False  # compile every executable for `topology`, report memory, stop
   topology: str | None = None  # a TPU slice, e.g. "v5e:4x4"
   compile_executables: tuple[str, ...] | None = None  # only these (None: every one)
@@ -93,6 +113,8 @@ class RunConfig:
       raise ValueError(f"mode={self.mode!r} is not one of {list(MODES)}")
     if self.stage not in STAGES:
       raise ValueError(f"stage={self.stage!r} is not one of {list(STAGES)}")
+    if self.judge.kind != "none" and self.mode != "eval":
+      raise ValueError(f"--judge={self.judge.kind} scores an evaluation: add --mode=eval")
     if self.compile_only and not self.topology:
       raise ValueError("--compile_only needs --topology, e.g. --topology=v5e:4x4")
 

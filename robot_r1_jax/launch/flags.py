@@ -12,8 +12,8 @@ from etils import epath
 from robot_r1_jax.data.prompts import ANSWER_FORMATS
 from robot_r1_jax.data.sft_targets import TargetConfig
 from robot_r1_jax.generate.sampling import SamplingParams
-from robot_r1_jax.launch.config import (MODES, POLICIES, STAGES, ClosedLoopSpec, DataSpec,
-                                        Distributed, ModelSpec, RunConfig)
+from robot_r1_jax.launch.config import (JUDGES, MODES, POLICIES, STAGES, ClosedLoopSpec, DataSpec,
+                                        Distributed, JudgeSpec, ModelSpec, RunConfig)
 from robot_r1_jax.model import config as model_config
 from robot_r1_jax.rl import advantages, kl, losses, shaping
 from robot_r1_jax.stages.evaluate import EvalConfig
@@ -69,6 +69,16 @@ CLOSED_LOOP_TRAIN_EPISODES = flags.DEFINE_integer(
     "closed_loop_train_episodes", 1, "--stage=sft_rl on the simulated default data (no --data): "
     "closed-loop episodes per task run with the SFT and the RL model, beside the oracle and random "
     "baselines, in the final table (0: off).")
+JUDGE = flags.DEFINE_enum("judge", "none", list(JUDGES), "--mode=eval: also score the open-ended "
+                          "answers ([x, y, z] or action tokens) 0-3, into WORKDIR/judge.json: rule "
+                          "(by L1: 3 within 2 cm, 2 within 5 cm, 1 within 10 cm) or chat (a judge "
+                          "model behind an OpenAI-compatible server; $OPENAI_API_KEY is sent if "
+                          "set). A reply it cannot use leaves that record unjudged, with why.")
+JUDGE_BASE_URL = flags.DEFINE_string("judge_base_url", None, "--judge=chat: the server's base URL, "
+                                     "e.g. http://127.0.0.1:8000/v1 (vllm serve).")
+JUDGE_MODEL = flags.DEFINE_string("judge_model", None, "--judge=chat: the served judge model.")
+JUDGE_TIMEOUT = flags.DEFINE_float("judge_timeout", 30.0, "--judge=chat: seconds to wait for each "
+                                   "reply.")
 INIT_FROM = flags.DEFINE_string("init_from", None, "A run directory (or its checkpoints/) whose "
                                 "newest parameters initialise the model, e.g. an SFT run for RL.")
 SFT_STEPS = flags.DEFINE_integer("sft_steps", 60, "SFT steps (sft and sft_rl stages).")
@@ -327,6 +337,8 @@ def run_config() -> RunConfig:
       closed_loop=ClosedLoopSpec(policies=tuple(CLOSED_LOOP_POLICY.value),
                                  episodes=CLOSED_LOOP_EPISODES.value,
                                  in_training=CLOSED_LOOP_TRAIN_EPISODES.value),
+      judge=JudgeSpec(kind=JUDGE.value, base_url=JUDGE_BASE_URL.value, model=JUDGE_MODEL.value,
+                      timeout_s=JUDGE_TIMEOUT.value),
       compile_only=COMPILE_ONLY.value, topology=TOPOLOGY.value,
       compile_executables=tuple(COMPILE_EXECUTABLES.value) if COMPILE_EXECUTABLES.value else None,
       compile_prompt_length=COMPILE_PROMPT_LENGTH.value,

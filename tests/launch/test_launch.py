@@ -247,6 +247,9 @@ def test_bad_input_is_one_line_naming_the_flag_or_file(data, tmp_path):
                                     r"--sim_tasks.*no simulated task \['fly'\]; available: "),
       "closed loop, no such policy": (["--mode=closed_loop", "--closed_loop_policy=expert"],
                                       r"closed_loop_policy=\['expert'\]: choose from"),
+      "chat judge, no server": (["--mode=eval", "--judge=chat"],
+                                "judge=chat needs --judge_base_url and --judge_model"),
+      "judge in training": (["--judge=rule"], "--judge=rule scores an evaluation: add --mode=eval"),
   }
   for name, (args, message) in cases.items():
     proc = subprocess.run([sys.executable, "-m", "robot_r1_jax.launch", "--stage=rl",
@@ -276,10 +279,11 @@ def test_dynamic_sampling_resumes_past_its_extra_draws(data, tmp_path):
   assert resumed[3] == straight[3]
 
 
-def test_action_tokens_train_evaluate_and_drive_the_arm(tmp_path):
+def test_action_tokens_train_evaluate_and_drive_the_arm(tmp_path, judge_stub):
   """--answer_format=action_tokens through the default job: the questions ask for bins, SFT and
   GRPO steps run on them, evaluation reports bin accuracy and metres, the closed loop executes
-  the bins; the same workdir refuses to reuse its data under another format."""
+  the bins, a chat judge (a stub server) scores the answers; the same workdir refuses to reuse its
+  data under another format."""
   workdir = tmp_path / "tokens"
   args = [f"--workdir={workdir}", "--answer_format=action_tokens", "--sim_tasks=push_button",
           "--sim_episodes=2", "--image_size=32", "--sft_steps=1", "--max_steps=1",
@@ -291,6 +295,15 @@ def test_action_tokens_train_evaluate_and_drive_the_arm(tmp_path):
   assert sorted(_metrics(workdir / "rl")) == [1] and sorted(_metrics(workdir / "sft")) == [1]
   loop = json.loads((workdir / "closed_loop.json").read_text())
   assert loop["oracle"]["success_rate"]["all"] == 1.0 and loop["oracle"]["mean_l1"] < 0.006
+
+  out = _launch(f"--workdir={workdir / 'rl'}", f"--data={workdir / 'data' / 'extracted'}",
+                "--mode=eval", "--judge=chat", f"--judge_base_url={judge_stub.base_url}",
+                "--judge_model=stub", "--eval_batch_size=4", "--max_new_tokens=16")
+  judged = json.loads((workdir / "rl" / "judge.json").read_text())
+  evaluated = json.loads((workdir / "rl" / "eval.json").read_text())["records"]
+  assert judged["count"] == len(evaluated) == len(judge_stub.requests) > 0
+  assert all(r["score"] in (0, 3) and r["reason"] == "stub verdict" for r in judged["records"])
+  assert "judge: chat" in out
   proc = subprocess.run([sys.executable, "-m", "robot_r1_jax.launch", *args[:1], "--stage=rl"],
                         env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1 and re.search(

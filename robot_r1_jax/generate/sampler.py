@@ -10,7 +10,9 @@ One call (`Sampler.__call__`):
      times, giving B·G rows (row b·G + g is sample g of prompt b);
   3. decode (jit, cache donated): the first token comes from the prefill logits, then a
      `lax.while_loop` feeds back one token per step, at position `real tokens so far + delta` of its
-     row, until every row has emitted a stop token or `max_new_tokens` tokens are out;
+     row, until every row has emitted a stop token or `max_new_tokens` tokens are out. Token t of
+     sample g of prompt p draws with fold_in(fold_in(fold_in(key, p), g), t) (p: the prompt's
+     index in the call), so a completion does not depend on which other prompts share its batch;
   4. host: detokenise.
 
 On a mesh, a call first makes the rollout layout: the parameters in the compute dtype on
@@ -103,6 +105,7 @@ class DecodeState:
   rope_deltas: jax.Array  # [B·G] int32
   prompt_tokens: jax.Array  # [B·G, T] int32, left-padded
   prompt_mask: jax.Array  # [B·G, T] bool
+  prompt_index: jax.Array  # [B·G] int32: the row's prompt's index in the call (its sampling key)
 
 
 
@@ -244,8 +247,8 @@ class Sampler:
 
   def __call__(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, key: jax.Array, *,
                max_new_tokens: int, pixel_values: jax.Array | np.ndarray | None = None,
-               image_grid_thw: Sequence[Sequence[int]] | np.ndarray | None = None
-               ) -> SamplerOutput:
+               image_grid_thw: Sequence[Sequence[int]] | np.ndarray | None = None,
+               prompt_index: Sequence[int] | np.ndarray | None = None) -> SamplerOutput:
     """Samples `num_samples` completions of up to `max_new_tokens` tokens for every prompt.
 
     Args:
@@ -255,20 +258,25 @@ class Sampler:
       max_new_tokens: completion budget; rounded up to a new-token bucket for shapes only.
       pixel_values: [P, patch_dim] patches of every image in prompt order (processor output).
       image_grid_thw: the images' (t, h, w) grids, in the same order.
+      prompt_index: [B] each prompt's index, which with `key` decides its samples (default: its
+        position in the call, over all processes). A prompt given the same index samples the
+        same completions whatever else is in the call.
     """
+    index = self._prompt_index(len(prompt_ids), prompt_index)
     chunks = self._chunks(len(prompt_ids), pixel_values, image_grid_thw)
     params = self.layout_params()  # once per call, for every chunk
     if chunks is None:
       outs = [self.decode(self.prefill(prompt_ids, prompt_mask, pixel_values, image_grid_thw,
-                                       max_new_tokens=max_new_tokens, params=params),
+                                       max_new_tokens=max_new_tokens, params=params,
+                                       prompt_index=index),
                           key, max_new_tokens, params=params)]
     else:
-      # Chunk i samples with fold_in(key, i): the completions depend on the chunking.
       ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
       outs = [self.decode(self.prefill(ids[rows], mask[rows], pixels, grid,
-                                       max_new_tokens=max_new_tokens, params=params),
-                          jax.random.fold_in(key, i), max_new_tokens, params=params)
-              for i, (rows, pixels, grid) in enumerate(chunks)]
+                                       max_new_tokens=max_new_tokens, params=params,
+                                       prompt_index=index[rows]),
+                          key, max_new_tokens, params=params)
+              for rows, pixels, grid in chunks]
     del params
     out = jax.tree.map(self._concat_rows, *outs)
     if self.tokenizer is None:
@@ -280,6 +288,16 @@ class Sampler:
     tokens = np.where(sharding.local_rows(out.mask), sharding.local_rows(out.tokens), end)
     return dataclasses.replace(out, text=tuple(processor.decode_completions(self.tokenizer,
                                                                             tokens)))
+
+  @staticmethod
+  def _prompt_index(prompts: int, given: Sequence[int] | np.ndarray | None) -> np.ndarray:
+    if given is None:  # the position in the global batch, which stacks the processes' prompts
+      return np.arange(prompts, dtype=np.int32) + jax.process_index() * prompts
+    index = np.asarray(given)
+    if index.shape != (prompts,) or not np.issubdtype(index.dtype, np.integer):
+      raise ValueError(f"prompt_index must be {prompts} integers, one per prompt; got "
+                       f"{index.dtype} {list(index.shape)}")
+    return index.astype(np.int32)
 
   def _chunks(self, prompts: int, pixel_values, image_grid_thw
               ) -> list[tuple[slice, np.ndarray | None, np.ndarray | None]] | None:
@@ -314,9 +332,10 @@ class Sampler:
   def prefill(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray,
               pixel_values: jax.Array | np.ndarray | None = None,
               image_grid_thw: Sequence[Sequence[int]] | np.ndarray | None = None, *,
-              max_new_tokens: int, params: nnx.State | None = None) -> DecodeState:
+              max_new_tokens: int, params: nnx.State | None = None,
+              prompt_index: np.ndarray | None = None) -> DecodeState:
     """Buckets and places the prompts, then runs the compiled prefill (one forward per prompt)
-    with `params` (default: a fresh `layout_params()`)."""
+    with `params` (default: a fresh `layout_params()`); `prompt_index`: see `__call__`."""
     cfg = self.config
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -326,6 +345,7 @@ class Sampler:
       length = int(np.max(multihost_utils.process_allgather(np.int32(length))))
     length = bucket(length, cfg.prompt_buckets, "prompt length")
     ids, mask = left_pad(prompt_ids, prompt_mask, length, cfg.pad_id)
+    index = self._prompt_index(len(ids), prompt_index)
     if (pixel_values is None) != (image_grid_thw is None):
       raise ValueError("pixel_values and image_grid_thw must be given together")
     grid = None if image_grid_thw is None else tuple(
@@ -336,12 +356,12 @@ class Sampler:
         raise ValueError(f"{ids.shape[0] * jax.process_count()} prompts do not split over the "
                          f"rollout layout's {rows} data-parallel groups; use a multiple")
       # Each process feeds its own prompts (its loader shard); the global batch stacks them.
-      ids, mask = (sharding.global_rows(x, self.layout) for x in (ids, mask))
+      ids, mask, index = (sharding.global_rows(x, self.layout) for x in (ids, mask, index))
       if pixel_values is not None:
         pixel_values, grid = self._global_images(np.asarray(pixel_values), grid, len(prompt_ids))
     with sharding.on_mesh(self.layout):
       return self.prefill_step(self.layout_params() if params is None else params, ids, mask,
-                               pixel_values, grid=grid, new_bucket=new_bucket)
+                               index, pixel_values, grid=grid, new_bucket=new_bucket)
 
   def _global_images(self, pixel_values: np.ndarray, grid: Grid, prompts: int
                      ) -> tuple[jax.Array, Grid]:
@@ -374,7 +394,7 @@ class Sampler:
   # Compiled side.
 
   def _prefill_impl(self, params: nnx.State, ids: jax.Array, mask: jax.Array,
-                    pixel_values: jax.Array | None, *, grid: Grid | None,
+                    prompt_index: jax.Array, pixel_values: jax.Array | None, *, grid: Grid | None,
                     new_bucket: int) -> DecodeState:
     model = nnx.merge(self._graphdef, params)
     b, t = ids.shape
@@ -391,7 +411,7 @@ class Sampler:
     # Left padding puts every prompt's last real token in the last slot.
     return DecodeState(cache=cache, logits=rep(out.logits[:, 0].astype(jnp.float32)),
                        rope_deltas=rep(out.rope_deltas), prompt_tokens=rep(ids),
-                       prompt_mask=rep(mask))
+                       prompt_mask=rep(mask), prompt_index=rep(prompt_index))
 
   def _decode_impl(self, params: nnx.State, cache: KVCache, state: DecodeState, key: jax.Array,
                    max_new_tokens: jax.Array) -> tuple[SamplerOutput, KVCache]:
@@ -401,10 +421,12 @@ class Sampler:
     new_bucket = cache.length - state.prompt_tokens.shape[1]
     stop_tokens = jnp.asarray(cfg.stop_tokens, jnp.int32)
     num_real = state.prompt_mask.sum(axis=1, dtype=jnp.int32)
+    keys = sampling.row_keys(key, state.prompt_index, cfg.num_samples)
 
     def record(loop: _Loop, logits: jax.Array) -> _Loop:
       """Chooses token `loop.step` of every row from its next-token logits [B·G, V]."""
-      choice = sampling.choose(logits, jax.random.fold_in(key, loop.step), cfg.sampling)
+      choice = sampling.choose(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, loop.step),
+                               cfg.sampling)
       active = ~loop.done
       token = jnp.where(active, choice.tokens, cfg.pad_id)
       log_prob = jnp.where(active, choice.log_probs, 0.0)

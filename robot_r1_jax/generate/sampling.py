@@ -104,12 +104,12 @@ def first_argmax(x: jax.Array) -> jax.Array:
   return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
 
 
-def choose(logits: jax.Array, key: jax.Array, params: SamplingParams) -> Choice:
+def choose(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> Choice:
   """One token per row of [B, V] logits, with its f32 log-probability.
 
-  Sampling is the Gumbel-max trick, as jax.random.categorical (same key → same tokens); one key
-  covers the batch, so a row's draw depends only on the key, its logits and the batch shape, never
-  on how the batch is sharded.
+  Sampling is the Gumbel-max trick, as jax.random.categorical, with one key per row (`keys`, [B]):
+  a row's draw depends only on its key and its logits, never on the other rows of the batch, its
+  size or its sharding, so rows can be regrouped (chunks, compaction) without changing a token.
   """
   # f32 whatever the compute dtype: a bf16 log-softmax over a 150K vocabulary loses ~2 digits.
   logits = logits.astype(jnp.float32)
@@ -122,6 +122,15 @@ def choose(logits: jax.Array, key: jax.Array, params: SamplingParams) -> Choice:
       truncated = top_k_mask(truncated, params.top_k)
     if params.top_p < 1:
       truncated = top_p_mask(truncated, params.top_p)
-    tokens = first_argmax(truncated + jax.random.gumbel(key, truncated.shape))
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, truncated.shape[-1:]))(keys)
+    tokens = first_argmax(truncated + noise)
   picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
   return Choice(tokens=tokens, log_probs=picked - jax.nn.logsumexp(logits, axis=-1))
+
+
+def row_keys(key: jax.Array, prompt_index: jax.Array, num_samples: int) -> jax.Array:
+  """[B·G] keys of rows b·G + g: fold_in(fold_in(key, prompt_index[b·G + g]), g). A row's key
+  names the prompt (its index in the caller's batch) and the sample, not the row's position."""
+  sample = jnp.arange(prompt_index.shape[0], dtype=jnp.int32) % num_samples
+  return jax.vmap(lambda p, g: jax.random.fold_in(jax.random.fold_in(key, p), g))(
+      prompt_index, sample)

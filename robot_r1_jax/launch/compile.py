@@ -231,6 +231,7 @@ def _plan(config: RunConfig, context: StageContext, shapes: Shapes
         lowered = sampler.prefill_step.lower(
             done["params"], _rows(layout, (prompts, shapes.prompt_length), jnp.int32),
             _rows(layout, (prompts, shapes.prompt_length), jnp.bool_),
+            _rows(layout, (prompts,), jnp.int32),
             _rows(layout, (prompts * shapes.patches, 1176), jnp.float32), grid=grids,
             new_bucket=shapes.new_tokens)
       return lowered, lambda compiled: done.update(state=_from_compiled(lowered, compiled))

@@ -178,7 +178,8 @@ NUM_GENERATIONS = flags.DEFINE_integer("num_generations", 5, "Completions per pr
 ROLLOUT_BATCH = flags.DEFINE_integer("rollout_batch_size", 4, "Prompts per rollout.")
 ROLLOUT_CHUNK = flags.DEFINE_integer(
     "rollout_chunk_size", 0, "Prompts per prefill + decode loop of a rollout, one chunk's KV cache "
-    "alive at a time (0: the whole rollout at once). Divides --rollout_batch_size.")
+    "alive at a time (0: the whole rollout at once); the samples are the same either way. "
+    "Divides --rollout_batch_size.")
 ROLLOUT_TENSOR = flags.DEFINE_integer(
     "rollout_tensor_parallel", 0, "Rollouts and evaluation decode on a copy of the parameters in "
     "the compute dtype, split over this many devices (tensor parallel) and replicated over the "

@@ -257,7 +257,8 @@ def _renormalised(probs, kept):
 def test_choose_frequencies(params, expected):
   n = 40_000
   logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (n, len(LOGITS)))
-  choice = jax.jit(sampling.choose, static_argnums=2)(logits, jax.random.key(7), params)
+  choice = jax.jit(sampling.choose, static_argnums=2)(logits, jax.random.split(jax.random.key(7), n),
+                                                      params)
   _assert_frequencies(np.asarray(choice.tokens), expected, len(LOGITS))
   tempered = LOGITS / params.temperature
   want = tempered - np.log(np.exp(tempered[:6]).sum())
@@ -267,19 +268,24 @@ def test_choose_frequencies(params, expected):
 
 def test_choose_greedy():
   logits = jnp.asarray([[0.1, 2.0, -1.0], [3.0, 2.9, 0.0]], jnp.float32)
-  choice = sampling.choose(logits, jax.random.key(0), sampling.SamplingParams(temperature=0.0))
+  choice = sampling.choose(logits, jax.random.split(jax.random.key(0), 2),
+                           sampling.SamplingParams(temperature=0.0))
   np.testing.assert_array_equal(np.asarray(choice.tokens), [1, 0])
   want = jax.nn.log_softmax(logits)[jnp.arange(2), choice.tokens]
   np.testing.assert_allclose(np.asarray(choice.log_probs), np.asarray(want), rtol=1e-6)
 
 
-def test_choose_draws_what_categorical_draws():
-  """Gumbel-max with the two-reduction argmax: jax.random.categorical's tokens, ties included."""
+def test_choose_draws_what_categorical_draws_row_by_row():
+  """Gumbel-max with the two-reduction argmax: jax.random.categorical's tokens with each row's own
+  key, ties included; a row's token does not depend on the other rows."""
   logits = jax.random.normal(jax.random.key(1), (64, 300)).at[:, 7].set(-jnp.inf)
-  key = jax.random.key(9)
-  choice = jax.jit(sampling.choose, static_argnums=2)(logits, key, sampling.SamplingParams())
+  keys = jax.random.split(jax.random.key(9), 64)
+  choose = jax.jit(sampling.choose, static_argnums=2)
+  choice = choose(logits, keys, sampling.SamplingParams())
   np.testing.assert_array_equal(np.asarray(choice.tokens),
-                                np.asarray(jax.random.categorical(key, logits)))
+                                np.asarray(jax.vmap(jax.random.categorical)(keys, logits)))
+  alone = choose(logits[5:6], keys[5:6], sampling.SamplingParams())
+  assert int(alone.tokens[0]) == int(choice.tokens[5])
   ties = jnp.asarray([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
   np.testing.assert_array_equal(np.asarray(sampling.first_argmax(ties)), [1, 0])
 
@@ -442,7 +448,7 @@ def test_bad_inputs_are_named(sampler):
 
 def test_chunked_rollout_gives_the_whole_call_greedily(model, tokenizer):
   """Chunks of prompts, one KV cache alive at a time, decode the same greedy completions in the
-  same row order, with images and on a mesh; sampled chunks follow fold_in(key, chunk)."""
+  same row order, with images and on a mesh."""
   greedy = dict(sampling=sampling.SamplingParams(temperature=0.0), num_samples=2, **BUCKETS)
   rng = np.random.default_rng(9)
   prompts = build_image_prompts(tokenizer, [
@@ -462,11 +468,23 @@ def test_chunked_rollout_gives_the_whole_call_greedily(model, tokenizer):
     call(make_sampler(model, chunk_prompts=3, **greedy))
 
 
-def test_sampled_chunks_follow_the_key_of_their_chunk(model, sampler):
+def test_a_prompt_samples_the_same_whatever_shares_its_call(model, sampler):
+  """Per-row keys: chunks sample what the whole call samples, and a prompt given its index samples
+  the same completions in another call, beside other prompts or alone."""
   ids, mask = _prompts()
+  g = sampler.config.num_samples
+  want = _np(sampler(ids, mask, jax.random.key(4), max_new_tokens=24))
   chunked = Sampler(model, dataclasses.replace(sampler.config, chunk_prompts=2))
   got = _np(chunked(ids, mask, jax.random.key(4), max_new_tokens=24))
-  for i in range(2):
-    want = _np(sampler(ids[2 * i:2 * i + 2], mask[2 * i:2 * i + 2],
-                       jax.random.fold_in(jax.random.key(4), i), max_new_tokens=24))
-    np.testing.assert_array_equal(got.tokens[6 * i:6 * i + 6], want.tokens)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_allclose(got.log_probs, want.log_probs, atol=2e-5)
+  # Prompts 3 and 1, in that order, with two copies of prompt 0 under other indices.
+  order = [3, 0, 1, 0]
+  again = _np(sampler(ids[order], mask[order], jax.random.key(4), max_new_tokens=24,
+                      prompt_index=[3, 7, 1, 8]))
+  for row, prompt in ((0, 3), (2, 1)):
+    np.testing.assert_array_equal(again.tokens[row * g:(row + 1) * g],
+                                  want.tokens[prompt * g:(prompt + 1) * g])
+  assert (again.tokens[g:2 * g] != want.tokens[:g]).any()  # index 7 is not prompt 0's index 0
+  with pytest.raises(ValueError, match="prompt_index must be 4 integers"):
+    sampler(ids, mask, jax.random.key(4), max_new_tokens=24, prompt_index=[0, 1])

@@ -34,7 +34,8 @@ setuptools.setup(
         "sim": ["pybullet"],
         # Workdirs and exports on Cloud Storage (gs://…), through etils.epath.
         "gcs": ["gcsfs"],
-        # Compiling for a TPU topology on any host (--compile_only); pinned in constraints.txt.
-        "tpu": ["libtpu"],
+        # Compiling for a TPU topology on any host (--compile_only): the libtpu that jax's own
+        # tpu extra pins for the jax installed (an unpinned one can be newer than jax supports).
+        "tpu": ["jax[tpu]"],
     },
 )

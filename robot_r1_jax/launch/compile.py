@@ -173,7 +173,9 @@ class Executable:
   aliased: int
   compile_seconds: float
   resident: int = 0  # the stage's state in HBM meanwhile that is not an argument
-  loops: tuple[hlo.LoopCollectives, ...] = ()  # collectives per iteration of each while loop
+  # Collectives per iteration of each while loop; None when the HLO text could not be read.
+  loops: tuple[hlo.LoopCollectives, ...] | None = ()
+  hlo_error: str = ""  # why the loops are None
 
   @property
   def peak(self) -> int:
@@ -320,6 +322,7 @@ class Report:
              g(e.peak),
              f"{100 * e.peak / self.hbm_per_chip:.0f}%",
              "yes" if e.peak <= self.hbm_per_chip else "NO",
+             "n/a" if e.loops is None else
              f"{max((l.total_bytes for l in e.loops), default=0) / 2**20:.2f}"]
             for e in self.executables]
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
@@ -332,7 +335,7 @@ class Report:
              f"{self.shapes.new_tokens} new tokens — per chip, GiB")
     loops = []
     for e in self.executables:  # the heaviest few per executable; all of them in the JSON
-      busy = sorted((l for l in e.loops if l.counts), key=lambda l: -l.total_bytes)
+      busy = sorted((l for l in e.loops or () if l.counts), key=lambda l: -l.total_bytes)
       loops += [f"  {e.name} · {l.summary()}" for l in busy[:LOOPS_SHOWN]]
       if len(busy) > LOOPS_SHOWN:
         more = len(busy) - LOOPS_SHOWN
@@ -399,12 +402,15 @@ def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
     if hook is not None:
       hook(compiled)
     m = compiled.memory_analysis()
+    loops, error = read_loops(compiled)
+    if error:
+      progress(f"      its HLO text could not be read, so its loop collectives are left out: "
+               f"{error}")
     done.append(Executable(name=name, what=what, arguments=m.argument_size_in_bytes,
                            outputs=m.output_size_in_bytes, temps=m.temp_size_in_bytes,
                            aliased=m.alias_size_in_bytes,
                            compile_seconds=round(time.perf_counter() - start, 1),
-                           resident=resident,
-                           loops=tuple(hlo.loop_collectives(compiled.as_text()))))
+                           resident=resident, loops=loops, hlo_error=error))
     progress(f"      {done[-1].peak / GIB:.2f} GiB per chip, compiled in "
              f"{done[-1].compile_seconds:.0f} s")
   report = Report(topology=config.topology, chips=len(devices), hbm_per_chip=hbm,
@@ -413,6 +419,17 @@ def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
   atomic.write_bytes(epath.Path(config.workdir) / "compile_report.json",
                      report.to_json().encode())
   return report
+
+
+def read_loops(compiled: jax.stages.Compiled
+               ) -> tuple[tuple[hlo.LoopCollectives, ...] | None, str]:
+  """(the loops' collectives, "") or (None, why). Printing the HLO is a libtpu service that some
+  versions fail on programs they compiled fine (0.0.52: "async-update instruction should have 1
+  operands"); the memory report does not need it."""
+  try:
+    return tuple(hlo.loop_collectives(compiled.as_text())), ""
+  except Exception as e:  # noqa: BLE001 - any failure of the text dump or its parse
+    return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
 def _model_config(name: str) -> tuple[model_config.ModelConfig, pathlib.Path | None]:

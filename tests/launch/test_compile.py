@@ -10,6 +10,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from robot_r1_jax.launch import compile as compile_lib
@@ -122,6 +123,27 @@ def test_a_layout_the_slice_cannot_take_names_the_flag(tmp_path):
     compile_lib.compile_run(odd_sft)
   with pytest.raises(compile_lib.CompileError, match=r"no executable \['sft_step'\]"):
     compile_lib.compile_run(dataclasses.replace(odd_sft, stage="rl"), only=("sft_step",))
+
+
+def test_an_unreadable_hlo_text_costs_the_loop_columns_not_the_report():
+  class Compiled:  # as libtpu 0.0.52 answers as_text() for the 7B paper recipe's update
+    def as_text(self):
+      raise jax.errors.JaxRuntimeError(
+          "INTERNAL: RET_CHECK failure (hlo_instruction.cc:1) async-update instruction should "
+          "have 1 operands but sees 3\n*** Begin stack trace ***")
+
+  loops, error = compile_lib.read_loops(Compiled())
+  assert loops is None and error == (
+      "JaxRuntimeError: INTERNAL: RET_CHECK failure (hlo_instruction.cc:1) async-update "
+      "instruction should have 1 operands but sees 3")
+  unread = compile_lib.Executable(name="rl_update", what="", arguments=2**30, outputs=0, temps=0,
+                                  aliased=0, compile_seconds=1.0, loops=None, hlo_error=error)
+  report = compile_lib.Report(
+      topology="v5p:2x2x4", chips=16, hbm_per_chip=95 * 2**30, mesh={"fsdp": 16},
+      model="qwen2_5_vl_7b", shapes=compile_lib.Shapes(512, (1, 16, 16), 1024, 16),
+      executables=(unread,))
+  assert report.table().splitlines()[3].split()[-3:] == ["1%", "yes", "n/a"]
+  assert json.loads(report.to_json())["executables"][0]["hlo_error"] == error
 
 
 def test_the_report_names_what_does_not_fit():

@@ -8,8 +8,9 @@ its pure token-choice pieces. RL rollouts, evaluation and users share it.
                   pixel_values=pixels, image_grid_thw=grids)     # SamplerOutput, B·G rows
 """
 
+from robot_r1_jax.generate.batching import bucket, left_pad
 from robot_r1_jax.generate.sampler import (DecodeState, FinishReason, Sampler, SamplerConfig,
-                                           SamplerOutput, bucket, left_pad)
+                                           SamplerOutput)
 from robot_r1_jax.generate.sampling import Choice, SamplingParams, choose, top_k_mask, top_p_mask
 
 __all__ = [

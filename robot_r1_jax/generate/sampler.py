@@ -12,7 +12,9 @@ One call (`Sampler.__call__`):
      `lax.while_loop` feeds back one token per step, at position `real tokens so far + delta` of its
      row, until every row has emitted a stop token or `max_new_tokens` tokens are out. Token t of
      sample g of prompt p draws with fold_in(fold_in(fold_in(key, p), g), t) (p: the prompt's
-     index in the call), so a completion does not depend on which other prompts share its batch;
+     index in the call), so a completion does not depend on which other prompts share its batch.
+     With `compact_every`, the loop runs in segments and the finished rows are dropped between
+     them (into a smaller row bucket), which changes no token;
   4. host: detokenise.
 
 On a mesh, a call first makes the rollout layout: the parameters in the compute dtype on
@@ -26,13 +28,11 @@ bucket · S = T + R cache slots · V vocab · P vision patches.
 
 from __future__ import annotations
 
-import bisect
-import collections
 import dataclasses
 import enum
 import functools
 import math
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,7 @@ from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 from robot_r1_jax.model.text import KVCache
 from robot_r1_jax.model.vision import Grid
 from robot_r1_jax.generate import sampling
+from robot_r1_jax.generate.batching import TraceCounter, bucket, host_rows, left_pad, per_prompt
 
 if TYPE_CHECKING:
   from transformers import PreTrainedTokenizerBase
@@ -70,6 +71,10 @@ class SamplerConfig:
     chunk after chunk, so one chunk's KV cache is alive at a time. 0: the whole call at once.
   tensor_parallel: devices each parameter copy of the rollout layout is split over; 0: as many
     as the model has K/V heads (each device holds one head's cache), where the devices allow.
+  compact_every: decode in segments of this many tokens and, between segments, drop the finished
+    rows (the live ones move into the smallest row bucket that holds them: B·G, B·G/2, B·G/4, …
+    rows, each a multiple of the layout's data-parallel groups), so finished rows stop costing;
+    the same tokens as one loop (per-row keys). 0: one loop over every row until the last ends.
   """
 
   stop_tokens: tuple[int, ...]
@@ -80,12 +85,15 @@ class SamplerConfig:
   pad_id: int = 0
   chunk_prompts: int = 0
   tensor_parallel: int = 0
+  compact_every: int = 0
 
   def __post_init__(self):
     if self.num_samples < 1:
       raise ValueError(f"num_samples={self.num_samples} must be >= 1")
     if self.chunk_prompts < 0:
       raise ValueError(f"chunk_prompts={self.chunk_prompts} must be >= 0 (0: no chunks)")
+    if self.compact_every < 0:
+      raise ValueError(f"compact_every={self.compact_every} must be >= 0 (0: no compaction)")
     if self.tensor_parallel < 0:
       raise ValueError(f"tensor_parallel={self.tensor_parallel} must be >= 0 (0: derived)")
     for name in ("prompt_buckets", "new_token_buckets"):
@@ -132,6 +140,17 @@ class SamplerOutput:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class _RowInputs:
+  """Per-row constants of the decode loop."""
+
+  keys: jax.Array  # [B·G] sampling keys (see `sampling.row_keys`)
+  prompt_index: jax.Array  # [B·G] int32: each row's prompt (rows move when compacted)
+  num_real: jax.Array  # [B·G] int32: real prompt tokens
+  rope_deltas: jax.Array  # [B·G] int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class _Loop:
   """The decode loop's carry."""
 
@@ -142,63 +161,6 @@ class _Loop:
   lengths: jax.Array  # [B·G] int32
   done: jax.Array  # [B·G] bool: the row has emitted a stop token
 
-
-
-class TraceCounter:
-  """Counts how often wrapped functions are traced; under jit a trace is a compilation.
-
-  Tests use it to prove that repeated calls in one bucket never recompile.
-  """
-
-  def __init__(self):
-    self.counts: collections.Counter[str] = collections.Counter()
-
-  def wrap(self, name: str, fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def counted(*args, **kwargs):
-      self.counts[name] += 1  # Runs only while jax traces; cached calls skip the Python body.
-      return fn(*args, **kwargs)
-
-    return counted
-
-
-def bucket(length: int, buckets: Sequence[int], what: str) -> int:
-  """The smallest of the increasing `buckets` ≥ `length`; ValueError naming `what` if none."""
-  i = bisect.bisect_left(buckets, length)
-  if i == len(buckets):
-    raise ValueError(f"{what}={length} exceeds the largest bucket {buckets[-1]} of "
-                     f"{tuple(buckets)}")
-  return buckets[i]
-
-
-def left_pad(prompt_ids: np.ndarray, prompt_mask: np.ndarray, length: int,
-             pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Left-padded [B, T'] prompts → [B, length] int32 ids and bool mask (more padding on the left).
-
-  Raises ValueError if a row is right-padded or empty: decoding continues every row at its last
-  slot, which must hold the prompt's last real token.
-  """
-  ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
-  if ids.ndim != 2 or ids.shape != mask.shape:
-    raise ValueError(f"prompt_ids {list(ids.shape)} and prompt_mask {list(mask.shape)} must be "
-                     "the same [B, T] shape")
-  bad = np.flatnonzero(~mask[:, -1] | (np.diff(mask.astype(np.int8), axis=1) < 0).any(axis=1))
-  if bad.size:
-    raise ValueError(f"prompt rows {bad.tolist()} are empty or not left-padded (prompt_mask must "
-                     "be 0…0 1…1 with a real last token)")
-  extra = length - ids.shape[1]
-  return (np.pad(ids.astype(np.int32), ((0, 0), (extra, 0)), constant_values=pad_id),
-          np.pad(mask, ((0, 0), (extra, 0))))
-
-
-def _per_prompt(pixel_values: np.ndarray, grid: Grid, prompts: int, how: str) -> np.ndarray:
-  """[B, P / B, patch_dim]: each prompt's image patches; ValueError unless every prompt has one
-  image and all are of one grid."""
-  if len(set(grid)) != 1 or len(grid) != prompts:
-    raise ValueError(f"sampling {how} needs one image per prompt, all of one grid; got "
-                     f"{len(grid)} images with grids {sorted(set(grid))} for {prompts} prompts")
-  pixel_values = np.asarray(pixel_values)
-  return pixel_values.reshape(prompts, -1, pixel_values.shape[-1])
 
 
 def _tensor_parallel(config: SamplerConfig, model: Qwen25VL, mesh: Mesh) -> int:
@@ -241,6 +203,15 @@ class Sampler:
                             static_argnames=("grid", "new_bucket"))
     self.decode_loop = jax.jit(self.traces.wrap("decode", self._decode_impl),
                            donate_argnames=("cache",))
+    # The segmented decode (compact_every): one program per row bucket for each of these.
+    self.start_step = jax.jit(self.traces.wrap("start", self._start_impl),
+                              donate_argnames=("cache",))  # aliased into the carry
+    self.segment_step = jax.jit(self.traces.wrap("segment", self._segment_impl),
+                                donate_argnames=("loop",))
+    # Not donated: the smaller carry cannot reuse the larger one's buffers (freed when dropped).
+    self.gather_step = jax.jit(self.traces.wrap("gather", self._gather_impl))
+    self.scatter_step = jax.jit(self.traces.wrap("scatter", self._scatter_impl),
+                                donate_argnames=("full",))
 
   # -------------------------------------------------------------------------------------------
   # Host side.
@@ -312,7 +283,7 @@ class Sampler:
     if pixel_values is None:
       return [(slice(i, i + per), None, None) for i in range(0, prompts, per)]
     grids = np.asarray(image_grid_thw).reshape(-1, 3)
-    pixels = _per_prompt(pixel_values, tuple(map(tuple, grids.tolist())), prompts, "in chunks")
+    pixels = per_prompt(pixel_values, tuple(map(tuple, grids.tolist())), prompts, "in chunks")
     return [(slice(i, i + per), pixels[i:i + per].reshape(-1, pixels.shape[-1]), grids[i:i + per])
             for i in range(0, prompts, per)]
 
@@ -366,7 +337,7 @@ class Sampler:
   def _global_images(self, pixel_values: np.ndarray, grid: Grid, prompts: int
                      ) -> tuple[jax.Array, Grid]:
     """One image per prompt, placed like its prompt's row; the grid of the global batch."""
-    placed = sharding.global_rows(_per_prompt(pixel_values, grid, prompts, "on a mesh"),
+    placed = sharding.global_rows(per_prompt(pixel_values, grid, prompts, "on a mesh"),
                                   self.layout)
     return placed.reshape(-1, placed.shape[-1]), grid * jax.process_count()
 
@@ -379,10 +350,55 @@ class Sampler:
       raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, {room}], the new-token "
                        "bucket this state was prefilled for")
     rest = dataclasses.replace(state, cache=None)
+    params = self.layout_params() if params is None else params
     with sharding.on_mesh(self.layout):
-      out, _ = self.decode_loop(self.layout_params() if params is None else params, state.cache,
-                                rest, key, jnp.int32(max_new_tokens))
+      if self.config.compact_every:
+        return self._decode_compacting(params, state.cache, rest, key, max_new_tokens)
+      out, _ = self.decode_loop(params, state.cache, rest, key, jnp.int32(max_new_tokens))
     return out
+
+  def _decode_compacting(self, params: nnx.State, cache: KVCache, state: DecodeState,
+                         key: jax.Array, max_new_tokens: int) -> SamplerOutput:
+    """Segments of `compact_every` tokens; between them the live rows move into a smaller row
+    bucket when they fit one, and the finished rows' results into full-size buffers."""
+    loop, inputs = self.start_step(cache, state, key)
+    full = None  # the results of every original row, once rows have moved
+    total = rows = loop.done.shape[0]
+    groups = self.layout.shape["data"] if self.layout is not None else 1
+    origin = np.arange(total)  # the original row of each current row
+    step = 1
+    while True:
+      limit = min(step + self.config.compact_every, max_new_tokens)
+      loop = self.segment_step(params, loop, inputs, jnp.int32(limit))
+      done = host_rows(loop.done)
+      step = int(np.asarray(loop.step.addressable_data(0)))  # replicated: any device has it
+      if step >= max_new_tokens or done.all():
+        break
+      live = np.flatnonzero(~done)
+      size = rows
+      while size % 2 == 0 and (size // 2) % groups == 0 and size // 2 >= len(live):
+        size //= 2
+      if size == rows:
+        continue
+      if full is None:  # copies: the carry's own buffers are donated to the next program
+        full = tuple(jnp.copy(x) for x in (loop.tokens, loop.log_probs, loop.lengths, loop.done))
+      else:
+        full = self.scatter_step(full, loop, self._replicated(origin))
+      # Fill the bucket with copies of a finished row: done, so they draw nothing.
+      keep = np.concatenate([live, np.full(size - len(live), np.flatnonzero(done)[0])])
+      loop, inputs = self.gather_step(loop, inputs, self._replicated(keep))
+      origin, rows = origin[keep], size
+    full = ((loop.tokens, loop.log_probs, loop.lengths, loop.done) if full is None else
+            self.scatter_step(full, loop, self._replicated(origin)))
+    return self._output(state, *full)
+
+  def _replicated(self, x: np.ndarray) -> jax.Array:
+    """A host index array, the same on every device (on the layout when there is one)."""
+    x = jnp.asarray(x, jnp.int32)
+    if self.layout is None:
+      return x
+    return jax.device_put(x, jax.sharding.NamedSharding(self.layout,
+                                                        jax.sharding.PartitionSpec()))
 
   def _rows(self, x: jax.Array, axis: int = 0) -> jax.Array:
     """Pins the B·G axis of `x` to (data, fsdp) when sampling on a mesh (`sharding.on_mesh`)."""
@@ -415,30 +431,49 @@ class Sampler:
 
   def _decode_impl(self, params: nnx.State, cache: KVCache, state: DecodeState, key: jax.Array,
                    max_new_tokens: jax.Array) -> tuple[SamplerOutput, KVCache]:
-    model = nnx.merge(self._graphdef, params)
-    cfg = self.config
+    loop, rows = self._start_impl(cache, state, key)
+    loop = self._segment_impl(params, loop, rows, max_new_tokens)
+    out = self._output(state, loop.tokens, loop.log_probs, loop.lengths, loop.done)
+    # Returning the cache lets XLA alias it to the donated input buffer.
+    return out, loop.cache
+
+  def _start_impl(self, cache: KVCache, state: DecodeState, key: jax.Array
+                  ) -> tuple[_Loop, _RowInputs]:
+    """The loop's carry after the first token (chosen from the prefill's logits)."""
     rows = state.logits.shape[0]
     new_bucket = cache.length - state.prompt_tokens.shape[1]
+    inputs = _RowInputs(keys=sampling.row_keys(key, state.prompt_index, self.config.num_samples),
+                        prompt_index=state.prompt_index, num_real=state.prompt_mask.sum(axis=1, dtype=jnp.int32),
+                        rope_deltas=state.rope_deltas)
+    pad = self.config.pad_id
+    start = _Loop(step=jnp.zeros((), jnp.int32), cache=cache,
+                  tokens=self._rows(jnp.full((rows, new_bucket), pad, jnp.int32)),
+                  log_probs=self._rows(jnp.zeros((rows, new_bucket), jnp.float32)),
+                  lengths=self._rows(jnp.zeros((rows,), jnp.int32)),
+                  done=self._rows(jnp.zeros((rows,), bool)))
+    return self._record(start, state.logits, inputs), inputs
+
+  def _record(self, loop: _Loop, logits: jax.Array, inputs: _RowInputs) -> _Loop:
+    """Chooses token `loop.step` of every row from its next-token logits [B·G, V]."""
+    cfg = self.config
+    keys = jax.vmap(jax.random.fold_in, (0, None))(inputs.keys, loop.step)
+    choice = sampling.choose(logits, keys, cfg.sampling)
+    active = ~loop.done
+    token = jnp.where(active, choice.tokens, cfg.pad_id)
+    log_prob = jnp.where(active, choice.log_probs, 0.0)
+    put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], loop.step, axis=1)
     stop_tokens = jnp.asarray(cfg.stop_tokens, jnp.int32)
-    num_real = state.prompt_mask.sum(axis=1, dtype=jnp.int32)
-    keys = sampling.row_keys(key, state.prompt_index, cfg.num_samples)
+    return _Loop(step=loop.step + 1, cache=loop.cache, tokens=put(loop.tokens, token),
+                 log_probs=put(loop.log_probs, log_prob),
+                 lengths=loop.lengths + active.astype(jnp.int32),
+                 done=loop.done | (active & jnp.isin(token, stop_tokens)))
 
-    def record(loop: _Loop, logits: jax.Array) -> _Loop:
-      """Chooses token `loop.step` of every row from its next-token logits [B·G, V]."""
-      choice = sampling.choose(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, loop.step),
-                               cfg.sampling)
-      active = ~loop.done
-      token = jnp.where(active, choice.tokens, cfg.pad_id)
-      log_prob = jnp.where(active, choice.log_probs, 0.0)
-      put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], loop.step, axis=1)
-      return _Loop(step=loop.step + 1, cache=loop.cache, tokens=put(loop.tokens, token),
-                   log_probs=put(loop.log_probs, log_prob),
-                   lengths=loop.lengths + active.astype(jnp.int32),
-                   done=loop.done | (active & jnp.isin(token, stop_tokens)))
-
-    def keep_going(loop: _Loop) -> jax.Array:
-      return (loop.step < max_new_tokens) & ~jnp.all(loop.done)
-
+  def _segment_impl(self, params: nnx.State, loop: _Loop, inputs: _RowInputs,
+                    limit: jax.Array) -> _Loop:
+    """Decodes until token `limit` or until every row is done."""
+    model = nnx.merge(self._graphdef, params)
+    # Per-layer cache buffers inside the loop; stacked in and out, so a donated carry aliases.
+    loop = dataclasses.replace(loop, cache=loop.cache.unstack())
     # Layers unrolled on per-layer weights and cache buffers sliced once here: a scan over the
     # stacked ones would copy every layer's weights and cache slice at every step.
     layers = model.decode_layers()
@@ -446,21 +481,34 @@ class Sampler:
     def step(loop: _Loop) -> _Loop:
       # Feed back the previous token: it is real token `num_real + step - 1` of its row.
       previous = jax.lax.dynamic_slice_in_dim(loop.tokens, loop.step - 1, 1, axis=1)
-      out = model.decode_step(previous, loop.cache,
-                              rope.decode_positions(num_real + loop.step - 1, state.rope_deltas),
-                              layers=layers)
-      return record(dataclasses.replace(loop, cache=out.cache), out.logits[:, 0])
+      out = model.decode_step(previous, loop.cache, rope.decode_positions(
+          inputs.num_real + loop.step - 1, inputs.rope_deltas), layers=layers)
+      return self._record(dataclasses.replace(loop, cache=out.cache), out.logits[:, 0], inputs)
 
-    start = _Loop(step=jnp.zeros((), jnp.int32), cache=cache.unstack(),
-                  tokens=self._rows(jnp.full((rows, new_bucket), cfg.pad_id, jnp.int32)),
-                  log_probs=self._rows(jnp.zeros((rows, new_bucket), jnp.float32)),
-                  lengths=self._rows(jnp.zeros((rows,), jnp.int32)),
-                  done=self._rows(jnp.zeros((rows,), bool)))
-    loop = jax.lax.while_loop(keep_going, step, record(start, state.logits))
-    mask = jnp.arange(new_bucket)[None, :] < loop.lengths[:, None]
-    reasons = jnp.where(loop.done, FinishReason.STOP, FinishReason.LENGTH).astype(jnp.int32)
-    out = SamplerOutput(tokens=loop.tokens, mask=mask, log_probs=loop.log_probs,
-                        lengths=loop.lengths, finish_reasons=reasons,
-                        prompt_tokens=state.prompt_tokens, prompt_mask=state.prompt_mask)
-    # Returning the cache lets XLA alias it to the donated input buffer.
-    return out, loop.cache.stack()
+    loop = jax.lax.while_loop(lambda loop: (loop.step < limit) & ~jnp.all(loop.done), step, loop)
+    return dataclasses.replace(loop, cache=loop.cache.stack())
+
+  def _output(self, state: DecodeState, tokens: jax.Array, log_probs: jax.Array,
+              lengths: jax.Array, done: jax.Array) -> SamplerOutput:
+    mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    reasons = jnp.where(done, FinishReason.STOP, FinishReason.LENGTH).astype(jnp.int32)
+    return SamplerOutput(tokens=tokens, mask=mask, log_probs=log_probs, lengths=lengths,
+                         finish_reasons=reasons, prompt_tokens=state.prompt_tokens,
+                         prompt_mask=state.prompt_mask)
+
+  def _gather_impl(self, loop: _Loop, inputs: _RowInputs, rows: jax.Array
+                   ) -> tuple[_Loop, _RowInputs]:
+    """The carry of `rows` only (compaction): every per-row leaf, the cache's included."""
+    take = lambda x, axis=0: self._rows(jnp.take(x, rows, axis=axis), axis)
+    cache = loop.cache.map_rows(lambda x, axis: sharding.constrain(
+        jnp.take(x, rows, axis=axis), ("batch", None) if axis == 0 else
+        (None, "batch", "kv_heads", None, None)))
+    rest = jax.tree.map(take, dataclasses.replace(loop, step=None, cache=None))
+    return (dataclasses.replace(rest, step=loop.step, cache=cache),
+            jax.tree.map(take, inputs))
+
+  def _scatter_impl(self, full: tuple[jax.Array, ...], loop: _Loop, origin: jax.Array
+                    ) -> tuple[jax.Array, ...]:
+    """Writes the compact rows' tokens, log-probs, lengths and flags to their original rows."""
+    return tuple(self._rows(f.at[origin].set(x)) for f, x in
+                 zip(full, (loop.tokens, loop.log_probs, loop.lengths, loop.done)))

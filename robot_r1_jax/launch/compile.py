@@ -34,7 +34,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from robot_r1_jax.data import atomic, mcqa, sft_targets
 from robot_r1_jax.data.loader import LoaderConfig
 from robot_r1_jax.data.prompts import QUESTION_TYPES
-from robot_r1_jax.generate.sampler import SamplerConfig, bucket
+from robot_r1_jax.generate.batching import bucket
+from robot_r1_jax.generate.sampler import SamplerConfig
 from robot_r1_jax.generate.sampling import SamplingParams
 from robot_r1_jax.launch import hlo
 from robot_r1_jax.launch import mesh as mesh_lib

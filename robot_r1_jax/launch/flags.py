@@ -180,6 +180,10 @@ ROLLOUT_CHUNK = flags.DEFINE_integer(
     "rollout_chunk_size", 0, "Prompts per prefill + decode loop of a rollout, one chunk's KV cache "
     "alive at a time (0: the whole rollout at once); the samples are the same either way. "
     "Divides --rollout_batch_size.")
+ROLLOUT_COMPACT = flags.DEFINE_integer(
+    "rollout_compact_every", 0, "Decode rollouts in segments of this many tokens and drop the "
+    "finished rows between them, so short answers stop costing (the same samples; 0: one loop "
+    "over every row until the longest ends).")
 ROLLOUT_TENSOR = flags.DEFINE_integer(
     "rollout_tensor_parallel", 0, "Rollouts and evaluation decode on a copy of the parameters in "
     "the compute dtype, split over this many devices (tensor parallel) and replicated over the "
@@ -314,6 +318,7 @@ def run_config() -> RunConfig:
                                 warmup_steps=WARMUP_STEPS.value, weight_decay=WEIGHT_DECAY.value,
                                 grad_clip=GRAD_CLIP.value),
       rollout_batch_size=ROLLOUT_BATCH.value, rollout_chunk_size=ROLLOUT_CHUNK.value,
+      rollout_compact_every=ROLLOUT_COMPACT.value,
       epochs=EPOCHS.value, max_steps=MAX_STEPS.value, seed=SEED.value, loop=loop)
   sft = SftConfig(
       total_steps=SFT_STEPS.value, targets=TargetConfig(kind=SFT_TARGET.value),

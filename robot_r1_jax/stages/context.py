@@ -27,13 +27,14 @@ class StageContext:
   tensor_parallel: int = 0  # the samplers' rollout layout (see SamplerConfig)
 
   def sampler(self, params: sampling.SamplingParams, num_samples: int = 1,
-              chunk_prompts: int = 0) -> Sampler:
+              chunk_prompts: int = 0, compact_every: int = 0) -> Sampler:
     """A sampler of the context's model that stops at end of turn or text and detokenises
-    (`chunk_prompts`: see `SamplerConfig`)."""
+    (`chunk_prompts`, `compact_every`: see `SamplerConfig`)."""
     stop = tuple(t for t in (self.model.cfg.eos_token_id, self.tokenizer.pad_token_id)
                  if t is not None)
     return Sampler(self.model, SamplerConfig(stop_tokens=stop, num_samples=num_samples,
                                              pad_id=self.tokenizer.pad_token_id,
                                              sampling=params, chunk_prompts=chunk_prompts,
+                                             compact_every=compact_every,
                                              tensor_parallel=self.tensor_parallel),
                    mesh=self.mesh, tokenizer=self.tokenizer)

@@ -37,6 +37,8 @@ class RLConfig:
   rollout_batch_size: int = 512  # prompts per step (one rollout)
   # Prompts per prefill + decode loop (0: the whole rollout): one chunk's KV cache at a time.
   rollout_chunk_size: int = 0
+  # Decode rollouts in segments of this many tokens, dropping finished rows between them (0: off).
+  rollout_compact_every: int = 0
   epochs: int = 5  # passes over the training questions
   max_steps: int = 0  # stop after this many steps (0: run all epochs)
   seed: int = 0  # the per-step sampling and shuffling keys
@@ -50,6 +52,8 @@ class RLConfig:
         self.rollout_chunk_size and self.rollout_batch_size % self.rollout_chunk_size):
       raise ValueError(f"rollout_chunk_size={self.rollout_chunk_size} must be 0 or divide "
                        f"rollout_batch_size={self.rollout_batch_size}")
+    if self.rollout_compact_every < 0:
+      raise ValueError(f"rollout_compact_every={self.rollout_compact_every} must be >= 0 (0: off)")
     if self.epochs < 1 or self.max_steps < 0:
       raise ValueError(f"epochs={self.epochs} must be >= 1 and max_steps={self.max_steps} >= 0")
 
@@ -102,7 +106,8 @@ def train_rl(context: StageContext, config: RLConfig, workdir: str | os.PathLike
   total = loop.total_steps(config.max_steps, data.steps_per_epoch, config.epochs)
   optimizer, schedule = optim.build_optimizer(config.optimizer, total * config.updates_per_step)
   sampler = context.sampler(config.sampling, num_samples=config.step.num_generations,
-                            chunk_prompts=config.rollout_chunk_size)
+                            chunk_prompts=config.rollout_chunk_size,
+                            compact_every=config.rollout_compact_every)
   learner = Learner(context.model, optimizer, sampler, config.step, context.mesh,
                     lr_schedule=schedule)
   base_key = jax.random.key(config.seed)

@@ -488,3 +488,28 @@ def test_a_prompt_samples_the_same_whatever_shares_its_call(model, sampler):
   assert (again.tokens[g:2 * g] != want.tokens[:g]).any()  # index 7 is not prompt 0's index 0
   with pytest.raises(ValueError, match="prompt_index must be 4 integers"):
     sampler(ids, mask, jax.random.key(4), max_new_tokens=24, prompt_index=[0, 1])
+
+
+@pytest.mark.parametrize("mesh", [None, "fsdp=4"])
+def test_compaction_decodes_what_one_loop_decodes(model, mesh):
+  """A wide spread of lengths (58 stop tokens of 1031: a row stops with p ≈ 5.6% per token):
+  decoding in segments of 4 tokens, the finished rows dropped into smaller row buckets, gives one
+  loop's tokens and log-probs, on one device and on the rollout mesh (2 data-parallel groups)."""
+  mesh = None if mesh is None else make_mesh(fsdp=4)
+  config = dict(sampling=sampling.SamplingParams(), num_samples=4, stop_tokens=tuple(range(2, 60)),
+                **BUCKETS)
+  ids, mask = _prompts()
+  want = _np(make_sampler(model, mesh=mesh, **config)(ids, mask, jax.random.key(5),
+                                                      max_new_tokens=48))
+  assert want.lengths.min() <= 6 and want.lengths.max() >= 30, want.lengths
+  compacting = make_sampler(model, mesh=mesh, compact_every=4, **config)
+  got = _np(compacting(ids, mask, jax.random.key(5), max_new_tokens=48))
+  np.testing.assert_array_equal(got.lengths, want.lengths)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.finish_reasons, want.finish_reasons)
+  np.testing.assert_allclose(got.log_probs, want.log_probs, atol=2e-5)
+  assert compacting.traces.counts["gather"] >= 2  # 16 rows → 8 → 4 (or fewer steps)
+  # Again: every bucket's programs are compiled; nothing more is.
+  before = dict(compacting.traces.counts)
+  compacting(ids, mask, jax.random.key(5), max_new_tokens=48)
+  assert dict(compacting.traces.counts) == before

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import statistics
 import time
 
@@ -35,21 +34,11 @@ from robot_r1_jax.generate import sampling
 from robot_r1_jax.generate.sampler import Sampler, SamplerConfig
 
 from forward_vs_hf import BENCH, hf_twin  # the ≈74M-parameter config (run from the repository root)
+from machine import cpu_model
 
 TOP_P = 0.99
 IMAGE_SIDE = 224
 STOP = BENCH.eos_token_id
-
-
-def cpu_model() -> str:
-  """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
-  try:
-    for line in open("/proc/cpuinfo", encoding="utf-8"):
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 class SpreadSampler(Sampler):

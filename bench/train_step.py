@@ -28,6 +28,8 @@ from robot_r1_jax.generate.sampler import Sampler, SamplerConfig
 from robot_r1_jax.stages.rl_step import Learner, LearnerConfig
 from robot_r1_jax.train.optim import OptimizerConfig, build_optimizer
 
+from machine import cpu_model
+
 
 def gemm_flops_per_second(n: int = 1024, repeats: int = 30) -> float:
   """The machine's peak f32 GEMM rate: the fastest of many short runs (a median of a few read
@@ -130,7 +132,7 @@ def main():
                          args.new_tokens, patches)
 
   print(f"small preset, {rows} sequences × {length} tokens ({patches} patches each), "
-        f"{jax.devices()[0].platform}, first step incl. compile {first:.1f} s")
+        f"{jax.devices()[0].platform}, first step incl. compile {first:.1f} s, CPU: {cpu_model()}")
   print("  step split (median): " + ", ".join(f"{k} {phase(k):.2f} s"
                                               for k in ("rollout", "reward", "advantage",
                                                         "update")))

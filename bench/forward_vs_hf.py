@@ -3,8 +3,8 @@
 python bench/forward_vs_hf.py [--batch 4 --length 256 --repeats 7]
 
 Two cases: text only, and one 224×224 image per prompt (64 merged image tokens inside the same
-length). Prints the CPU, median times after warm-up (the sides alternate), the ratio (target ≤ 0.7), the
-Flax compile time, and the vision tower's share of the multimodal forward. Both sides use the
+length). Prints the CPU, median times after warm-up (the sides alternate), the ratio (target ≤ 0.7),
+the Flax compile time, and the vision tower's share of the multimodal forward. Both sides use the
 machine's thread pools.
 """
 

@@ -34,7 +34,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from robot_r1_jax.data.mcqa import Question
+from robot_r1_jax.data.mcqa import McqaConfig, Question
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -165,6 +165,11 @@ class Manifest:
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+  @property
+  def questions(self) -> McqaConfig:
+    """How the questions were cut and worded (answer format, bins, prompt style, metadata)."""
+    return McqaConfig.from_dict(self.config.get("mcqa", {}))
 
   @classmethod
   def load(cls, out_dir: str | pathlib.Path) -> Manifest:

@@ -443,7 +443,8 @@ class Sampler:
     rows = state.logits.shape[0]
     new_bucket = cache.length - state.prompt_tokens.shape[1]
     inputs = _RowInputs(keys=sampling.row_keys(key, state.prompt_index, self.config.num_samples),
-                        prompt_index=state.prompt_index, num_real=state.prompt_mask.sum(axis=1, dtype=jnp.int32),
+                        prompt_index=state.prompt_index,
+                        num_real=state.prompt_mask.sum(axis=1, dtype=jnp.int32),
                         rope_deltas=state.rope_deltas)
     pad = self.config.pad_id
     start = _Loop(step=jnp.zeros((), jnp.int32), cache=cache,

@@ -22,7 +22,6 @@ from robot_r1_jax.data import atomic
 from robot_r1_jax.data.demo import DemoError
 from robot_r1_jax.data import records
 from robot_r1_jax.data.loader import LoaderConfig
-from robot_r1_jax.data.mcqa import McqaConfig
 from robot_r1_jax.data.records import RecordError
 from robot_r1_jax.generate.sampling import SamplingParams
 from robot_r1_jax.launch import compile as compile_lib
@@ -130,8 +129,7 @@ def _judge(config: RunConfig, context: StageContext, result: eval_lib.EvalResult
 
   spec = config.judge
   if spec.kind == "rule":
-    data = records.Manifest.load(context.data_dir).config
-    judge = judge_lib.RuleJudge(McqaConfig.from_dict(data.get("mcqa", {})).bins)
+    judge = judge_lib.RuleJudge(records.Manifest.load(context.data_dir).questions.bins)
   else:
     judge = judge_lib.ChatJudge(spec.base_url, spec.model, spec.timeout_s,
                                 api_key=os.environ.get("OPENAI_API_KEY"))
@@ -170,13 +168,13 @@ def _closed_loop(config: RunConfig, context: StageContext) -> None:
 def _closed_loop_config(config: RunConfig, context: StageContext, episodes: int):
   from robot_r1_jax.stages import closed_loop
 
-  data = records.Manifest.load(context.data_dir).config
+  manifest = records.Manifest.load(context.data_dir)
   try:
     return closed_loop.ClosedLoopConfig(
         tasks=config.data.sim_tasks, episodes=episodes, seed=config.seed,
         # The questions and images the model was trained on: the extractor's settings.
-        image_size=data.get("image_size") or config.data.image_size,
-        mcqa=McqaConfig.from_dict(data.get("mcqa", {})), batch_size=config.eval.batch_size,
+        image_size=manifest.config.get("image_size") or config.data.image_size,
+        mcqa=manifest.questions, batch_size=config.eval.batch_size,
         sheets=jax.process_index() == 0)
   except ValueError as e:
     raise pipeline.InputError(f"--mode=closed_loop (--sim_tasks, --data): {e}") from None
@@ -202,20 +200,21 @@ class _TrainingLoop:
     self._spec = _closed_loop_config(config, context, config.closed_loop.in_training)
     self._policy = _model_policy(config, context)
     self._out = config.workdir / "closed_loop" if jax.process_index() == 0 else None
-    self.results = [closed_loop.run(name, policy, self._spec, self._out) for name, policy in (
+    self._models = []  # in the order run, before the baselines in the table
+    self._baselines = [closed_loop.run(name, policy, self._spec, self._out) for name, policy in (
         ("oracle", closed_loop.oracle_policy),
         ("random", closed_loop.random_policy(config.seed, self._spec.mcqa)))]
 
   def model(self, directory: str, label: str) -> None:
     """The model as it is now; sheets under closed_loop/`directory`, `label` in the table."""
     result = self._lib.run(directory, self._policy, self._spec, self._out)
-    self.results.insert(len(self.results) - 2, dataclasses.replace(result, policy=label))
+    self._models.append(dataclasses.replace(result, policy=label))
 
   def table(self) -> str:
-    return self._lib.table(self.results)
+    return self._lib.table(self._models + self._baselines)
 
   def write(self, path) -> None:
-    self._lib.write_json(self.results, path)
+    self._lib.write_json(self._models + self._baselines, path)
 
 
 def _train(config: RunConfig, context: StageContext, evaluator: Evaluator) -> None:

@@ -58,9 +58,9 @@ def ensure_default_data(out_dir: pathlib.Path, spec: DataSpec, seed: int) -> pat
 
   questions = McqaConfig(prompt_style=spec.prompt_style, answer_format=spec.answer_format)
   if (out_dir / "extracted" / "manifest.json").exists():
-    made = records.Manifest.load(out_dir / "extracted").config.get("mcqa", {})
-    differ = {k: made.get(k) for k in ("prompt_style", "answer_format")
-              if made.get(k) != getattr(questions, k)}
+    made = records.Manifest.load(out_dir / "extracted").questions
+    differ = {k: getattr(made, k) for k in ("prompt_style", "answer_format")
+              if getattr(made, k) != getattr(questions, k)}
     if differ:
       raise InputError(f"{out_dir} holds the default data made with "
                        + ", ".join(f"--{k}={v}" for k, v in differ.items())

@@ -5,8 +5,8 @@ For each task, `episodes` seeded episodes (seeds from a stream the demo generato
 question the model was trained on, built as the extractor builds it (the expert's next keyframe
 position and three distractors, in the training data's answer format and prompt style); the arm
 then moves to the position answered (the option's, the `[x, y, z]` written, or its bins' centre)
-with the expert's orientation and gripper action; an unparsable answer holds the arm still. After the last keyframe
-the task's own success check decides.
+with the expert's orientation and gripper action; an unparsable answer holds the arm still. After
+the last keyframe the task's own success check decides.
 
 Policies answer in completion text, so every policy goes through the same parsing:
   * model: greedy decoding of the model (`model_policy`);

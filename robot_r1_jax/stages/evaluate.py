@@ -50,7 +50,7 @@ import numpy as np
 
 from robot_r1_jax.data import atomic, records
 from robot_r1_jax.data.loader import Batch, LoaderConfig, make_loader
-from robot_r1_jax.data.mcqa import McqaConfig, undiscretize
+from robot_r1_jax.data.mcqa import undiscretize
 from robot_r1_jax.data.prompts import QUESTION_TYPES, ActionBins
 from robot_r1_jax.generate import sampling
 from robot_r1_jax.generate.sampler import Sampler
@@ -201,8 +201,8 @@ class EvalResult:
 
     Names are `{prefix}{metric}/all`, `{prefix}{metric}/{question type}` and
     `{prefix}{metric}/task/{task}` for metric in count, format_rate, response_length, accuracy,
-    top_answer_share, l1, xyz_reward, bin_accuracy (the last five only where defined). `accuracy/<type>` matches
-    the trainer's.
+    top_answer_share, l1, xyz_reward, bin_accuracy (the last five only where defined).
+    `accuracy/<type>` matches the trainer's.
     """
     groups = {_OVERALL: self.overall, **self.by_type,
               **{f"task/{task}": metrics for task, metrics in self.by_task.items()}}
@@ -386,8 +386,8 @@ def evaluate_split(sampler: Sampler, data_dir: str | pathlib.Path, split: str,
       loader_config, batch_size=config.batch_size // jax.process_count(), shuffle=False,
       num_epochs=1, drop_remainder=False, shard_by_process=True)
   data = make_loader(data_dir, split, loader_config)
-  questions = McqaConfig.from_dict(records.Manifest.load(data_dir).config.get("mcqa", {}))
-  return evaluate(sampler, data, config, num_batches=data.num_steps, bins=questions.bins)
+  bins = records.Manifest.load(data_dir).questions.bins
+  return evaluate(sampler, data, config, num_batches=data.num_steps, bins=bins)
 
 
 def split_evaluator(context: StageContext, config: EvalConfig = EvalConfig(),

@@ -44,7 +44,6 @@ from robot_r1_jax.data import loader as loader_lib
 from robot_r1_jax.data import records, sft_targets
 from robot_r1_jax.data.loader import Batch
 from robot_r1_jax.data.mcqa import Question
-from robot_r1_jax.data.prompts import RobotMetadata
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 from robot_r1_jax.stages.context import StageContext
 from robot_r1_jax.stages.sft_step import SftBatch, SftTrainer
@@ -81,10 +80,9 @@ class SplitQuestions:
 
   def target_config(self, kind: str) -> sft_targets.TargetConfig:
     """Targets of `kind` that agree with how these questions were extracted (manifest config)."""
-    mcqa = self.manifest.config["mcqa"]
-    metadata = {k: tuple(v) if isinstance(v, list) else v for k, v in mcqa["metadata"].items()}
-    return sft_targets.TargetConfig(kind=kind, min_axis_move=float(mcqa["min_axis_move"]),
-                                    metadata=RobotMetadata(**metadata))
+    questions = self.manifest.questions
+    return sft_targets.TargetConfig(kind=kind, min_axis_move=questions.min_axis_move,
+                                    metadata=questions.metadata)
 
 
 class SftBatchBuilder:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robot_r1_jax.launch import chips
 from robot_r1_jax.launch import mesh as mesh_lib
 from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model import processor
@@ -41,10 +42,6 @@ from robot_r1_jax.model.qwen2_5_vl import init_model
 from train_step import (analytic_flops, build_learner, gemm_flops_per_second,  # bench/
                         synthetic_batch)
 
-# (peak dense bf16 FLOP/s, HBM bytes/s) per chip, from the vendors' data sheets.
-CHIPS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12),
-         "TPU v4": (275e12, 1.2e12), "TPU v5 lite": (197e12, 0.82e12), "TPU v5": (459e12, 2.76e12),
-         "TPU v6 lite": (918e12, 1.64e12)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +81,11 @@ def chip_rates() -> tuple[str, float, float]:
   if device.platform == "cpu":
     return "CPU (measured f32 GEMM and copy rates)", gemm_flops_per_second(), \
         copy_bytes_per_second()
-  kind = device.device_kind
-  for name in sorted(CHIPS, key=len, reverse=True):  # "TPU v5 lite" before "TPU v5"
-    if name in kind:
-      return f"{kind} (data sheet)", *CHIPS[name]
-  raise SystemExit(f"no peak FLOP/s and HBM bandwidth known for device kind {kind!r}; add it "
-                   "to CHIPS in bench/accelerator.py")
+  chip = chips.by_device_kind(device.device_kind)
+  if chip is None:
+    raise SystemExit(f"no peak FLOP/s and HBM bandwidth known for device kind "
+                     f"{device.device_kind!r}; add it to robot_r1_jax/launch/chips.py")
+  return f"{device.device_kind} (data sheet)", chip.peak_flops, chip.hbm_bandwidth
 
 
 def measure(name: str, args: argparse.Namespace, peak_flops: float, bandwidth: float) -> Figures:

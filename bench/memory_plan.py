@@ -6,7 +6,9 @@ python bench/memory_plan.py --out /tmp/memory_plan [--models qwen2_5_vl_3b,qwen2
 Runs `python -m robot_r1_jax.launch --compile_only` once per (model, topology), by default with the
 paper recipe's flagfile, `--jobs` at a time (each compile is mostly one thread), and writes
 `OUT/table.md`: peak GiB per chip for every executable of the run, its share of the chip's HBM,
-and whether the whole run fits (the README's memory-plan table). Each pair's report is kept at
+and whether the whole run fits (the README's memory-plan table); then the roofline: each
+executable's least time on the chip (its FLOPs at peak FLOP/s or its bytes at HBM bandwidth,
+whichever is longer) and the MFU bound that follows. Each pair's report is kept at
 `OUT/<model>_<topology>/compile_report.json` and reused by a later call, so an interrupted plan
 resumes; `--fresh` compiles everything again. Flags after `--` go to every compile.
 """
@@ -52,12 +54,17 @@ def _compile(model: str, topology: str, out: pathlib.Path, flags: list[str]) -> 
   return json.loads(report.read_text()) if report.exists() else log.read_text()[-2000:]
 
 
-def table(reports: dict[tuple[str, str], dict | str]) -> str:
-  """One row per (model, topology): each executable's peak GiB per chip (% of HBM)."""
+def _names(reports: dict[tuple[str, str], dict | str]) -> list[str]:
   names: list[str] = []
   for r in reports.values():
     if isinstance(r, dict):
       names += [e["name"] for e in r["executables"] if e["name"] not in names]
+  return names
+
+
+def table(reports: dict[tuple[str, str], dict | str]) -> str:
+  """One row per (model, topology): each executable's peak GiB per chip (% of HBM)."""
+  names = _names(reports)
   lines = ["| model | slice (HBM/chip) | " + " | ".join(f"`{n}`" for n in names) + " | fits |",
            "|---" * (len(names) + 3) + "|"]
   for (model, topology), r in reports.items():
@@ -73,6 +80,22 @@ def table(reports: dict[tuple[str, str], dict | str]) -> str:
     fits = "yes" if worst <= FIT_SHARE else ("tight" if worst <= 1 else "**no**")
     lines.append(f"| {model} | {topology} ({hbm / GIB:.0f} GiB) | " + " | ".join(cells) +
                  f" | {fits} |")
+  return "\n".join(lines) + "\n"
+
+
+def roofline(reports: dict[tuple[str, str], dict | str]) -> str:
+  """One row per (model, topology): each executable's time floor in ms (its MFU bound)."""
+  names = _names(reports)
+  lines = ["| model | slice | " + " | ".join(f"`{n}`" for n in names) + " |",
+           "|---" * (len(names) + 2) + "|"]
+  for (model, topology), r in reports.items():
+    rows = {e["name"]: e for e in r["executables"]} if isinstance(r, dict) else {}
+    cells = []
+    for n in names:
+      e = rows.get(n, {})
+      cells.append("—" if e.get("floor_seconds") is None else
+                   f"{1e3 * e['floor_seconds']:.3g} ({100 * e['mfu_bound']:.0f}%)")
+    lines.append(f"| {model} | {topology} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -98,7 +121,7 @@ def main() -> None:
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
     futures = {p: pool.submit(_compile, *p, args.out, flags) for p in pairs}
     reports = {p: f.result() for p, f in futures.items()}
-  text = table(reports)
+  text = table(reports) + "\nLeast time per run in ms (MFU at most):\n\n" + roofline(reports)
   (args.out / "table.md").write_text(text)
   print(text)
   for (m, t), r in reports.items():

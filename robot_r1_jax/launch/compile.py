@@ -12,6 +12,13 @@ lowered at the shapes the flags imply: the prompt bucket of the run's longest qu
 sizes. No weight or data is read. Each one's per-chip memory (XLA's memory analysis: arguments,
 outputs, temporaries, the outputs aliased to donated arguments) is set against the chip's HBM,
 printed, and written to WORKDIR/compile_report.json.
+
+Beside the memory, a roofline: each executable's matmul FLOPs and HBM bytes per chip, read from its
+compiled HLO with every loop body weighted by its trip count (`hlo.program_cost`; the decode loop
+counts its whole new-token budget), and the time they take at the chip's data-sheet peak FLOP/s
+and HBM bandwidth. The larger of the two is a lower bound on the executable's time, and the FLOP
+time over it an upper bound on its MFU. The FLOPs are those the program executes (remat's
+recomputation included), at least the model's, so the bound holds for MFU too.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from robot_r1_jax.data.prompts import QUESTION_TYPES
 from robot_r1_jax.generate.batching import bucket
 from robot_r1_jax.generate.sampler import SamplerConfig
 from robot_r1_jax.generate.sampling import SamplingParams
+from robot_r1_jax.launch import chips as chips_lib
 from robot_r1_jax.launch import hlo
 from robot_r1_jax.launch import mesh as mesh_lib
 from robot_r1_jax.launch import pipeline
@@ -50,12 +58,10 @@ from robot_r1_jax.stages.sft_step import SftTrainer
 from robot_r1_jax.train import optim
 from robot_r1_jax.train.scoring import Sequences
 
-GIB = 2**30
+GIB = chips_lib.GIB
 LOOPS_SHOWN = 3  # loops with collectives listed per executable in the printed report
-# HBM per chip (not per core: a v4 chip's two cores are one megacore device here).
-HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 TOPOLOGY_FORMS = "v5e:2x2, v5e:4x4, v6e:4x4, v5p:2x2x4, v4:2x2x4 (CHIP:SHAPE, CHIP one of " + (
-    ", ".join(HBM_GIB) + ")")
+    ", ".join(chips_lib.TPUS) + ")")
 
 
 class CompileError(ValueError):
@@ -66,10 +72,10 @@ class CompileError(ValueError):
 # The slice and the shapes.
 
 
-def topology_devices(name: str) -> tuple[list[Any], int]:
-  """(the slice's devices, one per chip; HBM bytes per chip) for a topology name like v5e:4x4."""
+def topology_devices(name: str) -> tuple[list[Any], chips_lib.Chip]:
+  """(the slice's devices, one per chip; the chip) for a topology name like v5e:4x4."""
   chip, sep, shape = name.partition(":")
-  if not sep or chip not in HBM_GIB or not shape:
+  if not sep or chip not in chips_lib.TPUS or not shape:
     raise CompileError(f"--topology={name!r} is not a TPU topology; known forms: {TOPOLOGY_FORMS}")
   if importlib.util.find_spec("libtpu") is None:
     raise CompileError("--compile_only needs libtpu to compile for a TPU topology: "
@@ -86,7 +92,7 @@ def topology_devices(name: str) -> tuple[list[Any], int]:
   except Exception as e:  # libtpu raises its runtime error type for an unknown shape
     raise CompileError(f"--topology={name!r}: libtpu refuses it ({e}); known forms: "
                        f"{TOPOLOGY_FORMS}") from None
-  return list(topology.devices), HBM_GIB[chip] * GIB
+  return list(topology.devices), chips_lib.TPUS[chip]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +182,8 @@ class Executable:
   resident: int = 0  # the stage's state in HBM meanwhile that is not an argument
   # Collectives per iteration of each while loop; None when the HLO text could not be read.
   loops: tuple[hlo.LoopCollectives, ...] | None = ()
-  hlo_error: str = ""  # why the loops are None
+  cost: hlo.Cost | None = None  # FLOPs and HBM bytes of one run
+  hlo_error: str = ""  # why the loops and the cost are None
 
   @property
   def peak(self) -> int:
@@ -306,6 +313,8 @@ class Report:
   topology: str
   chips: int
   hbm_per_chip: int  # bytes
+  peak_flops: float  # per chip, FLOP/s (data sheet)
+  hbm_bandwidth: float  # per chip, bytes/s (data sheet)
   mesh: dict[str, int]
   model: str
   shapes: Shapes
@@ -315,17 +324,30 @@ class Report:
   def too_big(self) -> list[Executable]:
     return [e for e in self.executables if e.peak > self.hbm_per_chip]
 
+  def roofline(self, e: Executable) -> tuple[float, float] | None:
+    """(seconds at least, MFU at most) of one run of `e` on this chip; None without its cost."""
+    if e.cost is None:
+      return None
+    compute, memory = e.cost.flops / self.peak_flops, e.cost.bytes / self.hbm_bandwidth
+    floor = max(compute, memory)
+    return floor, compute / floor if floor else 0.0
+
   def table(self) -> str:
     g = lambda b: f"{b / GIB:.2f}"
     header = ["executable", "arguments", "outputs", "temps", "aliased", "resident", "peak GiB",
-              "of HBM", "fits", "loop collectives MiB/iter"]
-    rows = [[e.name, g(e.arguments), g(e.outputs), g(e.temps), g(e.aliased), g(e.resident),
-             g(e.peak),
-             f"{100 * e.peak / self.hbm_per_chip:.0f}%",
-             "yes" if e.peak <= self.hbm_per_chip else "NO",
-             "n/a" if e.loops is None else
-             f"{max((l.total_bytes for l in e.loops), default=0) / 2**20:.2f}"]
-            for e in self.executables]
+              "of HBM", "fits", "loop collectives MiB/iter", "TFLOP", "GB moved", "≥ ms",
+              "MFU ≤"]
+    rows = []
+    for e in self.executables:
+      roofline = self.roofline(e)
+      rows.append([e.name, g(e.arguments), g(e.outputs), g(e.temps), g(e.aliased), g(e.resident),
+                   g(e.peak), f"{100 * e.peak / self.hbm_per_chip:.0f}%",
+                   "yes" if e.peak <= self.hbm_per_chip else "NO",
+                   "n/a" if e.loops is None else
+                   f"{max((l.total_bytes for l in e.loops), default=0) / 2**20:.2f}"] + (
+                       ["n/a"] * 4 if roofline is None else
+                       [f"{e.cost.flops / 1e12:.3g}", f"{e.cost.bytes / 1e9:.3g}",
+                        f"{roofline[0] * 1e3:.3g}", f"{100 * roofline[1]:.0f}%"]))
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
                        for c, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
@@ -333,7 +355,9 @@ class Report:
     title = (f"{self.model} on {self.topology} ({self.chips} chips × "
              f"{self.hbm_per_chip / GIB:.0f} GiB HBM), mesh {self.mesh}; prompt bucket "
              f"{self.shapes.prompt_length}, image grid {list(self.shapes.grid)}, "
-             f"{self.shapes.new_tokens} new tokens — per chip, GiB")
+             f"{self.shapes.new_tokens} new tokens — per chip: memory in GiB; FLOPs, bytes and "
+             f"their time at {self.peak_flops / 1e12:.0f} TFLOP/s and "
+             f"{self.hbm_bandwidth / 1e9:.0f} GB/s")
     loops = []
     for e in self.executables:  # the heaviest few per executable; all of them in the JSON
       busy = sorted((l for l in e.loops or () if l.counts), key=lambda l: -l.total_bytes)
@@ -348,6 +372,8 @@ class Report:
     data = dataclasses.asdict(self)
     for row, e in zip(data["executables"], self.executables):
       row["peak"] = e.peak
+      roofline = self.roofline(e)
+      row["floor_seconds"], row["mfu_bound"] = roofline if roofline else (None, None)
     return json.dumps(data, indent=1) + "\n"
 
 
@@ -364,7 +390,7 @@ def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
     CompileError: a bad topology, no libtpu, or a mesh or batch that does not fit the slice.
   """
   jax.config.update("jax_enable_compilation_cache", False)
-  devices, hbm = topology_devices(config.topology)
+  devices, chip = topology_devices(config.topology)
   try:
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     mesh_lib.check_batches(config.batch_sizes, mesh)
@@ -403,18 +429,20 @@ def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
     if hook is not None:
       hook(compiled)
     m = compiled.memory_analysis()
-    loops, error = read_loops(compiled)
+    # The decode loop is the one loop that stops on data: charge it the whole budget.
+    loops, cost, error = read_hlo(compiled, shapes.new_tokens if name.endswith("_decode") else 1)
     if error:
-      progress(f"      its HLO text could not be read, so its loop collectives are left out: "
-               f"{error}")
+      progress(f"      its HLO text could not be read, so its loop collectives and roofline "
+               f"are left out: {error}")
     done.append(Executable(name=name, what=what, arguments=m.argument_size_in_bytes,
                            outputs=m.output_size_in_bytes, temps=m.temp_size_in_bytes,
                            aliased=m.alias_size_in_bytes,
                            compile_seconds=round(time.perf_counter() - start, 1),
-                           resident=resident, loops=loops, hlo_error=error))
+                           resident=resident, loops=loops, cost=cost, hlo_error=error))
     progress(f"      {done[-1].peak / GIB:.2f} GiB per chip, compiled in "
              f"{done[-1].compile_seconds:.0f} s")
-  report = Report(topology=config.topology, chips=len(devices), hbm_per_chip=hbm,
+  report = Report(topology=config.topology, chips=len(devices), hbm_per_chip=chip.hbm_bytes,
+                  peak_flops=chip.peak_flops, hbm_bandwidth=chip.hbm_bandwidth,
                   mesh=dict(mesh.shape), model=config.model.name, shapes=shapes,
                   executables=tuple(done))
   atomic.write_bytes(epath.Path(config.workdir) / "compile_report.json",
@@ -422,15 +450,17 @@ def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
   return report
 
 
-def read_loops(compiled: jax.stages.Compiled
-               ) -> tuple[tuple[hlo.LoopCollectives, ...] | None, str]:
-  """(the loops' collectives, "") or (None, why). Printing the HLO is a libtpu service that some
-  versions fail on programs they compiled fine (0.0.52: "async-update instruction should have 1
-  operands"); the memory report does not need it."""
+def read_hlo(compiled: jax.stages.Compiled, unknown_trips: int = 1
+             ) -> tuple[tuple[hlo.LoopCollectives, ...] | None, hlo.Cost | None, str]:
+  """(the loops' collectives, the cost of one run, "") or (None, None, why). Printing the HLO is a
+  libtpu service that some versions fail on programs they compiled fine (0.0.52: "async-update
+  instruction should have 1 operands"); the memory report does not need it. `unknown_trips`:
+  iterations charged to a loop whose count the HLO does not give."""
   try:
-    return tuple(hlo.loop_collectives(compiled.as_text())), ""
+    text = compiled.as_text()
+    return tuple(hlo.loop_collectives(text)), hlo.program_cost(text, unknown_trips), ""
   except Exception as e:  # noqa: BLE001 - any failure of the text dump or its parse
-    return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    return None, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
 def _model_config(name: str) -> tuple[model_config.ModelConfig, pathlib.Path | None]:

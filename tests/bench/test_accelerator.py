@@ -34,8 +34,3 @@ def test_small_preset_smoke(capsys):
   assert figures.peak_bytes is None  # the CPU backend reports no allocator peak
   assert "small: update" in capsys.readouterr().out
 
-
-def test_chip_table_prefers_the_longest_matching_kind():
-  accelerator = _load()
-  names = sorted(accelerator.CHIPS, key=len, reverse=True)
-  assert names.index("TPU v5 lite") < names.index("TPU v5")

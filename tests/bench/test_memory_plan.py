@@ -36,6 +36,17 @@ def test_table_rows_cells_and_verdicts():
   assert lines[5] == "| m7 | v6e:4x4 | — | — | — | compile failed |"
 
 
+def test_roofline_cells():
+  report = _report(16, rollout_decode=4.0, rl_update=14.0)
+  report["executables"][0].update(floor_seconds=0.0123, mfu_bound=0.031)
+  report["executables"][1].update(floor_seconds=None, mfu_bound=None)  # an unreadable HLO
+  text = memory_plan.roofline({("m7", "v5e:4x4"): report, ("m7", "v6e:4x4"): "Traceback …"})
+  assert text.splitlines() == ["| model | slice | `rollout_decode` | `rl_update` |",
+                               "|---|---|---|---|",
+                               "| m7 | v5e:4x4 | 12.3 (3%) | — |",
+                               "| m7 | v6e:4x4 | — | — |"]
+
+
 def test_a_kept_report_is_reused(tmp_path, monkeypatch):
   kept = tmp_path / "m7_v5p_2x2x4" / "compile_report.json"
   kept.parent.mkdir()

@@ -16,6 +16,7 @@ import pytest
 from robot_r1_jax.launch import compile as compile_lib
 from robot_r1_jax.launch import hlo
 from robot_r1_jax.launch.config import RunConfig
+from robot_r1_jax.model import config as model_config
 from robot_r1_jax.stages.rl import RLConfig
 from robot_r1_jax.stages.rl_step import LearnerConfig
 
@@ -67,6 +68,23 @@ def test_tiny_run_compiles_for_v5e_2x2_and_fits(tmp_path):
   # While decoding, the trainer's parameters, optimizer state and reference stay in HBM; while
   # updating, only the reference is not an argument.
   assert decode["resident"] > update["resident"] > 0
+  # The roofline: every program moves bytes, all but the layout copies multiply; each one's
+  # time floor is positive and its MFU bound at most 1.
+  for e in report["executables"]:
+    assert e["cost"]["bytes"] > 0 and 0 < e["floor_seconds"] and 0 <= e["mfu_bound"] <= 1, e
+    assert (e["cost"]["flops"] > 0) != e["name"].endswith("_layout"), e
+  # The decode loop stops on data and is charged its 64-token bucket (its layers, a scan, each
+  # count): per chip, 64 tokens of 8 rows / data=2, the weights and heads / tensor=2: the layers'
+  # matmuls, attention over the 512 + 64 cache, the head (the tensor split of a 1031-token
+  # vocabulary is XLA's to choose).
+  assert decode["cost"]["assumed_loops"] == 1 and report["shapes"]["new_tokens"] == 64
+  text = model_config.PRESETS["tiny"]().text
+  d, kv = text.hidden_size, text.num_kv_heads * text.hidden_size // text.num_heads
+  layer = 2 * d * d + 2 * d * kv + 3 * d * text.intermediate_size + 2 * d * (512 + 64)
+  analytic = 64 * 4 * 2 * (text.num_layers * layer + text.vocab_size * d) / 2
+  assert analytic < decode["cost"]["flops"] < 1.5 * analytic, (decode["cost"], analytic)
+  assert "TFLOP/s" in out.splitlines()[next(i for i, l in enumerate(out.splitlines())
+                                            if l.startswith("tiny on v5e:2x2"))]
 
 
 @needs_libtpu
@@ -132,18 +150,20 @@ def test_an_unreadable_hlo_text_costs_the_loop_columns_not_the_report():
           "INTERNAL: RET_CHECK failure (hlo_instruction.cc:1) async-update instruction should "
           "have 1 operands but sees 3\n*** Begin stack trace ***")
 
-  loops, error = compile_lib.read_loops(Compiled())
-  assert loops is None and error == (
+  loops, cost, error = compile_lib.read_hlo(Compiled())
+  assert loops is None and cost is None and error == (
       "JaxRuntimeError: INTERNAL: RET_CHECK failure (hlo_instruction.cc:1) async-update "
       "instruction should have 1 operands but sees 3")
   unread = compile_lib.Executable(name="rl_update", what="", arguments=2**30, outputs=0, temps=0,
                                   aliased=0, compile_seconds=1.0, loops=None, hlo_error=error)
   report = compile_lib.Report(
-      topology="v5p:2x2x4", chips=16, hbm_per_chip=95 * 2**30, mesh={"fsdp": 16},
+      topology="v5p:2x2x4", chips=16, hbm_per_chip=95 * 2**30, peak_flops=459e12,
+      hbm_bandwidth=2.76e12, mesh={"fsdp": 16},
       model="qwen2_5_vl_7b", shapes=compile_lib.Shapes(512, (1, 16, 16), 1024, 16),
       executables=(unread,))
-  assert report.table().splitlines()[3].split()[-3:] == ["1%", "yes", "n/a"]
-  assert json.loads(report.to_json())["executables"][0]["hlo_error"] == error
+  assert report.table().splitlines()[3].split()[-7:] == ["1%", "yes"] + ["n/a"] * 5
+  row = json.loads(report.to_json())["executables"][0]
+  assert row["hlo_error"] == error and row["floor_seconds"] is None and row["cost"] is None
 
 
 def test_the_report_names_what_does_not_fit():
@@ -151,19 +171,26 @@ def test_the_report_names_what_does_not_fit():
                              bytes={"all-reduce": 3 * 2**19})
   row = lambda name, temps, loops=(): compile_lib.Executable(
       name=name, what="", arguments=2 * 2**30, outputs=2**30, temps=temps, aliased=2**30,
-      compile_seconds=1.0, loops=loops)
+      compile_seconds=1.0, loops=loops, cost=hlo.Cost(flops=4e12, bytes=4e9))
   report = compile_lib.Report(
-      topology="v5e:4x4", chips=16, hbm_per_chip=16 * 2**30, mesh={"data": 1, "fsdp": 16},
+      topology="v5e:4x4", chips=16, hbm_per_chip=16 * 2**30, peak_flops=200e12,
+      hbm_bandwidth=0.8e12, mesh={"data": 1, "fsdp": 16},
       model="qwen2_5_vl_7b", shapes=compile_lib.Shapes(512, (1, 16, 16), 1024, 16),
       executables=(row("rollout_decode", 4 * 2**30, (loop,)), row("rl_update", 15 * 2**30)))
   assert [e.name for e in report.too_big] == ["rl_update"]
   assert report.executables[0].peak == 6 * 2**30
   lines = report.table().splitlines()
-  assert lines[3].split()[-3:] == ["38%", "yes", "1.50"] and lines[3].startswith("rollout_decode")
-  assert lines[4].split()[-4:] == ["17.00", "106%", "NO", "0.00"]
+  # 4 TFLOP take 20 ms at 200 TFLOP/s, 4 GB 5 ms at 0.8 TB/s: compute bound, MFU at most 100%.
+  assert lines[3].split()[-7:] == ["38%", "yes", "1.50", "4", "4", "20", "100%"]
+  assert lines[3].startswith("rollout_decode")
+  assert lines[4].split()[-8:] == ["17.00", "106%", "NO", "0.00", "4", "4", "20", "100%"]
   assert lines[-1] == ("  rollout_decode · jit(_decode_impl)/while: all-reduce ×56 (1.50 MiB) per "
                        "iteration")
   # State that stays in HBM beside an executable's arguments counts towards its peak.
   assert dataclasses.replace(report.executables[1], resident=2**30).peak == 18 * 2**30
   data = json.loads(report.to_json())["executables"]
   assert data[1]["peak"] == 17 * 2**30 and data[0]["loops"][0]["counts"] == {"all-reduce": 56}
+  assert data[0]["floor_seconds"] == 0.02 and data[0]["mfu_bound"] == 1.0
+  # Memory bound: 40 GB take 50 ms, the FLOPs 20 of them, so MFU is at most 40%.
+  slow = dataclasses.replace(report.executables[0], cost=hlo.Cost(flops=4e12, bytes=40e9))
+  assert report.roofline(slow) == pytest.approx((0.05, 0.4))

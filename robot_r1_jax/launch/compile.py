@@ -457,8 +457,8 @@ def read_hlo(compiled: jax.stages.Compiled, unknown_trips: int = 1
   instruction should have 1 operands"); the memory report does not need it. `unknown_trips`:
   iterations charged to a loop whose count the HLO does not give."""
   try:
-    text = compiled.as_text()
-    return tuple(hlo.loop_collectives(text)), hlo.program_cost(text, unknown_trips), ""
+    module = hlo.parse(compiled.as_text())
+    return tuple(hlo.loop_collectives(module)), hlo.program_cost(module, unknown_trips), ""
   except Exception as e:  # noqa: BLE001 - any failure of the text dump or its parse
     return None, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 

@@ -18,6 +18,7 @@ the caller gives for a loop that stops on data (the decode loop).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import numpy as np
@@ -68,10 +69,7 @@ def _array_bytes(text: str, hbm_only: bool = False) -> list[int]:
   sizes = []
   for dtype, dims, layout in _ARRAY.findall(text):
     if dtype in _BYTES and not (hbm_only and _ON_CHIP.search(layout)):
-      n = 1
-      for d in filter(None, dims.split(",")):
-        n *= int(d)
-      sizes.append(n * _BYTES[dtype])
+      sizes.append(math.prod(int(d) for d in dims.split(",") if d) * _BYTES[dtype])
   return sizes
 
 
@@ -151,10 +149,10 @@ def _callees(instruction: Instruction) -> list[str]:
                                   for c in b.split(",")]
 
 
-def loop_collectives(hlo_text: str) -> list[LoopCollectives]:
-  """Every `while` loop of an HLO module's text, in the order they appear, with the collectives
-  run per iteration of its body."""
-  module = parse(hlo_text)
+def loop_collectives(hlo: str | Module) -> list[LoopCollectives]:
+  """Every `while` loop of an HLO module (its text, or parsed), in the order they appear, with the
+  collectives run per iteration of its body."""
+  module = parse(hlo) if isinstance(hlo, str) else hlo
 
   def walk(name: str, counts: dict[str, int], sizes: dict[str, int], seen: set[str]) -> None:
     """Adds the collectives of computation `name` and its callees, stopping at nested loops."""
@@ -213,13 +211,6 @@ def _shape(array_type: str) -> list[int]:
   return [int(d) for d in match.group(2).split(",") if d] if match else []
 
 
-def _size(shape: list[int]) -> int:
-  n = 1
-  for d in shape:
-    n *= d
-  return n
-
-
 def _bytes(result_type: str) -> int:
   """HBM bytes of a type's arrays (those the layout places on chip cost none)."""
   return sum(_array_bytes(result_type, hbm_only=True))
@@ -268,19 +259,19 @@ def _convolution_flops(instruction: Instruction, computation: Computation) -> fl
     positions *= o
     pairs *= _real_taps(lhs[lhs_labels.index(str(k))], o, size[k], stride[k], low[k],
                         lhs_dilate[k], rhs_dilate[k])
-  return 2.0 * (_size(out) // positions) * rhs[rhs_labels.index("i")] * pairs
+  return 2.0 * (math.prod(out) // positions) * rhs[rhs_labels.index("i")] * pairs
 
 
 def _flops(instruction: Instruction, computation: Computation) -> float:
   """2 × output elements × the length of each one's dot product."""
   if instruction.opcode == "dot":
     lhs = _shape(computation[instruction.operands[0]].type)
-    inner = _size([lhs[d] for d in _dims(instruction.attributes, "lhs_contracting_dims")])
+    inner = math.prod([lhs[d] for d in _dims(instruction.attributes, "lhs_contracting_dims")])
   elif instruction.opcode == "convolution":  # TPU writes dots as convolutions
     return _convolution_flops(instruction, computation)
   else:
     return 0.0
-  return 2.0 * _size(_shape(instruction.type)) * inner
+  return 2.0 * math.prod(_shape(instruction.type)) * inner
 
 
 def _read_bytes(module: Module, computation: Computation, name: str, full: int) -> int:
@@ -381,8 +372,9 @@ def _trip_count(module: Module, loop: Instruction) -> int | None:
   return None
 
 
-def program_cost(hlo_text: str, unknown_trips: int = 1) -> Cost:
-  """Matmul FLOPs and HBM bytes of one run of a compiled (SPMD-partitioned) module, per device.
+def program_cost(hlo: str | Module, unknown_trips: int = 1) -> Cost:
+  """Matmul FLOPs and HBM bytes of one run of a compiled (SPMD-partitioned) module (its HLO text,
+  or parsed), per device.
 
   Each while loop's body and condition count once per iteration, loops inside loops multiply; a
   loop whose trip count the HLO does not give (one that stops on data) counts `unknown_trips`. A
@@ -390,7 +382,7 @@ def program_cost(hlo_text: str, unknown_trips: int = 1) -> Cost:
   operands, less what it only slices or updates in place, and writes its results); a custom call
   (a Pallas kernel) counts its operands and results but not its FLOPs, which XLA cannot see.
   """
-  module = parse(hlo_text)
+  module = parse(hlo) if isinstance(hlo, str) else hlo
   memo: dict[tuple[str, bool], Cost] = {}
 
   def cost(name: str, top: bool) -> Cost:
@@ -411,8 +403,8 @@ def program_cost(hlo_text: str, unknown_trips: int = 1) -> Cost:
         branches = [cost(c, top) for c in callees]
         total += Cost(max(b.flops for b in branches), max(b.bytes for b in branches),
                       max(b.assumed_loops for b in branches))
-      elif instruction.opcode == "fusion":
-        total += Cost(cost(callees[0], False).flops, 0.0, cost(callees[0], False).assumed_loops)
+      elif instruction.opcode == "fusion":  # its FLOPs; its bytes are the fusion op's own
+        total += cost(callees[0], False)
       elif instruction.opcode in ("call", "async-start") or (
           instruction.opcode == "custom-call" and callees):
         total += sum((cost(c, top) for c in callees), Cost(0.0, 0.0))

@@ -28,10 +28,11 @@ from robot_r1_jax.model import config as config_lib  # noqa: E402
 from robot_r1_jax.model import layers, vision  # noqa: E402
 
 
-def packed_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                     groups: vision.Groups) -> jax.Array:
+def packed_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: vision.Groups,
+                     implementation: str = "xla") -> jax.Array:
   """The replaced algorithm: one [N, B·T, B·T] score matrix over the whole batch, masked to the
-  groups (q, k, v [B, T, N, H])."""
+  groups (q, k, v [B, T, N, H]; xla only)."""
+  del implementation
   b, t = q.shape[:2]
   group = np.asarray(groups.inverse) // groups.index.shape[1]  # [T]
   segments = jnp.asarray((np.arange(b)[:, None] * (group.max() + 1) + group).reshape(-1))

@@ -50,7 +50,7 @@ from robot_r1_jax.launch import mesh as mesh_lib
 from robot_r1_jax.launch import pipeline
 from robot_r1_jax.launch.config import RunConfig
 from robot_r1_jax.model import config as model_config
-from robot_r1_jax.model import processor, sharding
+from robot_r1_jax.model import attention, processor, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 from robot_r1_jax.stages.context import StageContext
 from robot_r1_jax.stages.rl_step import Learner, TrainRows
@@ -183,7 +183,9 @@ class Executable:
   # Collectives per iteration of each while loop; None when the HLO text could not be read.
   loops: tuple[hlo.LoopCollectives, ...] | None = ()
   cost: hlo.Cost | None = None  # FLOPs and HBM bytes of one run
-  hlo_error: str = ""  # why the loops and the cost are None
+  # Pallas kernels called (name → call sites): their FLOPs are not in `cost`, XLA cannot see them.
+  kernels: dict[str, int] | None = dataclasses.field(default_factory=dict)
+  hlo_error: str = ""  # why the loops, the cost and the kernels are None
 
   @property
   def peak(self) -> int:
@@ -365,8 +367,12 @@ class Report:
       if len(busy) > LOOPS_SHOWN:
         more = len(busy) - LOOPS_SHOWN
         loops.append(f"  {e.name} · {more} more loop{'s' * (more > 1)} with collectives")
+    kernels = [f"  {e.name}: " + ", ".join(f"{k} ×{n}" for k, n in e.kernels.items())
+               for e in self.executables if e.kernels]
     return "\n".join([title, *lines] + (["collectives inside loops (per device, heaviest "
-                                          "first):", *loops] if loops else []))
+                                          "first):", *loops] if loops else []) + (
+        ["Pallas kernels (call sites; their FLOPs are not in the TFLOP column):", *kernels]
+        if kernels else []))
 
   def to_json(self) -> str:
     data = dataclasses.asdict(self)
@@ -398,8 +404,9 @@ def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
     raise CompileError(f"{e}, on {config.topology} ({len(devices)} chips)") from None
   cfg, model_dir = _model_config(config.model.name)
   dtype = jnp.bfloat16 if config.model.compute_dtype == "bfloat16" else jnp.float32
+  impl = attention.resolve(config.model.attention, "tpu")
   model = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=dtype, remat=config.model.remat,
-                                          rngs=nnx.Rngs(0)))
+                                          attention_implementation=impl, rngs=nnx.Rngs(0)))
   sharding.abstract_params(model, mesh)
   tokenizer, tokenizer_path = pipeline.load_tokenizer(config.model.tokenizer, model_dir)
   shapes = run_shapes(config, tokenizer)
@@ -430,7 +437,8 @@ def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
       hook(compiled)
     m = compiled.memory_analysis()
     # The decode loop is the one loop that stops on data: charge it the whole budget.
-    loops, cost, error = read_hlo(compiled, shapes.new_tokens if name.endswith("_decode") else 1)
+    loops, cost, kernels, error = read_hlo(compiled,
+                                           shapes.new_tokens if name.endswith("_decode") else 1)
     if error:
       progress(f"      its HLO text could not be read, so its loop collectives and roofline "
                f"are left out: {error}")
@@ -438,7 +446,8 @@ def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
                            outputs=m.output_size_in_bytes, temps=m.temp_size_in_bytes,
                            aliased=m.alias_size_in_bytes,
                            compile_seconds=round(time.perf_counter() - start, 1),
-                           resident=resident, loops=loops, cost=cost, hlo_error=error))
+                           resident=resident, loops=loops, cost=cost, kernels=kernels,
+                           hlo_error=error))
     progress(f"      {done[-1].peak / GIB:.2f} GiB per chip, compiled in "
              f"{done[-1].compile_seconds:.0f} s")
   report = Report(topology=config.topology, chips=len(devices), hbm_per_chip=chip.hbm_bytes,
@@ -451,16 +460,20 @@ def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
 
 
 def read_hlo(compiled: jax.stages.Compiled, unknown_trips: int = 1
-             ) -> tuple[tuple[hlo.LoopCollectives, ...] | None, hlo.Cost | None, str]:
-  """(the loops' collectives, the cost of one run, "") or (None, None, why). Printing the HLO is a
+             ) -> tuple[tuple[hlo.LoopCollectives, ...] | None, hlo.Cost | None,
+                        dict[str, int] | None, str]:
+  """(the loops' collectives, the cost of one run, the Pallas kernels, "") or (None, None, None,
+  why). Printing the HLO is a
   libtpu service that some versions fail on programs they compiled fine (0.0.52: "async-update
   instruction should have 1 operands"); the memory report does not need it. `unknown_trips`:
   iterations charged to a loop whose count the HLO does not give."""
   try:
     module = hlo.parse(compiled.as_text())
-    return tuple(hlo.loop_collectives(module)), hlo.program_cost(module, unknown_trips), ""
+    return (tuple(hlo.loop_collectives(module)), hlo.program_cost(module, unknown_trips),
+            hlo.kernels(module), "")
   except Exception as e:  # noqa: BLE001 - any failure of the text dump or its parse
-    return None, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    return None, None, None, why
 
 
 def _model_config(name: str) -> tuple[model_config.ModelConfig, pathlib.Path | None]:

@@ -25,6 +25,7 @@ class ModelSpec:
   tokenizer: str | None = None  # a tokenizer directory; None: the model's, else the packaged one
   compute_dtype: str = "float32"  # activations; parameters stay float32
   remat: bool = False  # recompute decoder layers and vision blocks in the backward pass
+  attention: str = "auto"  # model.attention.IMPLEMENTATIONS; auto: splash on TPU, else xla
 
 
 @dataclasses.dataclass(frozen=True)

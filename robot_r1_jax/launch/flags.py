@@ -14,6 +14,7 @@ from robot_r1_jax.data.sft_targets import TargetConfig
 from robot_r1_jax.generate.sampling import SamplingParams
 from robot_r1_jax.launch.config import (JUDGES, MODES, POLICIES, STAGES, ClosedLoopSpec, DataSpec,
                                         Distributed, JudgeSpec, ModelSpec, RunConfig)
+from robot_r1_jax.model import attention
 from robot_r1_jax.model import config as model_config
 from robot_r1_jax.rl import advantages, kl, losses, shaping
 from robot_r1_jax.stages.evaluate import EvalConfig
@@ -102,6 +103,12 @@ COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloa
                                   "Activation dtype; parameters stay float32.")
 REMAT = flags.DEFINE_bool("remat", False, "Recompute the decoder layers and vision blocks in the "
                           "backward pass (activation memory of one layer, not all).")
+ATTENTION = flags.DEFINE_enum("attention", "auto", list(attention.IMPLEMENTATIONS),
+                              "Attention implementation: xla (einsum scores and an fp32 softmax, "
+                              "Hugging Face's eager numerics), splash (the Pallas TPU kernel: no "
+                              "[T, S] scores in memory), splash_interpret (that kernel through "
+                              "the Pallas interpreter, any backend; slow); auto picks splash on "
+                              "TPU and xla elsewhere. The decode step is xla in every case.")
 COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile every executable of the run for "
                                  "--topology on this host and report each one's memory per chip "
                                  "against the chip's HBM (also WORKDIR/compile_report.json); "
@@ -332,7 +339,8 @@ def run_config() -> RunConfig:
       mesh=MESH.value, rollout_tensor_parallel=ROLLOUT_TENSOR.value,
       distributed=Distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value),
       model=ModelSpec(name=MODEL.value, tokenizer=TOKENIZER.value,
-                      compute_dtype=COMPUTE_DTYPE.value, remat=REMAT.value),
+                      compute_dtype=COMPUTE_DTYPE.value, remat=REMAT.value,
+                      attention=ATTENTION.value),
       data=DataSpec(path=pathlib.Path(DATA.value) if DATA.value else None,
                     sim_tasks=tuple(SIM_TASKS.value), sim_episodes=SIM_EPISODES.value,
                     image_size=IMAGE_SIZE.value, prompt_style=PROMPT_STYLE.value,

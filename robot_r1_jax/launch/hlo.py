@@ -143,6 +143,23 @@ def parse(hlo_text: str) -> Module:
   return Module(computations, entry)
 
 
+_SUFFIX = re.compile(r"\.\d+$")
+
+
+def kernels(hlo: str | Module) -> dict[str, int]:
+  """The Pallas (Mosaic) kernels a TPU module calls: kernel name → call sites in the program
+  (e.g. `splash_mha_fwd_segmented_no_residuals`), in the order they first appear."""
+  module = parse(hlo) if isinstance(hlo, str) else hlo
+  found: dict[str, int] = {}
+  for computation in module.computations.values():
+    for instruction in computation.instructions.values():
+      if (instruction.opcode == "custom-call"
+          and 'custom_call_target="tpu_custom_call"' in instruction.attributes):
+        name = _SUFFIX.sub("", instruction.name)
+        found[name] = found.get(name, 0) + 1
+  return found
+
+
 def _callees(instruction: Instruction) -> list[str]:
   rest = instruction.attributes
   return _CALLED.findall(rest) + [c.strip().lstrip("%") for b in _BRANCHES.findall(rest)

@@ -92,12 +92,14 @@ def build_model(spec: ModelSpec, *, mesh: Mesh, seed: int
   dtype = jnp.bfloat16 if spec.compute_dtype == "bfloat16" else jnp.float32
   if spec.name in model_config.PRESETS:
     cfg = model_config.PRESETS[spec.name]()
-    return cfg, init_model(cfg, seed=seed, dtype=dtype, remat=spec.remat, mesh=mesh), None
+    return cfg, init_model(cfg, seed=seed, dtype=dtype, remat=spec.remat,
+                           attention_implementation=spec.attention, mesh=mesh), None
   path = pathlib.Path(spec.name)
   if not (path / "config.json").exists():
     raise InputError(f"--model={spec.name!r} is neither a preset "
                      f"({', '.join(model_config.PRESETS)}) nor a directory with config.json")
-  cfg, model = hf_io.load_hf(path, dtype=dtype, mesh=mesh, remat=spec.remat)
+  cfg, model = hf_io.load_hf(path, dtype=dtype, mesh=mesh, remat=spec.remat,
+                             attention_implementation=spec.attention)
   return cfg, model, path
 
 

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from robot_r1_jax.model import config as config_lib
-from robot_r1_jax.model import hf_names, sharding, text, vision
-from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
+from robot_r1_jax.model import attention, hf_names, sharding, text, vision
+from robot_r1_jax.model.qwen2_5_vl import Qwen25VL, platform
 
 # (language-model prefix, vision prefix) of the two on-disk name layouts.
 HUB_LAYOUT = ("model.", "visual.")
@@ -85,18 +85,21 @@ def read_config(path: str | os.PathLike) -> config_lib.ModelConfig:
 
 def load_hf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32,
             param_dtype: jnp.dtype = jnp.float32, mesh: Mesh | None = None,
-            remat: bool = False) -> tuple[config_lib.ModelConfig, Qwen25VL]:
+            remat: bool = False, attention_implementation: str = "xla"
+            ) -> tuple[config_lib.ModelConfig, Qwen25VL]:
   """Loads a local Hugging Face Qwen2.5-VL directory (config.json + safetensors).
 
   Accepts hub names (`model.*`, `visual.*`, `lm_head.weight`) and transformers-5 names
   (`model.language_model.*`, `model.visual.*`), tied and untied embeddings, single-file and sharded
-  checkpoints. With a mesh, each parameter lands directly on its `sharding.RULES` placement.
+  checkpoints. With a mesh, each parameter lands directly on its `sharding.RULES` placement;
+  `attention_implementation` "auto" picks the one for the mesh's (or the default) devices.
   Raises `hf_names.ConversionError` naming every missing, unexpected or mis-shaped key.
   """
   path = Path(path)
   cfg = read_config(path)
+  impl = attention.resolve(attention_implementation, platform(mesh))
   model = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                          rngs=nnx.Rngs(0)))
+                                          attention_implementation=impl, rngs=nnx.Rngs(0)))
   ckpt = _Checkpoint(path)
   layout = (TRANSFORMERS5_LAYOUT if any(k.startswith(TRANSFORMERS5_LAYOUT[0]) for k in ckpt.where)
             else HUB_LAYOUT)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from robot_r1_jax.model import layers, rope, sharding
+from robot_r1_jax.model import attention, layers, rope, sharding
 from robot_r1_jax.model.config import ModelConfig
 from robot_r1_jax.model.text import KVCache, TextModel
 from robot_r1_jax.model.vision import VisionTower
@@ -57,12 +57,18 @@ class Qwen25VL(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
                param_dtype: jnp.dtype = jnp.float32, remat: bool = False,
-               rngs: nnx.Rngs | None = None):
+               attention_implementation: str = "xla", rngs: nnx.Rngs | None = None):
+    """`attention_implementation`: one of `attention.IMPLEMENTATIONS` but "auto", which whoever
+    knows the devices resolves (`init_model`, `load_hf`)."""
+    if attention_implementation not in attention.IMPLEMENTATIONS[1:]:
+      raise ValueError(f"attention_implementation={attention_implementation!r} is not one of "
+                       f"{', '.join(attention.IMPLEMENTATIONS[1:])}")
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.cfg, self.dtype = cfg, dtype
-    self.vision = VisionTower(cfg.vision, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                              rngs=rngs)
-    self.text = TextModel(cfg.text, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat,
+              attention_implementation=attention_implementation, rngs=rngs)
+    self.vision = VisionTower(cfg.vision, **kw)
+    self.text = TextModel(cfg.text, **kw)
     if not cfg.text.tie_word_embeddings:
       self.lm_head = layers.param(rngs, (cfg.text.hidden_size, cfg.text.vocab_size),
                                   ("embed", "vocab"), param_dtype)
@@ -188,16 +194,24 @@ class Qwen25VL(nnx.Module):
 
 def init_model(cfg: ModelConfig, *, seed: int = 0, dtype: jnp.dtype = jnp.float32,
                param_dtype: jnp.dtype = jnp.float32, remat: bool = False,
+               attention_implementation: str = "xla",
                mesh: jax.sharding.Mesh | None = None) -> Qwen25VL:
   """A randomly initialised model, built abstractly and filled on the host (no RNG compiles).
 
-  With a mesh, every parameter is placed directly on its `sharding.RULES` placement.
+  With a mesh, every parameter is placed directly on its `sharding.RULES` placement;
+  `attention_implementation` "auto" picks the one for the mesh's (or the default) devices.
   """
+  impl = attention.resolve(attention_implementation, platform(mesh))
   model = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                          rngs=nnx.Rngs(0)))
+                                          attention_implementation=impl, rngs=nnx.Rngs(0)))
   if mesh is None:
     layers.materialize(model, seed)
   else:
     layers.materialize(model, seed,
                        lambda var, a: jax.device_put(a, sharding.variable_sharding(var, mesh)))
   return model
+
+
+def platform(mesh: jax.sharding.Mesh | None) -> str:
+  """"tpu", "gpu" or "cpu": the platform of `mesh`'s devices, else of JAX's default backend."""
+  return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform

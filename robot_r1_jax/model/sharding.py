@@ -55,11 +55,17 @@ def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec
   return PartitionSpec(*out)
 
 
+def fitted_spec(names: Sequence[str | None], shape: Sequence[int], mesh) -> PartitionSpec:
+  """The PartitionSpec of an array of `shape` whose axes are the logical `names`, on `mesh` (a
+  concrete or abstract one), without the mesh axes that do not divide their dimension."""
+  return _fit(logical_to_spec(names), shape, mesh)
+
+
 def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
   """Placement of one variable from its logical axis names (`out_sharding` metadata)."""
   value = var.get_value()
   names = var.get_metadata().get("out_sharding") or (None,) * value.ndim
-  return NamedSharding(mesh, _fit(logical_to_spec(names), value.shape, mesh))
+  return NamedSharding(mesh, fitted_spec(names, value.shape, mesh))
 
 
 def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
@@ -119,7 +125,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, _fit(logical_to_spec(names), x.shape, mesh))
+  return jax.lax.with_sharding_constraint(x, fitted_spec(names, x.shape, mesh))
 
 
 def on_mesh(mesh: Mesh | None) -> contextlib.AbstractContextManager:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from robot_r1_jax.model import hf_names, layers, rope, sharding
+from robot_r1_jax.model import attention, hf_names, layers, rope, sharding
 from robot_r1_jax.model.config import TextConfig
 
 
@@ -71,12 +71,12 @@ def _write_chunk(k_buf: jax.Array, v_buf: jax.Array, k: jax.Array, v: jax.Array,
 
 
 class Attention(nnx.Module):
-  """Grouped-query self-attention with q/k/v biases and M-RoPE."""
+  """Grouped-query self-attention with q/k/v biases and M-RoPE, through `attention`'s seam."""
 
   def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
-               rngs: nnx.Rngs):
+               implementation: str, rngs: nnx.Rngs):
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.dtype = dtype
+    self.dtype, self.implementation = dtype, implementation
     self.q = layers.param(rngs, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
     self.q_bias = layers.zeros_param((n, h), ("heads", "head_dim"), param_dtype)
     self.k = layers.param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
@@ -85,55 +85,53 @@ class Attention(nnx.Module):
     self.v_bias = layers.zeros_param((k, h), ("kv_heads", "head_dim"), param_dtype)
     self.o = layers.param(rngs, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               kv: tuple[jax.Array, jax.Array] | None, write_at: jax.Array | None = None
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, real: jax.Array,
+               prefix: attention.Prefix | None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Attention of a chunk x [B,T,D] (cos/sin [B,T,H]) over a cache's slots and itself.
+    """Causal attention of a chunk x [B,T,D] (cos/sin [B,T,H], `real` [B,T]) over `prefix`'s
+    slots and itself. Returns the output and the chunk's own keys [B,K,H,T] and values [B,K,T,H]
+    (for the caller's cache; unused ones cost nothing under jit)."""
+    q, k, v = self._qkv(x, cos, sin)
+    return self._out(attention.causal(q, k, v, real, prefix, self.implementation)), (k, v)
 
-    `kv` is one layer's cached (keys [B,K,H,S], values [B,K,S,H]), or None; `mask` is [B,T,S+T]
-    with a cache, [B,T,T] without. Returns the output and this chunk's own keys [B,K,H,T] and
-    values [B,K,T,H] (for the caller's cache; unused ones cost nothing under jit).
+  def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+             kv: tuple[jax.Array, jax.Array], write_at: jax.Array
+             ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """The chunk written into this layer's cache buffers `kv` (keys [B,K,H,S], values [B,K,S,H])
+    at slot `write_at`, then attending over them under `mask` [B,T,S]. Returns the output and
+    the updated buffers."""
+    q, k, v = self._qkv(x, cos, sin)
+    # In place into this layer's own buffers; then one dot per side reads every slot where it
+    # lies (no [cache | chunk] concatenation of scores, no second dot).
+    new = _write_chunk(*kv, k, v, write_at)
+    k, v = (buf.astype(q.dtype) for buf in new)
+    return self._out(attention.dense(q, k, v, mask)), new
 
-    With `write_at`, the chunk is first written into the cache buffers `kv` at that slot, `mask`
-    is [B,T,S], and the updated buffers are returned instead.
-    """
-    w = lambda p: p[...].astype(self.dtype)  # params stay in param_dtype; compute in self.dtype
+  def _w(self, p: nnx.Param) -> jax.Array:
+    return p[...].astype(self.dtype)  # params stay in param_dtype; compute in self.dtype
+
+  def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array
+           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries [B,K,Q,T,H], keys [B,K,H,T] and values [B,K,T,H] of x [B,T,D], rotated."""
+    w = self._w
     q = jnp.einsum("BTD,DNH->BTNH", x, w(self.q)) + w(self.q_bias)
     k = jnp.einsum("BTD,DKH->BTKH", x, w(self.k)) + w(self.k_bias)
     v = jnp.einsum("BTD,DKH->BTKH", x, w(self.v)) + w(self.v_bias)
     q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
     b, t, n, h = q.shape
-    groups = n // k.shape[2]
     # Query head n reads kv head n // groups, as HF's repeat_kv lays heads out. Keys, values and
     # queries are laid out kv-head-major ([B,K,…]) and keys transposed ([B,K,H,S]), so each
     # attention dot is a plain GEMM per (b, k): the [B,K,Q,T,S] scores are never transposed and
     # the keys need no repacking (only the small q/k/v move).
-    q = q.reshape(b, t, k.shape[2], groups, h).transpose(0, 2, 3, 1, 4)
-    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
-    if write_at is not None:
-      # In place into this layer's own buffers; then one dot per side reads every slot where it
-      # lies (no [cache | chunk] concatenation of scores, no second dot).
-      new = _write_chunk(*kv, k, v, write_at)
-      (k, v), kv = (buf.astype(q.dtype) for buf in new), None
-    logits = jnp.einsum("BKQTH,BKHS->BKQTS", q, k) * (h**-0.5)
-    if kv is not None:
-      # Scores over [cache | this chunk]; the cache is read where it lies.
-      cached = jnp.einsum("BKQTH,BKHS->BKQTS", q, kv[0].astype(q.dtype)) * (h**-0.5)
-      logits = jnp.concatenate([cached, logits], axis=-1)
-    # Softmax in fp32 (HF: softmax(dtype=float32) then back to the compute dtype).
-    logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32),
-                       jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    s = v.shape[2]  # the slots `v` holds: this chunk's, or with `write_at` the whole buffer's
-    out = jnp.einsum("BKQTS,BKSH->BKQTH", probs[..., -s:], v)
-    if kv is not None:
-      out = out + jnp.einsum("BKQTS,BKSH->BKQTH", probs[..., :-s], kv[1].astype(q.dtype))
-    # One [B·T, N·H] × [N·H, D] GEMM: contracting N and H as two axes makes XLA re-lay out the
-    # output projection's weight first.
-    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)
-    # Only this chunk's keys/values leave the layer (the caller writes them into the cache once),
-    # or the buffers it was written into.
-    return out @ w(self.o).reshape(n * h, -1), (k, v) if write_at is None else new
+    q = q.reshape(b, t, k.shape[2], n // k.shape[2], h).transpose(0, 2, 3, 1, 4)
+    return q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+
+  def _out(self, out: jax.Array) -> jax.Array:
+    """[B,K,Q,T,H] → [B,T,D]: one [B·T, N·H] × [N·H, D] GEMM (contracting N and H as two axes
+    makes XLA re-lay out the output projection's weight first)."""
+    b, kh, g, t, h = out.shape
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g * h)
+    return out @ self._w(self.o).reshape(kh * g * h, -1)
 
 
 class MLP(nnx.Module):
@@ -155,29 +153,37 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
 
   def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
-               rngs: nnx.Rngs):
+               attention_implementation: str, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attn_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-    self.attn = Attention(cfg, **kw)
+    self.attn = Attention(cfg, implementation=attention_implementation, **kw)
     self.mlp_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
 
-  def __call__(self, x, cos, sin, mask, kv, write_at=None):
-    attn, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, write_at)
-    x = x + attn
-    return x + self.mlp(self.mlp_norm(x)), kv
+  def __call__(self, x, cos, sin, real, prefix):
+    attn, kv = self.attn(self.attn_norm(x), cos, sin, real, prefix)
+    return self._mlp(x + attn), kv
+
+  def decode(self, x, cos, sin, mask, kv, write_at):
+    attn, kv = self.attn.decode(self.attn_norm(x), cos, sin, mask, kv, write_at)
+    return self._mlp(x + attn), kv
+
+  def _mlp(self, x):
+    return x + self.mlp(self.mlp_norm(x))
 
 
 class TextModel(nnx.Module):
   """Embedding → L scanned decoder layers → final norm (the LM head lives with the full model)."""
 
   def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype = jnp.float32,
-               param_dtype: jnp.dtype = jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+               param_dtype: jnp.dtype = jnp.float32, remat: bool = False,
+               attention_implementation: str = "xla", rngs: nnx.Rngs):
     self.cfg, self.dtype, self.remat = cfg, dtype, remat
     self.embedding = layers.param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                                   param_dtype)
     self.layers = layers.stack(
-        lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+        lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype,
+                               attention_implementation=attention_implementation, rngs=r),
         cfg.num_layers, rngs)
     self.final_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
                                      param_dtype=param_dtype)
@@ -238,7 +244,7 @@ class TextModel(nnx.Module):
     mask = valid[:, None, :] & (slots <= index + jnp.arange(t)[None, :, None])
     new_k, new_v = [], []
     for layer, k, v in zip(layers, cache.k, cache.v):
-      x, (k, v) = layer(x, cos, sin, mask, (k, v), write_at=index)
+      x, (k, v) = layer.decode(x, cos, sin, mask, (k, v), index)
       new_k.append(k)
       new_v.append(v)
     return self.final_norm(x), KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid,
@@ -254,18 +260,12 @@ class TextModel(nnx.Module):
     """The scanned layers over the chunk (after `before`'s slots, when given); returns the hidden
     states and, with `keep_kv`, the chunk's stacked keys/values."""
     cos, sin = self._rope(positions)
-    t = x.shape[1]
     real = attention_mask.astype(bool)
-    # Causal within the chunk and blind to padding keys; padding queries see nothing useful but
-    # stay finite. After a prefix, every filled real slot precedes the chunk: [B, T, S + T].
-    mask = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None] & real[:, None, :]
-    if before is not None:
-      mask = jnp.concatenate(
-          [jnp.broadcast_to(before.valid[:, None, :], (x.shape[0], t, before.length)), mask],
-          axis=2)
 
     def body(layer, h, kv):
-      h, kv = layer(h, cos, sin, mask, kv)
+      # After a prefix, every filled real slot precedes the chunk (`attention.causal_mask`).
+      prefix = None if kv is None else attention.Prefix(k=kv[0], v=kv[1], valid=before.valid)
+      h, kv = layer(h, cos, sin, real, prefix)
       # Rows over the mesh's batch axes between layers: left to XLA, the hidden width went over
       # fsdp instead and each layer's attention scores were built for every row on every chip.
       h = sharding.constrain(h, ("batch", None, None))

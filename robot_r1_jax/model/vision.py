@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from robot_r1_jax.model import sharding
+from robot_r1_jax.model import attention, sharding
 from robot_r1_jax.model.config import VisionConfig
 from robot_r1_jax.model.hf_names import Rule, dense, reshaped, same
 from robot_r1_jax.model.layers import RMSNorm, param, scan, stack
@@ -207,23 +207,16 @@ def _affine(spec: str, x: jax.Array, kernel: nnx.Param, bias: nnx.Param) -> jax.
   return jnp.einsum(spec, x, kernel[...].astype(x.dtype)) + bias[...].astype(x.dtype)
 
 
-def group_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: Groups) -> jax.Array:
+def group_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: Groups,
+                    implementation: str = "xla") -> jax.Array:
   """Bidirectional attention within each group; q, k, v `[B, T, N, H]` → `[B, T, N, H]`.
 
   Scores are [B, W, N, L, L]: each group's tokens against its own (a padding slot is never a key),
   so nothing grows with the square of B·T.
   """
-  scale = q.shape[-1]**-0.5
   q, k, v = groups.gather(q), groups.gather(k), groups.gather(v)  # [B, W, L, N, H]
-  # Scaled after the product in the compute dtype, where HF's eager attention scales.
-  scores = jnp.einsum("BWTNH,BWSNH->BWNTS", q, k) * scale
-  # Softmax in fp32 (HF: softmax(..., dtype=float32)), probabilities back in the compute dtype.
-  scores = scores.astype(jnp.float32)
-  if not groups.regular:
-    keys = jnp.asarray(groups.valid)[None, :, None, None, :]
-    scores = jnp.where(keys, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return groups.scatter(jnp.einsum("BWNTS,BWSNH->BWTNH", probs, v))
+  valid = None if groups.regular else groups.valid
+  return groups.scatter(attention.grouped(q, k, v, valid, implementation))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,8 +297,10 @@ class VisionTower(nnx.Module):
   """Qwen2.5-VL's `visual` module: packed patches `[P, patch_dim]` → merged tokens `[P/m², out]`."""
 
   def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype = jnp.float32,
-               param_dtype: jnp.dtype = jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+               param_dtype: jnp.dtype = jnp.float32, remat: bool = False,
+               attention_implementation: str = "xla", rngs: nnx.Rngs):
     self.cfg, self.dtype, self.remat = cfg, dtype, remat
+    self.attention_implementation = attention_implementation
     # Conv3d with stride == kernel over one patch is a single matmul over the flattened patch.
     self.patch_embed = param(rngs, (cfg.patch_dim, cfg.hidden_size), ("patch", "embed"),
                              param_dtype)
@@ -337,10 +332,12 @@ class VisionTower(nnx.Module):
     cos, sin = rotary_cos_sin(cfg, jnp.asarray(layout.positions))
     is_full = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
 
+    impl = self.attention_implementation
+
     def body(block: VisionBlock, h: jax.Array, full: jax.Array):
       def attend(q, k, v):
-        return jax.lax.cond(full, lambda: group_attention(q, k, v, layout.frames),
-                            lambda: group_attention(q, k, v, layout.windows))
+        return jax.lax.cond(full, lambda: group_attention(q, k, v, layout.frames, impl),
+                            lambda: group_attention(q, k, v, layout.windows, impl))
 
       return sharding.constrain(block(h, cos, sin, attend), ("batch", None, None)), None
 

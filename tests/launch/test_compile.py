@@ -85,6 +85,17 @@ def test_tiny_run_compiles_for_v5e_2x2_and_fits(tmp_path):
   assert analytic < decode["cost"]["flops"] < 1.5 * analytic, (decode["cost"], analytic)
   assert "TFLOP/s" in out.splitlines()[next(i for i, l in enumerate(out.splitlines())
                                             if l.startswith("tiny on v5e:2x2"))]
+  # On TPU, attention is the splash kernel (--attention=auto): prefill, scoring and the update
+  # call it (the update its backward kernels too); the decode step does not.
+  kernels = {e["name"]: e["kernels"] for e in report["executables"]}
+  for name in ("rollout_prefill", "eval_prefill", "old_log_probs", "reference_log_probs",
+               "rl_update", "sft_step"):
+    assert any(k.startswith("splash_mha_fwd") for k in kernels[name]), (name, kernels[name])
+  for name in ("rl_update", "sft_step"):
+    assert any(k.startswith("splash_mha_dq") for k in kernels[name]), (name, kernels[name])
+    assert any(k.startswith("splash_mha_dkv") for k in kernels[name]), (name, kernels[name])
+  assert not kernels["rollout_decode"] and not kernels["rollout_layout"]
+  assert "Pallas kernels (call sites" in out
 
 
 @needs_libtpu
@@ -150,8 +161,8 @@ def test_an_unreadable_hlo_text_costs_the_loop_columns_not_the_report():
           "INTERNAL: RET_CHECK failure (hlo_instruction.cc:1) async-update instruction should "
           "have 1 operands but sees 3\n*** Begin stack trace ***")
 
-  loops, cost, error = compile_lib.read_hlo(Compiled())
-  assert loops is None and cost is None and error == (
+  loops, cost, kernels, error = compile_lib.read_hlo(Compiled())
+  assert loops is None and cost is None and kernels is None and error == (
       "JaxRuntimeError: INTERNAL: RET_CHECK failure (hlo_instruction.cc:1) async-update "
       "instruction should have 1 operands but sees 3")
   unread = compile_lib.Executable(name="rl_update", what="", arguments=2**30, outputs=0, temps=0,

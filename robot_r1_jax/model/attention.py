@@ -1,0 +1,233 @@
+"""The one attention seam: every attention of the model (prefill, scoring, the update's forward,
+the decode step, the vision windows and frames) goes through the functions here, and the masks
+each needs are stated here once.
+
+Implementations (`IMPLEMENTATIONS`):
+  `xla`     einsum scores, an fp32 softmax and a second einsum, with Hugging Face's eager
+            numerics (scale after the product, softmax in fp32, probabilities back in the compute
+            dtype): the parity reference and the CPU path. Forms [rows, heads, T, S] scores.
+  `splash`  the Pallas splash-attention kernel that JAX ships for TPU
+            (`jax.experimental.pallas.ops.tpu.splash_attention`): blockwise online softmax, so no
+            [T, S] scores exist in either pass, and blocks the causal mask rules out are skipped.
+            Sequences are padded to its 128-row blocks; under a mesh it runs in a `shard_map`
+            over rows and heads (the kernel is one device's program).
+  `splash_interpret`  the same kernel through the Pallas interpreter, on any backend (the CPU
+            tests; slow).
+`resolve("auto", platform)` picks splash on TPU and xla elsewhere. The one-token decode step
+always takes the xla form: it reads the cache where it lies, one query against S slots, and the
+compile report puts it at the HBM floor (it moves the cache and the weights, not scores).
+
+Layouts use the package alphabet with Q for the N/K query heads that share one kv head: queries
+[B, K, Q, T, H] (head n = k·Q + q, as HF's repeat_kv lays them out), keys transposed
+[B, K, H, S] and values [B, K, S, H], the layout the cache keeps and the xla dots read without
+repacking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+from robot_r1_jax.model import sharding
+
+IMPLEMENTATIONS = ("auto", "xla", "splash", "splash_interpret")
+
+# The splash kernel's tiles: its sequence blocks are multiples of 128 rows.
+_BLOCK = 128
+# Segment ids for the kernel: real tokens, padding tokens, and the rows added to reach a whole
+# block (a third id, so that they see only each other).
+_REAL, _PAD, _FILL = 1, 0, 2
+
+
+def resolve(name: str, platform: str) -> str:
+  """`name` with "auto" replaced by the choice for `platform` ("tpu", "gpu", "cpu")."""
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"attention={name!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+  if name != "auto":
+    return name
+  return "splash" if platform == "tpu" else "xla"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Prefix:
+  """Filled slots a chunk attends to before its own tokens (a read-only prompt cache)."""
+
+  k: jax.Array  # [B, K, H, S]
+  v: jax.Array  # [B, K, S, H]
+  valid: jax.Array  # [B, S] bool: real tokens
+
+
+def causal_mask(real: jax.Array, prefix_valid: jax.Array | None = None) -> jax.Array:
+  """[B, T, S + T] bool: query t of the chunk sees every real prefix slot and the chunk's real
+  tokens up to itself (causal, blind to padding keys). Padding queries may see nothing: their
+  outputs are finite and unused."""
+  t = real.shape[1]
+  mask = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None] & real[:, None, :]
+  if prefix_valid is None:
+    return mask
+  before = jnp.broadcast_to(prefix_valid[:, None, :], (real.shape[0], t, prefix_valid.shape[1]))
+  return jnp.concatenate([before, mask], axis=2)
+
+
+def dense(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+          before: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+  """xla attention: q [B, K, Q, T, H] over keys [B, K, H, S] / values [B, K, S, H] (and first
+  over `before`'s cached keys/values in the same layouts, read where they lie) under `mask`
+  [B, T, S_before + S] → [B, K, Q, T, H]."""
+  scale = q.shape[-1]**-0.5
+  logits = jnp.einsum("BKQTH,BKHS->BKQTS", q, k) * scale
+  if before is not None:
+    cached = jnp.einsum("BKQTH,BKHS->BKQTS", q, before[0].astype(q.dtype)) * scale
+    logits = jnp.concatenate([cached, logits], axis=-1)
+  # Softmax in fp32 (HF: softmax(dtype=float32) then back to the compute dtype).
+  logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  s = v.shape[2]
+  out = jnp.einsum("BKQTS,BKSH->BKQTH", probs[..., -s:], v)
+  if before is not None:
+    out = out + jnp.einsum("BKQTS,BKSH->BKQTH", probs[..., :-s], before[1].astype(q.dtype))
+  return out
+
+
+def causal(q: jax.Array, k: jax.Array, v: jax.Array, real: jax.Array, prefix: Prefix | None,
+           implementation: str) -> jax.Array:
+  """Causal attention of a chunk over `prefix`'s slots and itself: q [B, K, Q, T, H], the chunk's
+  keys [B, K, H, T] / values [B, K, T, H], `real` [B, T] → [B, K, Q, T, H]. Masks as
+  `causal_mask`."""
+  if _splash_interpret(implementation) is None:
+    mask = causal_mask(real, None if prefix is None else prefix.valid)
+    return dense(q, k, v, mask, None if prefix is None else (prefix.k, prefix.v))
+  b, kh, g, t, h = q.shape
+  keys, values, kv_ids = k.swapaxes(-1, -2), v, real
+  offset = 0
+  if prefix is not None:
+    offset = _padded(prefix.valid.shape[1])
+    # The prefix is padded on its left, so the chunk starts at a block boundary (`offset`).
+    fill = offset - prefix.valid.shape[1]
+    keys = jnp.concatenate([_pad(prefix.k.swapaxes(-1, -2).astype(q.dtype), fill, 2, left=True),
+                            keys], axis=2)
+    values = jnp.concatenate([_pad(prefix.v.astype(q.dtype), fill, 2, left=True), values],
+                             axis=2)
+    kv_ids = jnp.concatenate([_pad(_ids(prefix.valid), fill, 1, left=True, value=_FILL),
+                              _ids(real)], axis=1)
+  else:
+    kv_ids = _ids(real)
+  tp = _padded(t)
+  # The kernel does not scale: the queries are scaled before it.
+  queries = _pad((q * h**-0.5).reshape(b, kh * g, t, h), tp - t, 2)
+  keys, values = _pad(keys, tp - t, 2), _pad(values, tp - t, 2)
+  q_ids, kv_ids = _pad(_ids(real), tp - t, 1, value=_FILL), _pad(kv_ids, tp - t, 1, value=_FILL)
+  out = _splash(queries, keys, values, q_ids, kv_ids, causal_offset=offset,
+                interpret=_splash_interpret(implementation))
+  return out[:, :, :t].reshape(b, kh, g, t, h)
+
+
+def grouped(q: jax.Array, k: jax.Array, v: jax.Array, valid: np.ndarray | None,
+            implementation: str) -> jax.Array:
+  """Bidirectional attention within each group: q, k, v [B, W, L, N, H] → [B, W, L, N, H];
+  `valid` [W, L] marks real slots (None: all real). A padding slot is never a key.
+
+  Under splash, groups whose length is not a whole number of the kernel's blocks (the 64-patch
+  windows of Qwen2.5-VL) take the xla form: padding them to a block would cost more than the
+  kernel saves on scores that small.
+  """
+  interpret = _splash_interpret(implementation)
+  if interpret is not None and q.shape[2] % _BLOCK == 0:
+    b, w, l, n, h = q.shape
+    rows = lambda x: x.reshape(b * w, l, n, h).transpose(0, 2, 1, 3)  # [B·W, N, L, H]
+    ids = jnp.asarray(np.broadcast_to(_REAL if valid is None else valid.astype(np.int32),
+                                      (w, l)))
+    ids = jnp.broadcast_to(ids[None], (b, w, l)).reshape(b * w, l)
+    out = _splash(rows(q * h**-0.5), rows(k), rows(v), ids, ids, causal_offset=None,
+                  interpret=interpret)
+    return out.transpose(0, 2, 1, 3).reshape(b, w, l, n, h)
+  # Scaled after the product in the compute dtype, where HF's eager attention scales.
+  scores = jnp.einsum("BWTNH,BWSNH->BWNTS", q, k) * q.shape[-1]**-0.5
+  # Softmax in fp32 (HF: softmax(..., dtype=float32)), probabilities back in the compute dtype.
+  scores = scores.astype(jnp.float32)
+  if valid is not None:
+    keys = jnp.asarray(valid)[None, :, None, None, :]
+    scores = jnp.where(keys, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("BWNTS,BWSNH->BWTNH", probs, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# The splash kernel.
+
+
+def _splash_interpret(implementation: str) -> bool | None:
+  """None for xla; for the splash kernel, whether it runs in the Pallas interpreter."""
+  if implementation not in IMPLEMENTATIONS[1:]:
+    raise ValueError(f"attention implementation {implementation!r} is not one of "
+                     f"{', '.join(IMPLEMENTATIONS[1:])}")
+  return None if implementation == "xla" else implementation == "splash_interpret"
+
+
+def _padded(n: int) -> int:
+  return -(-n // _BLOCK) * _BLOCK
+
+
+def _pad(x: jax.Array, n: int, axis: int, *, left: bool = False, value=0) -> jax.Array:
+  if n == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (n, 0) if left else (0, n)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _ids(real: jax.Array) -> jax.Array:
+  return jnp.where(real, _REAL, _PAD).astype(jnp.int32)
+
+
+def _block(n: int) -> int:
+  """The largest of 512, 256, 128 that divides n (a multiple of 128)."""
+  return next(size for size in (512, 256, _BLOCK) if n % size == 0)
+
+
+def _kernel(heads: int, t: int, s: int, causal_offset: int | None, interpret: bool):
+  """The kernel for one device's [heads, t, H] queries over [K, s, H] keys. Built inside the
+  trace, never cached across traces (it holds arrays); the library caches its mask tables."""
+  shape = (t, s)
+  one = splash.FullMask(shape) if causal_offset is None else splash.CausalMask(shape,
+                                                                               causal_offset)
+  bq, bkv = _block(t), _block(s)
+  sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                            block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
+                            block_kv_dq=bkv)
+  return splash.make_splash_mha(splash.MultiHeadMask([one] * heads), block_sizes=sizes,
+                                head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array, kv_ids: jax.Array, *,
+            causal_offset: int | None, interpret: bool) -> jax.Array:
+  """The kernel over rows: q [B, N, T, H] (already scaled), k/v [B, K, S, H], segment ids
+  [B, T] / [B, S] → [B, N, T, H]. Under a mesh, rows go over its batch axes and heads over
+  tensor in a `shard_map` (the kernel has no partitioning rule of its own: left to the
+  partitioner, every chip would gather every row)."""
+  v = v.astype(q.dtype)
+  k = k.astype(q.dtype)
+
+  def local(q, k, v, q_ids, kv_ids):
+    kernel = _kernel(q.shape[1], q.shape[2], k.shape[2], causal_offset, interpret)
+    return jax.vmap(kernel)(q, k, v, splash.SegmentIds(q_ids, kv_ids))
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q, k, v, q_ids, kv_ids)
+  q_spec = sharding.fitted_spec(("batch", "heads", None, None), q.shape, mesh)
+  kv_spec = sharding.fitted_spec(("batch", "kv_heads", None, None), k.shape, mesh)
+  if q_spec[1] != kv_spec[1]:
+    # Query heads split where kv heads cannot be: each device needs the kv heads of its own
+    # query heads, so the kv heads are repeated to one per query head and split alike.
+    repeat = q.shape[1] // k.shape[1]
+    k, v = jnp.repeat(k, repeat, axis=1), jnp.repeat(v, repeat, axis=1)
+    kv_spec = q_spec
+  ids_spec = jax.sharding.PartitionSpec(q_spec[0], None)
+  return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, ids_spec, ids_spec),
+                       out_specs=q_spec, check_vma=False)(q, k, v, q_ids, kv_ids)

@@ -52,6 +52,14 @@ def resolve(name: str, platform: str) -> str:
   return "splash" if platform == "tpu" else "xla"
 
 
+def check(implementation: str) -> str:
+  """`implementation` when a model can run it (any of `IMPLEMENTATIONS` but "auto")."""
+  if implementation not in IMPLEMENTATIONS[1:]:
+    raise ValueError(f"attention_implementation={implementation!r} is not one of "
+                     f"{', '.join(IMPLEMENTATIONS[1:])}")
+  return implementation
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Prefix:
@@ -103,8 +111,8 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, real: jax.Array, prefix: Pr
     mask = causal_mask(real, None if prefix is None else prefix.valid)
     return dense(q, k, v, mask, None if prefix is None else (prefix.k, prefix.v))
   b, kh, g, t, h = q.shape
-  keys, values, kv_ids = k.swapaxes(-1, -2), v, real
-  offset = 0
+  keys, values, q_ids = k.swapaxes(-1, -2), v, _ids(real)
+  kv_ids, offset = q_ids, 0
   if prefix is not None:
     offset = _padded(prefix.valid.shape[1])
     # The prefix is padded on its left, so the chunk starts at a block boundary (`offset`).
@@ -114,14 +122,12 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, real: jax.Array, prefix: Pr
     values = jnp.concatenate([_pad(prefix.v.astype(q.dtype), fill, 2, left=True), values],
                              axis=2)
     kv_ids = jnp.concatenate([_pad(_ids(prefix.valid), fill, 1, left=True, value=_FILL),
-                              _ids(real)], axis=1)
-  else:
-    kv_ids = _ids(real)
+                              kv_ids], axis=1)
   tp = _padded(t)
   # The kernel does not scale: the queries are scaled before it.
   queries = _pad((q * h**-0.5).reshape(b, kh * g, t, h), tp - t, 2)
   keys, values = _pad(keys, tp - t, 2), _pad(values, tp - t, 2)
-  q_ids, kv_ids = _pad(_ids(real), tp - t, 1, value=_FILL), _pad(kv_ids, tp - t, 1, value=_FILL)
+  q_ids, kv_ids = _pad(q_ids, tp - t, 1, value=_FILL), _pad(kv_ids, tp - t, 1, value=_FILL)
   out = _splash(queries, keys, values, q_ids, kv_ids, causal_offset=offset,
                 interpret=_splash_interpret(implementation))
   return out[:, :, :t].reshape(b, kh, g, t, h)
@@ -140,9 +146,8 @@ def grouped(q: jax.Array, k: jax.Array, v: jax.Array, valid: np.ndarray | None,
   if interpret is not None and q.shape[2] % _BLOCK == 0:
     b, w, l, n, h = q.shape
     rows = lambda x: x.reshape(b * w, l, n, h).transpose(0, 2, 1, 3)  # [B·W, N, L, H]
-    ids = jnp.asarray(np.broadcast_to(_REAL if valid is None else valid.astype(np.int32),
-                                      (w, l)))
-    ids = jnp.broadcast_to(ids[None], (b, w, l)).reshape(b * w, l)
+    ids = np.where(True if valid is None else valid, _REAL, _PAD).astype(np.int32)
+    ids = jnp.asarray(np.broadcast_to(ids, (b, w, l)).reshape(b * w, l))
     out = _splash(rows(q * h**-0.5), rows(k), rows(v), ids, ids, causal_offset=None,
                   interpret=interpret)
     return out.transpose(0, 2, 1, 3).reshape(b, w, l, n, h)
@@ -163,10 +168,7 @@ def grouped(q: jax.Array, k: jax.Array, v: jax.Array, valid: np.ndarray | None,
 
 def _splash_interpret(implementation: str) -> bool | None:
   """None for xla; for the splash kernel, whether it runs in the Pallas interpreter."""
-  if implementation not in IMPLEMENTATIONS[1:]:
-    raise ValueError(f"attention implementation {implementation!r} is not one of "
-                     f"{', '.join(IMPLEMENTATIONS[1:])}")
-  return None if implementation == "xla" else implementation == "splash_interpret"
+  return None if check(implementation) == "xla" else implementation == "splash_interpret"
 
 
 def _padded(n: int) -> int:
@@ -210,8 +212,6 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array, kv_ids: 
   [B, T] / [B, S] → [B, N, T, H]. Under a mesh, rows go over its batch axes and heads over
   tensor in a `shard_map` (the kernel has no partitioning rule of its own: left to the
   partitioner, every chip would gather every row)."""
-  v = v.astype(q.dtype)
-  k = k.astype(q.dtype)
 
   def local(q, k, v, q_ids, kv_ids):
     kernel = _kernel(q.shape[1], q.shape[2], k.shape[2], causal_offset, interpret)

@@ -60,9 +60,7 @@ class Qwen25VL(nnx.Module):
                attention_implementation: str = "xla", rngs: nnx.Rngs | None = None):
     """`attention_implementation`: one of `attention.IMPLEMENTATIONS` but "auto", which whoever
     knows the devices resolves (`init_model`, `load_hf`)."""
-    if attention_implementation not in attention.IMPLEMENTATIONS[1:]:
-      raise ValueError(f"attention_implementation={attention_implementation!r} is not one of "
-                       f"{', '.join(attention.IMPLEMENTATIONS[1:])}")
+    attention.check(attention_implementation)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.cfg, self.dtype = cfg, dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat,

@@ -17,10 +17,10 @@ One call (`Sampler.__call__`):
      them (into a smaller row bucket), which changes no token;
   4. host: detokenise.
 
-On a mesh, a call first makes the rollout layout: the parameters in the compute dtype on
-`sharding.inference_mesh` (tensor-parallel over `tensor_parallel` devices, replicated over the
-rest, where rows are split), so no weight is gathered inside the decode loop; the copy lives for
-the call. Outputs come back on the trainer's mesh, rows over (data, fsdp).
+A call first makes the rollout layout (`layout.LayoutCopy`): the parameters in the compute dtype,
+the text layers as separate buffers, and on a mesh placed on `sharding.inference_mesh`
+(tensor-parallel over `tensor_parallel` devices, replicated over the rest, where rows are split),
+so no weight is gathered inside the decode loop; the copy lives for the call. Outputs come back on the trainer's mesh, rows over (data, fsdp).
 
 Dimensions (the package alphabet): B prompts · G samples per prompt · T prompt bucket · R new-token
 bucket · S = T + R cache slots · V vocab · P vision patches.
@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
-import math
 from typing import TYPE_CHECKING, Sequence
 
 import jax
@@ -41,11 +39,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from robot_r1_jax.model import layers, processor, rope, sharding
+from robot_r1_jax.model import processor, rope, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 from robot_r1_jax.model.text import KVCache
 from robot_r1_jax.model.vision import Grid
-from robot_r1_jax.generate import sampling
+from robot_r1_jax.generate import layout, sampling
 from robot_r1_jax.generate.batching import TraceCounter, bucket, host_rows, left_pad, per_prompt
 
 if TYPE_CHECKING:
@@ -163,21 +161,6 @@ class _Loop:
 
 
 
-def _tensor_parallel(config: SamplerConfig, model: Qwen25VL, mesh: Mesh) -> int:
-  """The rollout layout's tensor-parallel degree: `config.tensor_parallel`, or the largest that
-  divides the K/V heads, the mesh and (multi-process) each process's devices, so every process's
-  rows stay on its own devices."""
-  devices, local = mesh.devices.size, jax.local_device_count()
-  if config.tensor_parallel:
-    if devices % config.tensor_parallel or (jax.process_count() > 1 and
-                                            local % config.tensor_parallel):
-      raise ValueError(f"tensor_parallel={config.tensor_parallel} must divide the mesh's "
-                       f"{devices} devices and each process's {local}")
-    return config.tensor_parallel
-  return math.gcd(model.cfg.text.num_kv_heads, devices,
-                  local if jax.process_count() > 1 else devices)
-
-
 class Sampler:
   """Generates G completions per prompt with a Qwen2.5-VL model (see the module docstring).
 
@@ -190,15 +173,10 @@ class Sampler:
                tokenizer: PreTrainedTokenizerBase | None = None):
     self.model, self.config, self.mesh, self.tokenizer = model, config, mesh, tokenizer
     self.traces = TraceCounter()
-    self._graphdef = nnx.graphdef(model)
-    cast = functools.partial(layers.cast_floating, dtype=model.dtype)
-    if mesh is None:
-      self.layout = None
-      self.layout_step = jax.jit(cast)
-    else:
-      self.layout = sharding.inference_mesh(mesh, _tensor_parallel(config, model, mesh))
-      self.layout_step = jax.jit(cast, out_shardings=sharding.param_shardings(
-          nnx.state(model), self.layout))
+    self.layout = None if mesh is None else sharding.inference_mesh(
+        mesh, layout.tensor_parallel(config.tensor_parallel, model, mesh))
+    self.layout_copy = layout.LayoutCopy(model, self.layout)
+    self._graphdef = self.layout_copy.graphdef  # the programs below run on the layout
     self.prefill_step = jax.jit(self.traces.wrap("prefill", self._prefill_impl),
                             static_argnames=("grid", "new_bucket"))
     self.decode_loop = jax.jit(self.traces.wrap("decode", self._decode_impl),
@@ -298,7 +276,7 @@ class Sampler:
 
   def layout_params(self) -> nnx.State:
     """The model's current parameters in the rollout layout (a new copy; see the class)."""
-    return self.layout_step(nnx.state(self.model))
+    return self.layout_copy(nnx.state(self.model))
 
   def prefill(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray,
               pixel_values: jax.Array | np.ndarray | None = None,
@@ -475,8 +453,8 @@ class Sampler:
     model = nnx.merge(self._graphdef, params)
     # Per-layer cache buffers inside the loop; stacked in and out, so a donated carry aliases.
     loop = dataclasses.replace(loop, cache=loop.cache.unstack())
-    # Layers unrolled on per-layer weights and cache buffers sliced once here: a scan over the
-    # stacked ones would copy every layer's weights and cache slice at every step.
+    # Layers unrolled on the layout's per-layer weights (no copy) and cache buffers sliced once
+    # here: a scan over stacked ones would copy every layer's weights and cache slice per step.
     layers = model.decode_layers()
 
     def step(loop: _Loop) -> _Loop:

@@ -23,9 +23,12 @@ recomputation included), at least the model's, so the bound holds for MFU too.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import importlib.util
 import json
+import operator
 import os
 import pathlib
 import time
@@ -194,7 +197,10 @@ class Executable:
     return self.arguments + self.outputs + self.temps - self.aliased + self.resident
 
 
-Lowering = Callable[[], tuple[jax.stages.Lowered, Callable[[jax.stages.Compiled], None]]]
+# One program, or programs run one after another whose outputs all stay (the layout copy's, one per
+# parameter), and what to do with the compiled program(s).
+Lowering = Callable[[], tuple[jax.stages.Lowered | list[jax.stages.Lowered],
+                              Callable[[jax.stages.Compiled], None] | None]]
 
 
 def _chip_bytes(tree: Any) -> int:
@@ -235,8 +241,8 @@ def _plan(config: RunConfig, context: StageContext, shapes: Shapes
     # Each lowering runs under the layout's mesh, inside compile_run's (the trainer's).
     def weights():
       with sharding.on_mesh(layout):
-        lowered = sampler.layout_step.lower(params)
-      return lowered, lambda compiled: done.update(params=_from_compiled(lowered, compiled))
+        lowered = sampler.layout_copy.lower(params)
+      return lowered, lambda _: done.update(params=sampler.layout_copy(params))
 
     def prefill():
       with sharding.on_mesh(layout):
@@ -432,22 +438,17 @@ def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
     start = time.perf_counter()
     with sharding.on_mesh(mesh):
       lowered, hook = lower()
-      compiled = lowered.compile()
+      # The decode loop is the one loop that stops on data: charge it the whole budget.
+      measured = _measure(lowered, shapes.new_tokens if name.endswith("_decode") else 1)
+    compiled = measured.pop("compiled")
     if hook is not None:
       hook(compiled)
-    m = compiled.memory_analysis()
-    # The decode loop is the one loop that stops on data: charge it the whole budget.
-    loops, cost, kernels, error = read_hlo(compiled,
-                                           shapes.new_tokens if name.endswith("_decode") else 1)
-    if error:
+    if measured["hlo_error"]:
       progress(f"      its HLO text could not be read, so its loop collectives and roofline "
-               f"are left out: {error}")
-    done.append(Executable(name=name, what=what, arguments=m.argument_size_in_bytes,
-                           outputs=m.output_size_in_bytes, temps=m.temp_size_in_bytes,
-                           aliased=m.alias_size_in_bytes,
+               f"are left out: {measured['hlo_error']}")
+    done.append(Executable(name=name, what=what,
                            compile_seconds=round(time.perf_counter() - start, 1),
-                           resident=resident, loops=loops, cost=cost, kernels=kernels,
-                           hlo_error=error))
+                           resident=resident, **measured))
     progress(f"      {done[-1].peak / GIB:.2f} GiB per chip, compiled in "
              f"{done[-1].compile_seconds:.0f} s")
   report = Report(topology=config.topology, chips=len(devices), hbm_per_chip=chip.hbm_bytes,
@@ -457,6 +458,37 @@ def compile_run(config: RunConfig, *, only: Collection[str] | None = None,
   atomic.write_bytes(epath.Path(config.workdir) / "compile_report.json",
                      report.to_json().encode())
   return report
+
+
+def _measure(lowered: jax.stages.Lowered | list[jax.stages.Lowered], unknown_trips: int
+             ) -> dict[str, Any]:
+  """Compiles the program(s) and reads the `Executable` fields of their memory and HLO, with
+  "compiled" (the last program). Programs run one after another with their outputs kept add up
+  their arguments, outputs and costs; their temporaries do not (one program's at a time). Equal
+  programs (the same HLO: parameters of one shape) compile once."""
+  programs = lowered if isinstance(lowered, list) else [lowered]
+  # A single program's key is not its text: printing a 7B update's text takes seconds.
+  runs = [program.as_text() for program in programs] if len(programs) > 1 else [""]
+  compiled, read = {}, {}
+  for program, text in zip(programs, runs):
+    if text not in compiled:
+      compiled[text] = program.compile()
+      read[text] = read_hlo(compiled[text], unknown_trips)
+  memory = [compiled[text].memory_analysis() for text in runs]
+  hlos = [read[text] for text in runs]
+  errors = [error for *_, error in hlos if error]
+  costs = [cost for _, cost, _, _ in hlos]
+  kernels = collections.Counter()
+  for _, _, found, _ in hlos:
+    kernels.update(found or {})
+  return dict(arguments=sum(m.argument_size_in_bytes for m in memory),
+              outputs=sum(m.output_size_in_bytes for m in memory),
+              temps=max(m.temp_size_in_bytes for m in memory),
+              aliased=sum(m.alias_size_in_bytes for m in memory),
+              loops=None if errors else tuple(l for loops, *_ in hlos for l in loops),
+              cost=None if errors else functools.reduce(operator.add, costs),
+              kernels=None if errors else dict(kernels),
+              hlo_error=errors[0] if errors else "", compiled=compiled[runs[-1]])
 
 
 def read_hlo(compiled: jax.stages.Compiled, unknown_trips: int = 1

@@ -99,18 +99,29 @@ def stack(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> n
   return create(rngs)
 
 
-def scan(layers: nnx.Module, body: Callable, carry, xs=None, *, remat: bool = False):
-  """Runs `body(layer, carry, x) -> (carry, y)` over stacked `layers` with one compiled layer.
+def scan(layers: nnx.Module | nnx.List, body: Callable, carry, xs=None, *, remat: bool = False):
+  """Runs `body(layer, carry, x) -> (carry, y)` over the layers; returns the carry and the ys
+  stacked on a leading L axis.
 
-  `xs` are per-layer inputs with a leading L axis (e.g. a KV cache), or None. Parameters are read,
-  never updated, so the layer state is not threaded through the carry.
+  Stacked `layers` run as one compiled layer in a scan. An `nnx.List` of separate layers (the
+  rollout layout, where each layer's weights are their own buffers) runs unrolled: a scan would
+  need them stacked, a copy of every layer. `xs` are per-layer inputs with a leading L axis (e.g.
+  a KV cache), or None. Parameters are read, never updated, so the layer state is not threaded
+  through the carry.
   """
+  def step(graphdef):
+    def run(c, inputs):
+      layer_state, x = inputs
+      return body(nnx.merge(graphdef, layer_state), c, x)
+
+    return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable) if remat else run
+
+  if isinstance(layers, nnx.List):
+    ys = []
+    for i, layer in enumerate(layers):
+      graphdef, state = nnx.split(layer)
+      carry, y = step(graphdef)(carry, (state, jax.tree.map(lambda a, i=i: a[i], xs)))
+      ys.append(y)
+    return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
   graphdef, state = nnx.split(layers)
-
-  def step(c, inputs):
-    layer_state, x = inputs
-    return body(nnx.merge(graphdef, layer_state), c, x)
-
-  if remat:
-    step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
-  return jax.lax.scan(step, carry, (state, xs))
+  return jax.lax.scan(step(graphdef), carry, (state, xs))

@@ -196,11 +196,19 @@ class TextModel(nnx.Module):
     """The L decoder layers as separate modules, each parameter sliced out once.
 
     A decode loop builds them before it starts: scanned layers read every weight through a
-    per-layer slice that XLA copies at each step (the whole model, once per token).
+    per-layer slice that XLA copies at each step (the whole model, once per token). Layers already
+    held separately (`unstack_layers`) are returned as they are, with no copy.
     """
+    if isinstance(self.layers, nnx.List):
+      return tuple(self.layers)
     graphdef, state = nnx.split(self.layers)
     return tuple(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
                  for i in range(self.cfg.num_layers))
+
+  def unstack_layers(self) -> None:
+    """Holds the layers as L separate modules from now on (`unstacked_layers()`, kept): the
+    scanned entry points then run them unrolled (`layers.scan`)."""
+    self.layers = nnx.List(self.unstacked_layers())
 
   # Entry points: a full forward, a prefill into a new cache, one decode step over an unstacked
   # cache, and scoring a chunk after a read-only prefix. Each takes embeddings x [B, T, D],

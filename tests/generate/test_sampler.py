@@ -393,10 +393,10 @@ def test_the_rollout_layout_samples_as_one_device_and_gathers_no_weight_in_the_l
   np.testing.assert_allclose(got.log_probs, want.log_probs, atol=2e-5)
 
   params = sharded.layout_params()
-  q = params["text"]["layers"]["attn"]["q"][...]
-  layers, d, n, h = q.shape  # split over tensor only: each device holds N / tensor query heads
+  q = params["text"]["layers"][0]["attn"]["q"][...]
+  d, n, h = q.shape  # split over tensor only: each device holds N / tensor query heads
   assert q.dtype == jnp.dtype(model.dtype)
-  assert q.sharding.shard_shape(q.shape) == (layers, d, n // tp if n % tp == 0 else n, h)
+  assert q.sharding.shard_shape(q.shape) == (d, n // tp if n % tp == 0 else n, h)
   state = sharded.prefill(ids, mask, max_new_tokens=24, params=params)
   scalar = jax.sharding.NamedSharding(sharded.layout, jax.sharding.PartitionSpec())
   with sharding.on_mesh(sharded.layout):

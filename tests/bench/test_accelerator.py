@@ -1,5 +1,6 @@
-"""bench/accelerator.py on this CPU: the `small` preset at small shapes runs end to end and every
-figure is a finite, positive number (the script is kept working for when a GPU or TPU is at hand)."""
+"""bench/accelerator.py on this CPU: the `small` preset at small shapes runs end to end, sharded over
+4 of the fake devices as the paper recipe shards it, and every figure is a finite, positive number
+(the script is kept working for when a GPU or TPU is at hand)."""
 
 from __future__ import annotations
 
@@ -25,12 +26,16 @@ def _load():
 
 def test_small_preset_smoke(capsys):
   accelerator = _load()
-  [figures] = accelerator.main(["--models=small", "--rows=4", "--prompts=2", "--generations=2",
+  [figures] = accelerator.main(["--models=small", "--devices=4", "--rows=2", "--prompts=1",
+                                "--generations=2",
                                 "--prompt_length=128", "--new_tokens=8", "--image_px=56",
                                 "--repeats=1"])
   for value in (figures.update_s, figures.mfu, figures.rollout_tokens_per_s,
                 figures.decode_step_s, figures.decode_floor_s):
     assert math.isfinite(value) and value > 0, figures
+  assert figures.devices == 4
   assert figures.peak_bytes is None  # the CPU backend reports no allocator peak
-  assert "small: update" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in out
+  assert "small on 4 devices: update" in out
 

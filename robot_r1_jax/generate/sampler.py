@@ -378,6 +378,15 @@ class Sampler:
     return jax.device_put(x, jax.sharding.NamedSharding(self.layout,
                                                         jax.sharding.PartitionSpec()))
 
+  def _cache_rows(self, x: jax.Array, axis: int) -> jax.Array:
+    """Pins a cache buffer's rows (`axis`) to the batch axes and its K/V heads (next) to tensor,
+    as the K/V projections place them."""
+    names = [None] * x.ndim
+    names[axis] = "batch"
+    if x.ndim > 2:  # keys/values; `valid` is [B, S]
+      names[axis + 1] = "kv_heads"
+    return sharding.constrain(x, names)
+
   def _rows(self, x: jax.Array, axis: int = 0) -> jax.Array:
     """Pins the B·G axis of `x` to (data, fsdp) when sampling on a mesh (`sharding.on_mesh`)."""
     names = [None] * x.ndim
@@ -398,10 +407,9 @@ class Sampler:
     g = self.config.num_samples
     # One prefill per prompt; the G samples share it. jnp.repeat keeps a prompt's copies adjacent.
     rep = lambda x, axis=0: self._rows(jnp.repeat(x, g, axis=axis), axis)
-    # Cache rows over the batch axes and its K/V heads over tensor, as the K/V projections are.
-    cache = out.cache.map_rows(lambda x, axis: sharding.constrain(
-        jnp.repeat(x, g, axis=axis), ("batch", None) if axis == 0 else
-        (None, "batch", "kv_heads", None, None)))
+    # Separate layer buffers for the decode loop (see KVCache), G rows per prompt.
+    cache = out.cache.unstack().map_rows(
+        lambda x, axis: self._cache_rows(jnp.repeat(x, g, axis=axis), axis))
     # Left padding puts every prompt's last real token in the last slot.
     return DecodeState(cache=cache, logits=rep(out.logits[:, 0].astype(jnp.float32)),
                        rope_deltas=rep(out.rope_deltas), prompt_tokens=rep(ids),
@@ -451,10 +459,8 @@ class Sampler:
                     limit: jax.Array) -> _Loop:
     """Decodes until token `limit` or until every row is done."""
     model = nnx.merge(self._graphdef, params)
-    # Per-layer cache buffers inside the loop; stacked in and out, so a donated carry aliases.
-    loop = dataclasses.replace(loop, cache=loop.cache.unstack())
-    # Layers unrolled on the layout's per-layer weights (no copy) and cache buffers sliced once
-    # here: a scan over stacked ones would copy every layer's weights and cache slice per step.
+    # Layers unrolled on the layout's per-layer weights and the prefill's per-layer cache buffers
+    # (no copy): a scan over stacked ones would copy every layer's weights and cache per step.
     layers = model.decode_layers()
 
     def step(loop: _Loop) -> _Loop:
@@ -464,8 +470,7 @@ class Sampler:
           inputs.num_real + loop.step - 1, inputs.rope_deltas), layers=layers)
       return self._record(dataclasses.replace(loop, cache=out.cache), out.logits[:, 0], inputs)
 
-    loop = jax.lax.while_loop(lambda loop: (loop.step < limit) & ~jnp.all(loop.done), step, loop)
-    return dataclasses.replace(loop, cache=loop.cache.stack())
+    return jax.lax.while_loop(lambda loop: (loop.step < limit) & ~jnp.all(loop.done), step, loop)
 
   def _output(self, state: DecodeState, tokens: jax.Array, log_probs: jax.Array,
               lengths: jax.Array, done: jax.Array) -> SamplerOutput:
@@ -479,9 +484,8 @@ class Sampler:
                    ) -> tuple[_Loop, _RowInputs]:
     """The carry of `rows` only (compaction): every per-row leaf, the cache's included."""
     take = lambda x, axis=0: self._rows(jnp.take(x, rows, axis=axis), axis)
-    cache = loop.cache.map_rows(lambda x, axis: sharding.constrain(
-        jnp.take(x, rows, axis=axis), ("batch", None) if axis == 0 else
-        (None, "batch", "kv_heads", None, None)))
+    cache = loop.cache.map_rows(lambda x, axis: self._cache_rows(jnp.take(x, rows, axis=axis),
+                                                                 axis))
     rest = jax.tree.map(take, dataclasses.replace(loop, step=None, cache=None))
     return (dataclasses.replace(rest, step=loop.step, cache=cache),
             jax.tree.map(take, inputs))

@@ -22,7 +22,9 @@ class KVCache:
   Keys are stored transposed, in the layout the QKᵀ dot reads without repacking. Stacked, `k`/`v`
   hold all layers on a leading L axis (what the scanned layers read); a decode loop holds them as L
   separate buffers (`unstack`), because XLA copies a stacked buffer's layer slice before every dot
-  that reads it, which would move the whole cache once per generated token.
+  that reads it, which would move the whole cache once per generated token. A sampler's prefill
+  hands the decode loop separate buffers already: unstacking inside the loop's program would hold
+  a second copy of the whole cache beside the donated stacked one.
   """
 
   k: jax.Array | tuple[jax.Array, ...]  # [L, B, K, H, S], or L × [B, K, H, S] unstacked
@@ -43,15 +45,14 @@ class KVCache:
   def unstack(self) -> "KVCache":
     return dataclasses.replace(self, k=tuple(self.k), v=tuple(self.v))
 
-  def stack(self) -> "KVCache":
-    return dataclasses.replace(self, k=jnp.stack(self.k), v=jnp.stack(self.v))
-
   def map_rows(self, fn: Callable[[jax.Array, int], jax.Array]) -> "KVCache":
-    """`fn(buffer, row_axis)` applied to every per-row buffer of a stacked cache (e.g. repeating
+    """`fn(buffer, row_axis)` applied to every per-row buffer, stacked or separate (e.g. repeating
     each prompt's rows for its G samples)."""
     if isinstance(self.k, tuple):
-      raise ValueError("map_rows reads a stacked cache (KVCache.stack())")
-    return dataclasses.replace(self, k=fn(self.k, 1), v=fn(self.v, 1), valid=fn(self.valid, 0))
+      k, v = tuple(fn(x, 0) for x in self.k), tuple(fn(x, 0) for x in self.v)
+    else:
+      k, v = fn(self.k, 1), fn(self.v, 1)
+    return dataclasses.replace(self, k=k, v=v, valid=fn(self.valid, 0))
 
   def write(self, k: jax.Array, v: jax.Array, real: jax.Array) -> "KVCache":
     """Writes a chunk's stacked keys [L, B, K, H, T] / values [L, B, K, T, H] and its mask [B, T]

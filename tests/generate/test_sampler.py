@@ -338,9 +338,11 @@ def test_g_samples_share_one_prefill_and_follow_the_key(sampler):
   ids, mask = _prompts()
   state = sampler.prefill(ids, mask, max_new_tokens=20)
   g = sampler.config.num_samples
-  assert state.cache.k.shape[1] == state.logits.shape[0] == ids.shape[0] * g
-  k = np.asarray(state.cache.k).reshape(state.cache.k.shape[0], ids.shape[0], g,
-                                        *state.cache.k.shape[2:])
+  # One buffer per layer, handed to the decode loop as it reads them.
+  assert len(state.cache.k) == len(state.cache.v) == sampler.model.cfg.text.num_layers
+  assert state.cache.k[0].shape[0] == state.logits.shape[0] == ids.shape[0] * g
+  k = np.stack(state.cache.k).reshape(len(state.cache.k), ids.shape[0], g,
+                                      *state.cache.k[0].shape[1:])
   # The G copies of a prompt are one prefill, repeated: bit-identical.
   assert (k == k[:, :, :1]).all()
 

@@ -51,8 +51,9 @@ class Qwen25VL(nnx.Module):
     `__call__` / `forward`   a full causal forward (HF parity, SFT and whole-row scoring);
     `prefill`                the forward, and a new KV cache holding the prompt (the sampler);
     `decode_step`            tokens at the cache's index, the layers unrolled (a decode loop);
-    `score_after_prefix`     a chunk after a filled, read-only cache (completions after a shared
-                             prompt, scored once per prompt for its G samples).
+    `with_prompt`            prompts and the chunks that follow them in one pass over the layers
+                             (completions scored after their shared prompt, run once per prompt
+                             for its G samples).
   """
 
   def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
@@ -133,16 +134,28 @@ class Qwen25VL(nnx.Module):
                                      cache)
     return Decoded(logits=self.logits(hidden), cache=cache)
 
-  def score_after_prefix(self, input_ids: jax.Array, attention_mask: jax.Array,
-                         prefix: KVCache, positions: jax.Array, *, head: bool = True
-                         ) -> jax.Array:
-    """[B, T, V] logits of a text chunk [B, T] that follows `prefix` (a stacked, filled cache,
-    read and not extended) at M-RoPE `positions` [3, B, T]; with `head=False`, its final hidden
-    states [B, T, D]. A generated `<|image_pad|>` id stays a text token: no image features are
-    merged here."""
-    x = self.text.embed(input_ids)
-    hidden = self.text.after_prefix(x, positions, attention_mask, prefix)
-    return self.logits(hidden) if head else hidden
+  def with_prompt(self, prompt_ids: jax.Array, prompt_mask: jax.Array,
+                  pixel_values: jax.Array | None, image_grid_thw: np.ndarray | tuple | None,
+                  input_ids: jax.Array, attention_mask: jax.Array, *, share: int,
+                  head: bool = True) -> tuple[jax.Array, jax.Array]:
+    """P left-padded prompts [P, T] (+ their images, as for `forward`) and the text chunks
+    [P·share, R] that continue them, a prompt's `share` chunks adjacent (its G samples).
+
+    Returns ([P, 1, V] logits at each prompt's last position, which predict its chunks' first
+    token; [P·share, R, V] chunk logits, or with `head=False` the chunks' final hidden states
+    [P·share, R, D]). The prompt runs once for its chunks, which attend to its keys and values: the
+    numbers of a forward over each whole row, up to float rounding. A generated `<|image_pad|>`
+    id in a chunk stays a text token: no image features are merged there.
+    """
+    xp, prompt_mask, prompt_positions, deltas = self._inputs(
+        prompt_ids, prompt_mask, pixel_values, image_grid_thw, None, None)
+    repeat = lambda a: jnp.repeat(a, share, axis=0)
+    positions = rope.decode_positions(repeat(prompt_mask.sum(1).astype(jnp.int32)),
+                                      repeat(deltas), input_ids.shape[1])
+    hidden_p, hidden = self.text.with_prompt(xp, prompt_positions, prompt_mask,
+                                             self.text.embed(input_ids), positions,
+                                             attention_mask, share)
+    return self.logits(hidden_p[:, -1:]), self.logits(hidden) if head else hidden
 
   def _inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, positions,
               image_mask) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:

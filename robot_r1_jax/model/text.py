@@ -212,12 +212,12 @@ class TextModel(nnx.Module):
     self.layers = nnx.List(self.unstacked_layers())
 
   # Entry points: a full forward, a prefill into a new cache, one decode step over an unstacked
-  # cache, and scoring a chunk after a read-only prefix. Each takes embeddings x [B, T, D],
+  # cache, and prompts with the chunks that follow them. Each takes embeddings x [B, T, D],
   # M-RoPE positions [3, B, T] and the chunk's attention mask [B, T] (1 on real tokens).
 
   def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """[B, T, D] final-normed hidden states of a causal forward over the chunk."""
-    hidden, _ = self._scanned(x, positions, attention_mask, before=None, keep_kv=False)
+    hidden, _ = self._scanned(x, positions, attention_mask, keep_kv=False)
     return hidden
 
   def prefill(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
@@ -226,17 +226,36 @@ class TextModel(nnx.Module):
 
     The chunk attends to itself only, not to S empty slots.
     """
-    hidden, kv = self._scanned(x, positions, attention_mask, before=None, keep_kv=True)
+    hidden, kv = self._scanned(x, positions, attention_mask, keep_kv=True)
     cache = KVCache.zeros(self.cfg, x.shape[0], cache_length, self.dtype)
     # One in-place write of the chunk's keys/values (a decode loop's carry).
     return hidden, cache.write(*kv, attention_mask.astype(bool))
 
-  def after_prefix(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-                   prefix: KVCache) -> jax.Array:
-    """The forward of a chunk that follows a filled, read-only cache (every filled real slot
-    precedes it); nothing is written (scoring G completions after one shared prompt)."""
-    hidden, _ = self._scanned(x, positions, attention_mask, before=prefix, keep_kv=False)
-    return hidden
+  def with_prompt(self, xp: jax.Array, prompt_positions: jax.Array, prompt_mask: jax.Array,
+                  x: jax.Array, positions: jax.Array, attention_mask: jax.Array, share: int
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Final-normed hidden states of P prompts xp [P, T, D] and of the chunks x [P·share, R, D]
+    that follow them (a prompt's `share` chunks adjacent), in one scan over the layers: each layer
+    runs the prompts, then the chunks after their prompt's keys/values (every real prompt slot
+    precedes the chunk). One scan, not a prefill and a second scan over its cache: the backward
+    pass holds one set of layer gradients, and FSDP gathers each layer's weights once."""
+    cos_p, sin_p = self._rope(prompt_positions)
+    cos, sin = self._rope(positions)
+    real_p, real = prompt_mask.astype(bool), attention_mask.astype(bool)
+    repeat = lambda a: jnp.repeat(a, share, axis=0)
+    valid = repeat(real_p)
+
+    def body(layer, h, _):
+      hp, hx = h
+      hp, (k, v) = layer(hp, cos_p, sin_p, real_p, None)
+      # In the cache's dtype, as a prefill would have stored them.
+      prefix = attention.Prefix(k=repeat(k.astype(self.dtype)), v=repeat(v.astype(self.dtype)),
+                                valid=valid)
+      hx, _ = layer(hx, cos, sin, real, prefix)
+      return (_rows(hp), _rows(hx)), None
+
+    (xp, x), _ = layers.scan(self.layers, body, (_rows(xp), _rows(x)), None, remat=self.remat)
+    return self.final_norm(xp), self.final_norm(x)
 
   def decode(self, layers: tuple[DecoderLayer, ...], x: jax.Array, positions: jax.Array,
              attention_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -265,25 +284,25 @@ class TextModel(nnx.Module):
                               self.dtype)
 
   def _scanned(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array, *,
-               before: KVCache | None, keep_kv: bool) -> tuple[jax.Array, tuple | None]:
-    """The scanned layers over the chunk (after `before`'s slots, when given); returns the hidden
-    states and, with `keep_kv`, the chunk's stacked keys/values."""
+               keep_kv: bool) -> tuple[jax.Array, tuple | None]:
+    """The scanned layers over the chunk; returns the hidden states and, with `keep_kv`, the
+    chunk's stacked keys/values."""
     cos, sin = self._rope(positions)
     real = attention_mask.astype(bool)
 
-    def body(layer, h, kv):
-      # After a prefix, every filled real slot precedes the chunk (`attention.causal_mask`).
-      prefix = None if kv is None else attention.Prefix(k=kv[0], v=kv[1], valid=before.valid)
-      h, kv = layer(h, cos, sin, real, prefix)
-      # Rows over the mesh's batch axes between layers: left to XLA, the hidden width went over
-      # fsdp instead and each layer's attention scores were built for every row on every chip.
-      h = sharding.constrain(h, ("batch", None, None))
-      return h, kv if keep_kv else None  # keys/values leave the scan only when kept
+    def body(layer, h, _):
+      h, kv = layer(h, cos, sin, real, None)
+      return _rows(h), kv if keep_kv else None  # keys/values leave the scan only when kept
 
-    kv_in = None if before is None else (before.k, before.v)
-    x = sharding.constrain(x, ("batch", None, None))
-    x, kv = layers.scan(self.layers, body, x, kv_in, remat=self.remat)
+    x, kv = layers.scan(self.layers, body, _rows(x), None, remat=self.remat)
     return self.final_norm(x), kv
+
+
+def _rows(h: jax.Array) -> jax.Array:
+  """Hidden states [B, T, D] with rows over the mesh's batch axes, between layers: left to XLA,
+  the hidden width went over fsdp instead and each layer's attention scores were built for every
+  row on every chip."""
+  return sharding.constrain(h, ("batch", None, None))
 
 
 def hf_rules(cfg: TextConfig) -> list[hf_names.Rule]:

@@ -146,22 +146,21 @@ def _whole_row_hidden(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, i
 def _shared_prompt_scores(model: Qwen25VL, seqs: Sequences,
                           image_grid: tuple[int, int, int] | None, share: int,
                           temperature: float, chunk: int) -> tuple[jax.Array, jax.Array]:
-  """`head_scores` of each run's prompt once (its keys/values repeated to the run), then the
-  completions as one chunk that attends to them."""
+  """`head_scores` of each run's prompt once and of its completions, which attend to the prompt's
+  keys/values, in one pass over the layers (`Qwen25VL.with_prompt`)."""
   t, r = seqs.prompt_ids.shape[1], seqs.completion.shape[1]
   ids, mask = seqs.prompt_ids[::share], seqs.prompt_mask[::share]
   grids = None if image_grid is None else (image_grid,) * ids.shape[0]
   pixels = None if seqs.pixel_values is None else seqs.pixel_values[::share].reshape(
       -1, seqs.pixel_values.shape[-1])
-  prompt = model.prefill(ids, mask, pixels, grids, cache_length=t, logits_from=t - 1)
-  rep = lambda x, axis=0: jnp.repeat(x, share, axis=axis)
-  # The last prompt position predicts completion token 0: [B, 1, V] logits, formed once per run.
-  first = _logits_scores(rep(prompt.logits), seqs.completion[:, :1], temperature)
+  rep = lambda x: jnp.repeat(x, share, axis=0)
+  # Position t predicts token t+1: the last prompt position predicts completion token 0, and the
+  # completion's positions [0, R−1) the rest.
   if r == 1:
-    return first
-  positions = rope.decode_positions(rep(mask.sum(1).astype(jnp.int32)), rep(prompt.rope_deltas),
-                                    r - 1)
-  hidden = model.score_after_prefix(seqs.completion[:, :-1], seqs.completion_mask[:, :-1],
-                                    prompt.cache.map_rows(rep), positions, head=False)
+    last = model.forward(ids, mask, pixels, grids, logits_from=t - 1).logits
+    return _logits_scores(rep(last), seqs.completion, temperature)
+  last, hidden = model.with_prompt(ids, mask, pixels, grids, seqs.completion[:, :-1],
+                                   seqs.completion_mask[:, :-1], share=share, head=False)
+  first = _logits_scores(rep(last), seqs.completion[:, :1], temperature)
   rest = head_scores(model.logits, hidden, seqs.completion[:, 1:], temperature, chunk)
   return tuple(jnp.concatenate(pair, axis=1) for pair in zip(first, rest))

@@ -48,10 +48,10 @@ def test_prefill_then_decode_equals_full_forward():
     np.testing.assert_allclose(np.asarray(step.logits)[:, 0], full[:, prompt_len + k], atol=1e-5,
                                err_msg=f"decode step {k}")
   assert int(cache.index) == prompt_len + steps
-  # Scoring the generated tokens after the prompt's cache, read-only, gives the same logits.
-  after = nnx.jit(lambda m, i, a, c, p: m.score_after_prefix(i, a, c, p))(
-      model, ids[:, prompt_len:], mask[:, prompt_len:], out.cache,
-      rope.decode_positions(num_real, deltas, steps))
+  # The prompts with their continuations in one pass over the layers give the same logits.
+  last, after = nnx.jit(lambda m, p, pm, i, a: m.with_prompt(p, pm, None, None, i, a, share=1))(
+      model, ids[:, :prompt_len], mask[:, :prompt_len], ids[:, prompt_len:], mask[:, prompt_len:])
+  np.testing.assert_allclose(np.asarray(last)[:, 0], full[:, prompt_len - 1], atol=1e-5)
   np.testing.assert_allclose(np.asarray(after), full[:, prompt_len:], atol=1e-5)
 
 

@@ -407,8 +407,7 @@ class Sampler:
     g = self.config.num_samples
     # One prefill per prompt; the G samples share it. jnp.repeat keeps a prompt's copies adjacent.
     rep = lambda x, axis=0: self._rows(jnp.repeat(x, g, axis=axis), axis)
-    # Separate layer buffers for the decode loop (see KVCache), G rows per prompt.
-    cache = out.cache.unstack().map_rows(
+    cache = out.cache.map_rows(
         lambda x, axis: self._cache_rows(jnp.repeat(x, g, axis=axis), axis))
     # Left padding puts every prompt's last real token in the last slot.
     return DecodeState(cache=cache, logits=rep(out.logits[:, 0].astype(jnp.float32)),

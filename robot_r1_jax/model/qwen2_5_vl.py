@@ -41,7 +41,7 @@ class Decoded:
   """One decode step: next-token logits and the cache with the step's token written."""
 
   logits: jax.Array  # [B, T, V], T the tokens fed (1 in a decode loop)
-  cache: KVCache  # unstacked
+  cache: KVCache
 
 
 class Qwen25VL(nnx.Module):
@@ -125,7 +125,7 @@ class Qwen25VL(nnx.Module):
 
     Args:
       input_ids: [B, T] ids, T = 1 in a decode loop.
-      cache: an unstacked cache (`KVCache.unstack()`); its buffers are updated in place.
+      cache: from `prefill`; its buffers are updated in place (donate them under jit).
       positions: [3, B, T] from `rope.decode_positions`.
       layers: `decode_layers()`.
     """

@@ -19,53 +19,48 @@ class KVCache:
   """Keys/values of every layer for left-padded rows that share one write index.
 
   Slots `[0, index)` are filled; `valid` marks which filled slots hold real (non-padding) tokens.
-  Keys are stored transposed, in the layout the QKᵀ dot reads without repacking. Stacked, `k`/`v`
-  hold all layers on a leading L axis (what the scanned layers read); a decode loop holds them as L
-  separate buffers (`unstack`), because XLA copies a stacked buffer's layer slice before every dot
-  that reads it, which would move the whole cache once per generated token. A sampler's prefill
-  hands the decode loop separate buffers already: unstacking inside the loop's program would hold
-  a second copy of the whole cache beside the donated stacked one.
+  Keys are stored transposed, in the layout the QKᵀ dot reads without repacking. Each layer has
+  its own buffers, not slices of an [L, …] stack: XLA copies a stacked buffer's layer slice before
+  every dot that reads it (the whole cache once per generated token), and turning a stack into
+  separate buffers inside a decode loop's program held a second copy of the whole cache.
   """
 
-  k: jax.Array | tuple[jax.Array, ...]  # [L, B, K, H, S], or L × [B, K, H, S] unstacked
-  v: jax.Array | tuple[jax.Array, ...]  # [L, B, K, S, H], or L × [B, K, S, H] unstacked
+  k: tuple[jax.Array, ...]  # L × [B, K, H, S]
+  v: tuple[jax.Array, ...]  # L × [B, K, S, H]
   valid: jax.Array  # [B, S] bool
   index: jax.Array  # [] int32: the next slot to write
 
   @classmethod
-  def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype: jnp.dtype) -> "KVCache":
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
-    return cls(k=jnp.zeros(shape[:3] + shape[4:] + shape[3:4], dtype), v=jnp.zeros(shape, dtype),
-               valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
+  def of_chunk(cls, k: jax.Array, v: jax.Array, real: jax.Array, length: int, dtype: jnp.dtype
+               ) -> "KVCache":
+    """A cache of `length` slots holding a chunk's stacked keys [L, B, K, H, T] / values
+    [L, B, K, T, H] (a scan's outputs) in its first T slots, real where `real` [B, T] is."""
+    t = real.shape[1]
+
+    def pad(x: jax.Array, slots: int) -> jax.Array:  # empty slots after the chunk's
+      widths = [(0, 0)] * x.ndim
+      widths[slots] = (0, length - t)
+      return jnp.pad(x.astype(dtype), widths)
+
+    return cls(k=tuple(pad(x, -1) for x in k), v=tuple(pad(x, -2) for x in v),
+               valid=jnp.pad(real, [(0, 0), (0, length - t)]),
+               index=jnp.asarray(t, jnp.int32))
 
   @property
   def length(self) -> int:
     return self.valid.shape[1]
 
-  def unstack(self) -> "KVCache":
-    return dataclasses.replace(self, k=tuple(self.k), v=tuple(self.v))
-
   def map_rows(self, fn: Callable[[jax.Array, int], jax.Array]) -> "KVCache":
-    """`fn(buffer, row_axis)` applied to every per-row buffer, stacked or separate (e.g. repeating
-    each prompt's rows for its G samples)."""
-    if isinstance(self.k, tuple):
-      k, v = tuple(fn(x, 0) for x in self.k), tuple(fn(x, 0) for x in self.v)
-    else:
-      k, v = fn(self.k, 1), fn(self.v, 1)
-    return dataclasses.replace(self, k=k, v=v, valid=fn(self.valid, 0))
-
-  def write(self, k: jax.Array, v: jax.Array, real: jax.Array) -> "KVCache":
-    """Writes a chunk's stacked keys [L, B, K, H, T] / values [L, B, K, T, H] and its mask [B, T]
-    at `index`, in place."""
-    k, v = _write_chunk(self.k, self.v, k, v, self.index)
-    return KVCache(k=k, v=v, index=self.index + real.shape[1],
-                   valid=jax.lax.dynamic_update_slice_in_dim(self.valid, real, self.index, axis=1))
+    """`fn(buffer, row_axis)` applied to every per-row buffer (e.g. repeating each prompt's rows
+    for its G samples)."""
+    return dataclasses.replace(self, k=tuple(fn(x, 0) for x in self.k),
+                               v=tuple(fn(x, 0) for x in self.v), valid=fn(self.valid, 0))
 
 
 def _write_chunk(k_buf: jax.Array, v_buf: jax.Array, k: jax.Array, v: jax.Array,
                 index: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Keys [..., H, T] into buffers [..., H, S] and values [..., T, H] into [..., S, H] at slot
-  `index`, in place (stacked over layers or one layer's)."""
+  `index`, in place."""
   put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(
       buf, new.astype(buf.dtype), index, axis=axis)
   return put(k_buf, k, -1), put(v_buf, v, -2)
@@ -211,8 +206,7 @@ class TextModel(nnx.Module):
     scanned entry points then run them unrolled (`layers.scan`)."""
     self.layers = nnx.List(self.unstacked_layers())
 
-  # Entry points: a full forward, a prefill into a new cache, one decode step over an unstacked
-  # cache, and prompts with the chunks that follow them. Each takes embeddings x [B, T, D],
+  # Entry points: a full forward, a prefill into a new cache, one decode step over a cache, and prompts with the chunks that follow them. Each takes embeddings x [B, T, D],
   # M-RoPE positions [3, B, T] and the chunk's attention mask [B, T] (1 on real tokens).
 
   def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -227,9 +221,7 @@ class TextModel(nnx.Module):
     The chunk attends to itself only, not to S empty slots.
     """
     hidden, kv = self._scanned(x, positions, attention_mask, keep_kv=True)
-    cache = KVCache.zeros(self.cfg, x.shape[0], cache_length, self.dtype)
-    # One in-place write of the chunk's keys/values (a decode loop's carry).
-    return hidden, cache.write(*kv, attention_mask.astype(bool))
+    return hidden, KVCache.of_chunk(*kv, attention_mask.astype(bool), cache_length, self.dtype)
 
   def with_prompt(self, xp: jax.Array, prompt_positions: jax.Array, prompt_mask: jax.Array,
                   x: jax.Array, positions: jax.Array, attention_mask: jax.Array, share: int
@@ -260,9 +252,7 @@ class TextModel(nnx.Module):
   def decode(self, layers: tuple[DecoderLayer, ...], x: jax.Array, positions: jax.Array,
              attention_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """The layers one after another (`unstacked_layers()`), each writing the chunk into its own
-    buffers of an unstacked cache (`KVCache.unstack()`) at `cache.index`."""
-    if not isinstance(cache.k, tuple):
-      raise ValueError("decode runs on an unstacked cache (KVCache.unstack())")
+    buffers of `cache` at `cache.index`."""
     cos, sin = self._rope(positions)
     index, t = cache.index, x.shape[1]
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask.astype(bool), index,

@@ -37,9 +37,9 @@ def test_prefill_then_decode_equals_full_forward():
   np.testing.assert_array_equal(np.asarray(out.cache.valid)[:, :prompt_len], real)
   assert not np.asarray(out.cache.valid)[:, prompt_len:].any()
   assert int(out.cache.index) == prompt_len
-  # Decode steps over the unstacked cache, the layers unrolled, continue the full forward.
+  # Decode steps over the cache, the layers unrolled, continue the full forward.
   decode = nnx.jit(lambda m, i, c, p: m.decode_step(i, c, p, layers=m.decode_layers()))
-  cache, deltas = out.cache.unstack(), out.rope_deltas
+  cache, deltas = out.cache, out.rope_deltas
   num_real = jnp.asarray(mask[:, :prompt_len].sum(1), jnp.int32)
   for k in range(steps):
     pos = rope.decode_positions(num_real + k, deltas)

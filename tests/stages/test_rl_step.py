@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,6 +173,20 @@ def test_shared_prompt_scoring_gives_the_whole_row_log_probs_and_gradients(setup
   assert flops(3) < 0.6 * flops(1)
   with pytest.raises(ValueError, match="runs of share=4"):
     sequence_log_probs(nnx.merge(graphdef, params), seqs, grid, 1.0, 4)
+
+
+def test_shared_prompt_scoring_of_one_token_completions(setup):
+  """With one completion token there is no chunk after the prompt: its last position alone
+  predicts it, as in the whole-row forward."""
+  seqs = _grouped_rows(setup, g=3)
+  seqs = dataclasses.replace(seqs, completion=seqs.completion[:, :1],
+                             completion_mask=np.ones_like(seqs.completion_mask[:, :1]))
+  grid = tuple(int(v) for v in setup[1].image_grid_thw[0])
+  model = init_model(config_lib.tiny(), seed=0)
+  whole, shared = (sequence_log_probs(model, seqs, grid, 0.7, share) for share in (1, 3))
+  assert shared[0].shape == (len(seqs.completion), 1)
+  for got, want in zip(shared, whole):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("share", [1, 3])

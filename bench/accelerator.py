@@ -63,8 +63,9 @@ class Figures:
 
   def line(self) -> str:
     peak = "n/a" if self.peak_bytes is None else f"{self.peak_bytes / 2**30:.1f} GiB"
-    return (f"{self.model} on {self.devices} devices: update {self.update_s:.2f} s, MFU {self.mfu:.2f}; rollout "
-            f"{self.rollout_tokens_per_s:.0f} tokens/s; decode step {1e3 * self.decode_step_s:.2f} "
+    return (f"{self.model} on {self.devices} devices: update {self.update_s:.2f} s, "
+            f"MFU {self.mfu:.2f}; rollout {self.rollout_tokens_per_s:.0f} tokens/s; "
+            f"decode step {1e3 * self.decode_step_s:.2f} "
             f"ms = {self.decode_step_s / self.decode_floor_s:.1f}× the HBM floor "
             f"({1e3 * self.decode_floor_s:.2f} ms); peak memory {peak}")
 
@@ -145,7 +146,8 @@ def measure(name: str, args: argparse.Namespace, mesh: jax.sharding.Mesh, peak_f
   half_cache = (rows * (args.prompt_length + args.new_tokens // 2) * t.num_layers * 2 *
                 t.num_kv_heads * t.head_dim * 2) / devices
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
-  return Figures(model=name, devices=devices, update_s=update_s, mfu=flops / update_s / (devices * peak_flops),
+  return Figures(model=name, devices=devices, update_s=update_s,
+                 mfu=flops / update_s / (devices * peak_flops),
                  rollout_tokens_per_s=rows * args.new_tokens / total / devices,
                  decode_step_s=decode_s, decode_floor_s=(weights + half_cache) / bandwidth,
                  peak_bytes=None if None in peaks else max(peaks))

@@ -108,7 +108,7 @@ class LayoutCopy:
       program, value = self._program(path, var.get_value())
       copied = (jax.eval_shape(program, value) if isinstance(value, jax.ShapeDtypeStruct)
                 else program(value))
-      if path[:2] == _TEXT_LAYERS:
+      if self._targets[path][1]:  # a stacked text parameter: its L layers
         out += [(path[:2] + (i,) + path[2:], layer) for i, layer in enumerate(copied)]
       else:
         out.append((path, copied))
@@ -116,6 +116,6 @@ class LayoutCopy:
                                 for path, value in out])
 
   def lower(self, state: Any) -> list[jax.stages.Lowered]:
-    """The copy's programs for `state` (abstract arrays), one per parameter, in the order they run."""
+    """The copy's programs for `state` (abstract arrays), one per parameter, in running order."""
     return [program.lower(value) for program, value in
             (self._program(path, var.get_value()) for path, var in nnx.to_flat_state(state))]

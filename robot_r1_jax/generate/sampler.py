@@ -20,7 +20,8 @@ One call (`Sampler.__call__`):
 A call first makes the rollout layout (`layout.LayoutCopy`): the parameters in the compute dtype,
 the text layers as separate buffers, and on a mesh placed on `sharding.inference_mesh`
 (tensor-parallel over `tensor_parallel` devices, replicated over the rest, where rows are split),
-so no weight is gathered inside the decode loop; the copy lives for the call. Outputs come back on the trainer's mesh, rows over (data, fsdp).
+so no weight is gathered inside the decode loop; the copy lives for the call. Outputs come back
+on the trainer's mesh, rows over (data, fsdp).
 
 Dimensions (the package alphabet): B prompts · G samples per prompt · T prompt bucket · R new-token
 bucket · S = T + R cache slots · V vocab · P vision patches.

@@ -206,7 +206,8 @@ class TextModel(nnx.Module):
     scanned entry points then run them unrolled (`layers.scan`)."""
     self.layers = nnx.List(self.unstacked_layers())
 
-  # Entry points: a full forward, a prefill into a new cache, one decode step over a cache, and prompts with the chunks that follow them. Each takes embeddings x [B, T, D],
+  # Entry points: a full forward, a prefill into a new cache, one decode step over a cache, and
+  # prompts with the chunks that follow them. Each takes embeddings x [B, T, D],
   # M-RoPE positions [3, B, T] and the chunk's attention mask [B, T] (1 on real tokens).
 
   def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array) -> jax.Array:

@@ -209,9 +209,10 @@ Lowering = Callable[[], tuple[jax.stages.Lowered | list[jax.stages.Lowered],
 
 
 def _chip_bytes(tree: Any) -> int:
-  """Bytes of one chip's shards of the abstract arrays in `tree`."""
+  """Bytes of one chip's shards of the abstract arrays in `tree` that live in its HBM (host
+  memory kinds, such as an offloaded reference, do not count)."""
   return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(tree))
+             for x in jax.tree.leaves(tree) if x.sharding.memory_kind in (None, "device"))
 
 
 def _plan(config: RunConfig, context: StageContext, shapes: Shapes
@@ -298,8 +299,10 @@ def _plan(config: RunConfig, context: StageContext, shapes: Shapes
     scored = _sequences(mesh, shapes, micro, shapes.new_tokens)  # one micro-batch per call
     on_policy = rl.updates_per_step == 1
     if learner.ref_params is not None:
-      plan.append(("reference_log_probs", f"{micro} rows, the reference in the compute dtype",
-                   lambda: (learner.log_probs_step.lower(learner.ref_params, scored,
+      where = ", copied in from host memory" if step.offload_reference else ""
+      plan.append(("reference_log_probs",
+                   f"{micro} rows, the reference in the compute dtype{where}",
+                   lambda: (learner.log_probs_step.lower(learner.reference(), scored,
                                                          image_grid=grid1), None),
                    besides("reference")))
     if not on_policy:

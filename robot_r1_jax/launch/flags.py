@@ -178,6 +178,11 @@ KL_REWARD_COEF = flags.DEFINE_float("kl_reward_coef", 0.0, "β of a KL penalty t
                                     "for the outcome estimators (verl's use_kl_in_reward with "
                                     "kl_ctrl.kl_coef; REINFORCE++ uses 1e-3 with k1). Runs beside "
                                     "the loss term. 0: off.")
+OFFLOAD_REFERENCE = flags.DEFINE_bool("offload_reference", False, "Keep the frozen KL reference "
+                                      "in host memory between its scoring passes (verl's ref "
+                                      "param_offload): it occupies accelerator memory only while "
+                                      "the reference log-probs run, for one host-to-device copy "
+                                      "per step.")
 KL_REWARD_ESTIMATOR = flags.DEFINE_enum("kl_reward_estimator", "k1", sorted(kl.KL_ESTIMATORS),
                                         "Estimator of the --kl_reward_coef penalty (verl's "
                                         "algorithm.kl_penalty).")
@@ -317,7 +322,7 @@ def run_config() -> RunConfig:
       shaping=shaping.ShapingOptions(overlong_buffer=OVERLONG_BUFFER.value,
                                      overlong_penalty=OVERLONG_PENALTY.value),
       batch_filter=BATCH_FILTER.value or None, max_draws=MAX_DRAWS.value,
-      mask_truncated=MASK_TRUNCATED.value)
+      mask_truncated=MASK_TRUNCATED.value, offload_reference=OFFLOAD_REFERENCE.value)
   rl = RLConfig(
       step=step, sampling=SamplingParams(temperature=TEMPERATURE.value, top_p=TOP_P.value,
                                          top_k=TOP_K.value),

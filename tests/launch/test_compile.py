@@ -119,6 +119,24 @@ def test_rollout_memory_grows_linearly_with_the_images(tmp_path):
   assert peak(128, chunk=64) == peak(64)
 
 
+@needs_libtpu
+def test_an_offloaded_reference_leaves_hbm_while_the_update_runs(tmp_path):
+  runs = {}
+  for name, flags in (("kept", ()), ("offloaded", ("--offload_reference",))):
+    report, out = _compile(tmp_path / name, "--stage=rl",
+                           "--compile_executables=reference_log_probs,rl_update", *flags)
+    runs[name] = {e["name"]: e for e in report["executables"]}
+  kept, offloaded = runs["kept"], runs["offloaded"]
+  # The update no longer holds the reference beside its own state; the reference's scoring
+  # takes it as an argument in HBM (copied in), the same program either way.
+  assert kept["rl_update"]["resident"] > 0 and offloaded["rl_update"]["resident"] == 0
+  assert kept["rl_update"]["peak"] - offloaded["rl_update"]["peak"] == kept["rl_update"][
+      "resident"]
+  for column in ("arguments", "peak"):
+    assert offloaded["reference_log_probs"][column] == kept["reference_log_probs"][column]
+  assert "copied in from host memory" in out
+
+
 @pytest.mark.parametrize("topology", ["v9x:2x2", "v5e", "4x4"])
 def test_unknown_topology_lists_the_known_forms(topology):
   with pytest.raises(compile_lib.CompileError, match="known forms: v5e:2x2"):

@@ -116,6 +116,7 @@ def test_paper_recipe_holds_the_papers_numbers_and_starts_rl_from_the_given_mode
   kl = config.rl.step.kl
   assert (kl.coef, kl.estimator, kl.placement) == (1e-2, "k3", "loss")
   assert not config.rl.step.kl_reward.active
+  assert config.rl.step.offload_reference  # what lets the update fit a 16-chip v5e
   # The same file named by its path from the repository root (as the README shows).
   assert run_config(f"--flagfile={flagfiles.CONFIGS / 'robot_r1_paper.cfg'}") == config
 

@@ -260,6 +260,23 @@ def test_reference_is_a_compute_dtype_copy_and_absent_without_a_penalty(setup):
   assert _learner(setup, _parity_reward, kl=kl_lib.KLPenalty(coef=0.0)).ref_params is None
 
 
+def test_offloaded_reference_waits_in_host_memory_and_scores_the_same(setup):
+  kept = _learner(setup, _parity_reward)
+  offloaded = _learner(setup, _parity_reward, offload_reference=True)
+  for ref, want in zip(jax.tree.leaves(offloaded.ref_params), jax.tree.leaves(kept.ref_params)):
+    assert ref.sharding.memory_kind == "pinned_host" and want.sharding.memory_kind == "device"
+    np.testing.assert_array_equal(np.asarray(ref), np.asarray(want))
+  on_device = offloaded.reference()
+  assert {x.sharding.memory_kind for x in jax.tree.leaves(on_device)} == {"device"}
+  seqs, grid = _grouped_rows(setup, g=G), rl_step._single_grid(setup[1].image_grid_thw)
+  np.testing.assert_array_equal(offloaded.log_probs(on_device, seqs, grid),
+                                kept.log_probs(kept.ref_params, seqs, grid))
+  got, want = (learner.step(setup[1], jax.random.key(1)) for learner in (offloaded, kept))
+  untimed = lambda metrics: {k: v for k, v in metrics.items() if not k.startswith("time/")}
+  assert untimed(got.metrics) == untimed(want.metrics)
+  assert {x.sharding.memory_kind for x in jax.tree.leaves(offloaded.ref_params)} == {"pinned_host"}
+
+
 def _schulman(estimator: str, d: np.ndarray) -> np.ndarray:
   """Schulman's KL estimators by hand, d = ref_logp − logp (k3 with EasyR1's clamps)."""
   if estimator == "k1":

@@ -142,8 +142,8 @@ class Qwen25VL(nnx.Module):
     [P·share, R] that continue them, a prompt's `share` chunks adjacent (its G samples).
 
     Returns ([P, 1, V] logits at each prompt's last position, which predict its chunks' first
-    token; [P·share, R, V] chunk logits, or with `head=False` the chunks' final hidden states
-    [P·share, R, D]). The prompt runs once for its chunks, which attend to its keys and values: the
+    token; [P·share, R, V] chunk logits), or with `head=False` the final hidden states of both
+    ([P, 1, D]; [P·share, R, D]). The prompt runs once for its chunks, which attend to its keys and values: the
     numbers of a forward over each whole row, up to float rounding. A generated `<|image_pad|>`
     id in a chunk stays a text token: no image features are merged there.
     """
@@ -155,7 +155,8 @@ class Qwen25VL(nnx.Module):
     hidden_p, hidden = self.text.with_prompt(xp, prompt_positions, prompt_mask,
                                              self.text.embed(input_ids), positions,
                                              attention_mask, share)
-    return self.logits(hidden_p[:, -1:]), self.logits(hidden) if head else hidden
+    last = hidden_p[:, -1:]
+    return (self.logits(last), self.logits(hidden)) if head else (last, hidden)
 
   def _inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, positions,
               image_mask) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -196,11 +197,17 @@ class Qwen25VL(nnx.Module):
                         axis=0)
     return jnp.where(is_image[..., None], gathered, x)
 
+  def head_weight(self) -> tuple[jax.Array, str]:
+    """The LM head in the compute dtype and its axes: the embedding [V, D] ("VD") when tied,
+    else [D, V] ("DV")."""
+    if self.cfg.text.tie_word_embeddings:
+      return self.text.embedding[...].astype(self.dtype), "VD"
+    return self.lm_head[...].astype(self.dtype), "DV"
+
   def logits(self, hidden: jax.Array) -> jax.Array:
     """[B, T, D] final hidden states → [B, T, V] in the compute dtype."""
-    if self.cfg.text.tie_word_embeddings:
-      return jnp.einsum("BTD,VD->BTV", hidden, self.text.embedding[...].astype(self.dtype))
-    return jnp.einsum("BTD,DV->BTV", hidden, self.lm_head[...].astype(self.dtype))
+    weight, axes = self.head_weight()
+    return jnp.einsum(f"BTD,{axes}->BTV", hidden, weight)
 
 
 def init_model(cfg: ModelConfig, *, seed: int = 0, dtype: jnp.dtype = jnp.float32,

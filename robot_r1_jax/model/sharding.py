@@ -28,6 +28,9 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),  # H
     ("vocab", "tensor"),  # V
+    # V of the LM head while scoring completions (`train.scoring.head_scores`): split over every
+    # device, so that the head never moves inside the loop over position chunks.
+    ("vocab_split", ("data", "fsdp", "tensor")),
     ("norm", None),  # RMSNorm scales
     ("patch", None),  # the flattened 1176-long patch vector
     ("merge", "fsdp"),  # the merger's 4·D_vision input width

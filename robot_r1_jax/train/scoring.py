@@ -9,12 +9,11 @@ for an image and SFT trains exactly the distribution the sampler draws from.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from robot_r1_jax.model import rope
+from robot_r1_jax.model import rope, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 
 
@@ -36,7 +35,9 @@ def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
   The log-softmax is taken in fp32 whatever the logits dtype (DESIGN.md numerics), but only its
   [B, R] normaliser is formed: the upcast, max and exp-sum fuse into reductions under jit, and the
   target logit is gathered from the original array (a bf16 → f32 cast is exact). No [B, R, V] fp32
-  array beyond the upcast input is materialised (see the memory test).
+  array beyond the upcast input is materialised (see the memory test). With V split over devices
+  (`head_scores`) the partitioner takes each device's part of the target's logit and sums the
+  parts: no logits move.
   """
   if logits.shape[:-1] != targets.shape:
     raise ValueError(f"logits {logits.shape} and targets {targets.shape} disagree on [B, R]")
@@ -80,28 +81,48 @@ def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, 
   """
   if seqs.prompt_ids.shape[0] % share:
     raise ValueError(f"{seqs.prompt_ids.shape[0]} rows do not come in runs of share={share}")
-  if share == 1:
-    logp, entropy = head_scores(model.logits, _whole_row_hidden(model, seqs, image_grid),
-                                seqs.completion, temperature, chunk)
-  else:
-    logp, entropy = _shared_prompt_scores(model, seqs, image_grid, share, temperature, chunk)
+  hidden = (_whole_row_hidden(model, seqs, image_grid) if share == 1
+            else _shared_prompt_hidden(model, seqs, image_grid, share))
+  head, axes = model.head_weight()
+  logp, entropy = head_scores(head, hidden, seqs.completion, temperature, chunk, axes)
   return logp, entropy if entropy_grad else jax.lax.stop_gradient(entropy)
 
 
-def head_scores(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array,
-                temperature: float = 1.0, chunk: int = LOGITS_CHUNK
-                ) -> tuple[jax.Array, jax.Array]:
-  """(log π(target), entropy), each [B, R] f32, from hidden states [B, R, D] through `head`
-  ([B, c, D] → [B, c, V] logits), `chunk` positions at a time.
+def head_scores(head: jax.Array, hidden: jax.Array, targets: jax.Array, temperature: float = 1.0,
+                chunk: int = LOGITS_CHUNK, head_axes: str = "DV") -> tuple[jax.Array, jax.Array]:
+  """(log π(target), entropy), each [B, R] f32, from hidden states [B, R, D] through the LM head
+  (`Qwen25VL.head_weight()`: [D, V] for `head_axes` "DV", [V, D] for "VD"), `chunk` positions
+  at a time.
 
   Chunks run in a `lax.map` whose body is rematerialised: the backward pass recomputes one
   chunk's logits at a time from its hidden states, so neither pass holds more than [B, chunk, V].
+
+  On a mesh the head is split over the vocabulary across every device once, before the loop
+  (`vocab_split`), and each chunk's hidden states are gathered to every device: a chunk moves its
+  [B, chunk, D] hidden states and [B, chunk] softmax sums, where the FSDP head would be gathered
+  whole (1 GiB at 7B) and its gradient reduced in every chunk. The head's gradient stays split
+  until the loop ends.
   """
   b, r = hidden.shape[:2]
   if targets.shape != (b, r):
     raise ValueError(f"hidden {hidden.shape} and targets {targets.shape} disagree on [B, R]")
+  # Split from the parameter's own placement: the transpose of these pins takes the head's
+  # gradient back to it after the loop, so that the optimizer updates the head where it lives
+  # (left to the partitioner, the vocabulary-split gradient pulled the head's Adam update into
+  # that layout, three resharded copies of the f32 head).
+  head = sharding.constrain(head, tuple({"D": "embed", "V": "vocab"}[a] for a in head_axes))
+  head = sharding.constrain(head, tuple("vocab_split" if a == "V" else None for a in head_axes))
 
-  scores = lambda h, t: _logits_scores(head(h), t, temperature)
+  def scores(h, t):
+    # Every row to every device, from each device's own rows: pinning both ends keeps the
+    # gradient's reduce-scatter inside the loop (else every row's [B, R, D] gradient builds up
+    # on every device and is scattered once after it).
+    h = sharding.constrain(sharding.constrain(h, ("batch", None, None)), (None, None, None))
+    logits = sharding.constrain(jnp.einsum(f"BTD,{head_axes}->BTV", h, head),
+                                (None, None, "vocab_split"))
+    return tuple(sharding.constrain(x, ("batch", None))
+                 for x in _logits_scores(logits, t, temperature))
+
   if r <= chunk:
     return scores(hidden, targets)
   n = -(-r // chunk)
@@ -143,11 +164,11 @@ def _whole_row_hidden(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, i
                        head=False).hidden
 
 
-def _shared_prompt_scores(model: Qwen25VL, seqs: Sequences,
-                          image_grid: tuple[int, int, int] | None, share: int,
-                          temperature: float, chunk: int) -> tuple[jax.Array, jax.Array]:
-  """`head_scores` of each run's prompt once and of its completions, which attend to the prompt's
-  keys/values, in one pass over the layers (`Qwen25VL.with_prompt`)."""
+def _shared_prompt_hidden(model: Qwen25VL, seqs: Sequences,
+                          image_grid: tuple[int, int, int] | None, share: int) -> jax.Array:
+  """[B, R, D] as `_whole_row_hidden`, each run's prompt through the model once and its
+  completions attending to the prompt's keys/values, in one pass over the layers
+  (`Qwen25VL.with_prompt`)."""
   t, r = seqs.prompt_ids.shape[1], seqs.completion.shape[1]
   ids, mask = seqs.prompt_ids[::share], seqs.prompt_mask[::share]
   grids = None if image_grid is None else (image_grid,) * ids.shape[0]
@@ -157,10 +178,7 @@ def _shared_prompt_scores(model: Qwen25VL, seqs: Sequences,
   # Position t predicts token t+1: the last prompt position predicts completion token 0, and the
   # completion's positions [0, R−1) the rest.
   if r == 1:
-    last = model.forward(ids, mask, pixels, grids, logits_from=t - 1).logits
-    return _logits_scores(rep(last), seqs.completion, temperature)
+    return rep(model.forward(ids, mask, pixels, grids, logits_from=t - 1, head=False).hidden)
   last, hidden = model.with_prompt(ids, mask, pixels, grids, seqs.completion[:, :-1],
                                    seqs.completion_mask[:, :-1], share=share, head=False)
-  first = _logits_scores(rep(last), seqs.completion[:, :1], temperature)
-  rest = head_scores(model.logits, hidden, seqs.completion[:, 1:], temperature, chunk)
-  return tuple(jnp.concatenate(pair, axis=1) for pair in zip(first, rest))
+  return jnp.concatenate([rep(last), hidden], axis=1)

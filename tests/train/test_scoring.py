@@ -8,7 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 
+from robot_r1_jax.launch import hlo
+from robot_r1_jax.model import sharding
 from robot_r1_jax.train import scoring
 
 
@@ -63,7 +66,7 @@ def test_head_scores_in_chunks_equal_the_whole_head_with_gradients(temperature):
   hidden, weight, targets = _head_problem()
 
   def total(h, w, chunk):
-    logp, entropy = scoring.head_scores(lambda x: x @ w, h, targets, temperature, chunk)
+    logp, entropy = scoring.head_scores(w, h, targets, temperature, chunk)
     return (logp * jnp.linspace(0.5, 1.5, logp.size).reshape(logp.shape)).sum() + entropy.sum(), (
         logp, entropy)
 
@@ -82,7 +85,7 @@ def test_head_scores_hold_one_chunk_of_logits_in_the_backward_pass():
   one_fp32_logits = b * r * v * 4
 
   def temps(chunk):
-    loss = lambda h, w, t: scoring.head_scores(lambda x: x @ w, h, t, 1.0, chunk)[0].sum()
+    loss = lambda h, w, t: scoring.head_scores(w, h, t, 1.0, chunk)[0].sum()
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
         jax.ShapeDtypeStruct((b, r, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
         jax.ShapeDtypeStruct((b, r), jnp.int32)).compile()
@@ -95,6 +98,36 @@ def test_head_scores_hold_one_chunk_of_logits_in_the_backward_pass():
   assert chunked <= one_fp32_logits / 8 * 3 + d * v * 4 * 2 + 16 * b * r * 4
 
 
+def test_head_scores_on_a_mesh_move_hidden_states_not_the_head(mesh8):
+  """FSDP-placed head (D over fsdp, V over tensor) and rows over (data, fsdp): the scores and
+  gradients equal one device's, and no collective inside the chunk loop is of the head's size."""
+  b, r, d, v = 8, 24, 32, 8 * 1031  # V splits over the 8 devices
+  rng = np.random.default_rng(3)
+  hidden = jnp.asarray(rng.normal(size=(b, r, d)), jnp.float32)
+  weight = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, v, (b, r)), jnp.int32)
+
+  def loss(h, w):
+    logp, entropy = scoring.head_scores(w, h, targets, 1.0, 8)
+    return logp.sum() + 0.5 * entropy.sum(), logp
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+  (gh_one, gw_one), logp_one = grad(hidden, weight)
+  place = lambda x, names: jax.device_put(x, NamedSharding(mesh8, sharding.logical_to_spec(names)))
+  placed = place(hidden, ("batch", None, None)), place(weight, ("embed", "vocab"))
+  with sharding.on_mesh(mesh8):
+    (gh, gw), logp = grad(*placed)
+    text = grad.lower(*placed).compile().as_text()
+  np.testing.assert_allclose(logp, logp_one, rtol=1e-6)
+  # Each device sums its part of V: f32 rounding of a different order.
+  for got, want in ((gh, gh_one), (gw, gw_one)):
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+  loops = [loop for loop in hlo.loop_collectives(text) if loop.counts]
+  assert loops  # the chunks' hidden states and sums do move
+  head_bytes = d * v * 4 // 8  # a quarter of the head: any FSDP gather of it is larger
+  assert all(loop.total_bytes < head_bytes for loop in loops), [l.summary() for l in loops]
+
+
 def test_head_scores_rejects_mismatched_targets():
   with pytest.raises(ValueError, match=r"hidden \(1, 2, 3\) and targets \(1, 3\)"):
-    scoring.head_scores(lambda x: x, jnp.zeros((1, 2, 3)), jnp.zeros((1, 3), jnp.int32))
+    scoring.head_scores(jnp.zeros((3, 5)), jnp.zeros((1, 2, 3)), jnp.zeros((1, 3), jnp.int32))

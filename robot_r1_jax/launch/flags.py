@@ -107,8 +107,11 @@ ATTENTION = flags.DEFINE_enum("attention", "auto", list(attention.IMPLEMENTATION
                               "Attention implementation: xla (einsum scores and an fp32 softmax, "
                               "Hugging Face's eager numerics), splash (the Pallas TPU kernel: no "
                               "[T, S] scores in memory), splash_interpret (that kernel through "
-                              "the Pallas interpreter, any backend; slow); auto picks splash on "
-                              "TPU and xla elsewhere. The decode step is xla in every case.")
+                              "the Pallas interpreter, any backend; slow), cudnn "
+                              "(jax.nn.dot_product_attention's cuDNN flash attention: GPUs, "
+                              "bfloat16 compute), dot_product (the same call with its XLA "
+                              "implementation, any backend); auto picks splash on TPU and xla "
+                              "elsewhere. The decode step is xla in every case.")
 COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile every executable of the run for "
                                  "--topology on this host and report each one's memory per chip "
                                  "against the chip's HBM (also WORKDIR/compile_report.json); "

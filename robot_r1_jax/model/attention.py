@@ -13,7 +13,12 @@ Implementations (`IMPLEMENTATIONS`):
             over rows and heads (the kernel is one device's program).
   `splash_interpret`  the same kernel through the Pallas interpreter, on any backend (the CPU
             tests; slow).
-`resolve("auto", platform)` picks splash on TPU and xla elsewhere. The one-token decode step
+  `cudnn`   `jax.nn.dot_product_attention` with cuDNN's fused flash attention (GPUs; bf16 or
+            fp16 compute): the masks go in as a boolean [B, 1, T, S] array.
+  `dot_product`  the same call with the library's own XLA implementation, on any backend: what
+            the CPU tests compare with xla (the layouts and masks `cudnn` is given).
+`resolve("auto", platform)` picks splash on TPU and xla elsewhere (cudnn is chosen by name until
+a GPU has measured it against xla). The one-token decode step
 always takes the xla form: it reads the cache where it lies, one query against S slots, and the
 compile report puts it at the HBM floor (it moves the cache and the weights, not scores).
 
@@ -34,7 +39,9 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from robot_r1_jax.model import sharding
 
-IMPLEMENTATIONS = ("auto", "xla", "splash", "splash_interpret")
+IMPLEMENTATIONS = ("auto", "xla", "splash", "splash_interpret", "cudnn", "dot_product")
+# The implementations that call `jax.nn.dot_product_attention`, and the one each asks it for.
+_LIBRARY = {"cudnn": "cudnn", "dot_product": None}
 
 # The splash kernel's tiles: its sequence blocks are multiples of 128 rows.
 _BLOCK = 128
@@ -47,6 +54,9 @@ def resolve(name: str, platform: str) -> str:
   """`name` with "auto" replaced by the choice for `platform` ("tpu", "gpu", "cpu")."""
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"attention={name!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+  if name == "cudnn" and platform != "gpu":
+    raise ValueError(f"attention=cudnn is cuDNN's flash attention and runs on GPUs; these devices "
+                     f"are {platform}: use auto, xla or dot_product")
   if name != "auto":
     return name
   return "splash" if platform == "tpu" else "xla"
@@ -107,6 +117,17 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, real: jax.Array, prefix: Pr
   """Causal attention of a chunk over `prefix`'s slots and itself: q [B, K, Q, T, H], the chunk's
   keys [B, K, H, T] / values [B, K, T, H], `real` [B, T] → [B, K, Q, T, H]. Masks as
   `causal_mask`."""
+  if implementation in _LIBRARY:
+    mask = causal_mask(real, None if prefix is None else prefix.valid)
+    keys, values = k.transpose(0, 3, 1, 2), v.transpose(0, 2, 1, 3)  # [B, S, K, H]
+    if prefix is not None:
+      keys = jnp.concatenate([prefix.k.transpose(0, 3, 1, 2).astype(q.dtype), keys], axis=1)
+      values = jnp.concatenate([prefix.v.transpose(0, 2, 1, 3).astype(q.dtype), values], axis=1)
+    b, kh, g, t, h = q.shape
+    queries = q.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, h)  # head n = k·Q + q
+    out = jax.nn.dot_product_attention(queries, keys, values, mask=mask[:, None],
+                                       implementation=_LIBRARY[implementation])
+    return out.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)
   if _splash_interpret(implementation) is None:
     mask = causal_mask(real, None if prefix is None else prefix.valid)
     return dense(q, k, v, mask, None if prefix is None else (prefix.k, prefix.v))
@@ -142,6 +163,14 @@ def grouped(q: jax.Array, k: jax.Array, v: jax.Array, valid: np.ndarray | None,
   windows of Qwen2.5-VL) take the xla form: padding them to a block would cost more than the
   kernel saves on scores that small.
   """
+  if implementation in _LIBRARY:
+    b, w, l, n, h = q.shape
+    rows = lambda x: x.reshape(b * w, l, n, h)  # [B·W, L, N, H]: the library's layout already
+    keys = None if valid is None else jnp.asarray(np.broadcast_to(
+        np.asarray(valid)[None], (b, w, l)).reshape(b * w, 1, 1, l))
+    out = jax.nn.dot_product_attention(rows(q), rows(k), rows(v), mask=keys,
+                                       implementation=_LIBRARY[implementation])
+    return out.reshape(b, w, l, n, h)
   interpret = _splash_interpret(implementation)
   if interpret is not None and q.shape[2] % _BLOCK == 0:
     b, w, l, n, h = q.shape
@@ -168,7 +197,8 @@ def grouped(q: jax.Array, k: jax.Array, v: jax.Array, valid: np.ndarray | None,
 
 def _splash_interpret(implementation: str) -> bool | None:
   """None for xla; for the splash kernel, whether it runs in the Pallas interpreter."""
-  return None if check(implementation) == "xla" else implementation == "splash_interpret"
+  return (None if check(implementation) in ("xla", *_LIBRARY)
+          else implementation == "splash_interpret")
 
 
 def _padded(n: int) -> int:

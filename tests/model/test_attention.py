@@ -1,6 +1,8 @@
-"""The attention seam: the splash kernel (through the Pallas interpreter on CPU) against the xla
-form on the masks the model uses (causal, left and right padding, a prompt prefix, window groups),
-values and gradients, on one device and in a shard_map over the fake-device mesh."""
+"""The attention seam: the splash kernel (through the Pallas interpreter on CPU) and the
+`jax.nn.dot_product_attention` call that cudnn makes (with the library's XLA implementation on
+CPU) against the xla form on the masks the model uses (causal, left and right padding, a prompt
+prefix, window groups), values and gradients, on one device and in a shard_map over the
+fake-device mesh."""
 
 from __future__ import annotations
 
@@ -36,8 +38,9 @@ def _real_rows(x, real):
   return np.asarray(x).transpose(0, 3, 1, 2, 4)[np.asarray(real)]
 
 
+@pytest.mark.parametrize("impl", ["splash_interpret", "dot_product"])
 @pytest.mark.parametrize("with_prefix", [False, True])
-def test_splash_matches_xla_values_and_gradients(with_prefix):
+def test_kernels_match_xla_values_and_gradients(with_prefix, impl):
   q, k, v, real, prefix = _inputs(0)
   prefix = prefix if with_prefix else None
   weights = jnp.asarray(np.random.default_rng(1).standard_normal((B, K, Q, T, H)), jnp.float32)
@@ -49,11 +52,11 @@ def test_splash_matches_xla_values_and_gradients(with_prefix):
 
   cached = None if prefix is None else (prefix.k, prefix.v)
   results = {}
-  for impl in ("xla", "splash_interpret"):
-    grad = jax.jit(jax.grad(lambda *a, impl=impl: loss(impl, *a), argnums=(0, 1, 2, 3),
+  for name in ("xla", impl):
+    grad = jax.jit(jax.grad(lambda *a, name=name: loss(name, *a), argnums=(0, 1, 2, 3),
                             has_aux=True))
-    results[impl] = grad(q, k, v, cached)
-  (g_xla, out_xla), (g_splash, out_splash) = results["xla"], results["splash_interpret"]
+    results[name] = grad(q, k, v, cached)
+  (g_xla, out_xla), (g_splash, out_splash) = results["xla"], results[impl]
   assert np.isfinite(np.asarray(out_splash)).all()
   np.testing.assert_allclose(_real_rows(out_splash, real), _real_rows(out_xla, real), atol=2e-6)
   for a, b in zip(jax.tree.leaves(g_splash), jax.tree.leaves(g_xla)):
@@ -68,15 +71,16 @@ def test_causal_mask_states_the_rule_once():
                                           [1, 0, 0, 1, 1]])
 
 
-def test_grouped_splash_matches_xla():
+@pytest.mark.parametrize("impl", ["splash_interpret", "dot_product"])
+def test_grouped_kernels_match_xla(impl):
   # 3 groups of 128 slots, the last one half padding (an irregular window table).
   rng = np.random.default_rng(2)
   q, k, v = (jnp.asarray(rng.standard_normal((2, 3, 128, 4, H)), jnp.float32) for _ in range(3))
   valid = np.ones((3, 128), bool)
   valid[2, 64:] = False
   xla = np.asarray(attention.grouped(q, k, v, valid, "xla"))
-  splash = np.asarray(jax.jit(lambda *a: attention.grouped(*a, valid, "splash_interpret"))(q, k, v))
-  np.testing.assert_allclose(splash[:, valid], xla[:, valid], atol=2e-6)
+  out = np.asarray(jax.jit(lambda *a: attention.grouped(*a, valid, impl))(q, k, v))
+  np.testing.assert_allclose(out[:, valid], xla[:, valid], atol=2e-6)
 
 
 def test_splash_in_shard_map_over_the_mesh():
@@ -126,8 +130,35 @@ def test_model_through_the_kernel_matches_xla():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def test_model_through_the_library_call_matches_xla(monkeypatch):
+  """The tiny model with every prefill, window and frame attention through
+  `jax.nn.dot_product_attention` (XLA's implementation here; cudnn's on a GPU): the logits of
+  the xla model, an image per row."""
+  cfg = config_lib.tiny()
+  models = {impl: qwen2_5_vl.init_model(cfg, seed=0, attention_implementation=impl)
+            for impl in ("xla", "dot_product")}
+  rng = np.random.default_rng(5)
+  grid = ((1, 8, 8),)
+  row = [0] * 3 + [cfg.vision_start_token_id] + [cfg.image_token_id] * 16 + [
+      cfg.vision_end_token_id] + list(rng.integers(0, 1000, 7))
+  ids = jnp.asarray([row], jnp.int32)
+  mask = jnp.asarray([[0] * 3 + [1] * (len(row) - 3)], jnp.int32)
+  pixels = jnp.asarray(rng.standard_normal((64, cfg.vision.patch_dim)), jnp.float32)
+  calls, library = [], jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda *a, **kw: calls.append(kw["implementation"]) or library(*a, **kw))
+  logits = {impl: np.asarray(m(ids, mask, pixels, grid))[:, 3:] for impl, m in models.items()}
+  # Traced once per scanned body: the text layers, the vision windows, the vision frames.
+  assert calls == [None] * 3
+  np.testing.assert_allclose(logits["dot_product"], logits["xla"], atol=1e-5)
+
+
 def test_resolve_and_refusals():
   assert attention.resolve("auto", "tpu") == "splash"
+  assert attention.resolve("cudnn", "gpu") == "cudnn"
+  for platform in ("cpu", "tpu"):
+    with pytest.raises(ValueError, match="runs on GPUs"):
+      attention.resolve("cudnn", platform)
   assert attention.resolve("auto", "cpu") == attention.resolve("auto", "gpu") == "xla"
   assert attention.resolve("splash_interpret", "cpu") == "splash_interpret"
   with pytest.raises(ValueError, match="flash"):

@@ -62,8 +62,8 @@ class LearnerConfig:
   kl_reward: kl_lib.KLPenalty = kl_lib.KLPenalty(coef=0.0, estimator="k1", placement="reward")
   # Keep the frozen reference in host memory (pinned_host) between its scoring passes: the
   # accelerator holds it only while the reference log-probs run, and each step copies it in once
-  # (verl's ref param offload). At 7B on 16 chips: 0.97 GiB of HBM per chip during the rollout
-  # and the update, for a 65 MiB copy per chip per step.
+  # (verl's ref param offload). At 7B on 16 chips: 0.97 GiB of HBM per chip freed during the
+  # rollout and the update, for a copy of that 0.97 GiB into each chip once a step.
   offload_reference: bool = False
   loss: losses.PolicyLossConfig = losses.PolicyLossConfig()
   advantage: adv_lib.AdvantageOptions = adv_lib.AdvantageOptions()

@@ -115,8 +115,8 @@ def head_scores(head: jax.Array, hidden: jax.Array, targets: jax.Array, temperat
 
   def scores(h, t):
     # Every row to every device, from each device's own rows: pinning both ends keeps the
-    # gradient's reduce-scatter inside the loop (else every row's [B, R, D] gradient builds up
-    # on every device and is scattered once after it).
+    # reduction of the hidden states' gradient inside the loop (else every row's [B, R, D]
+    # gradient builds up on every device and is reduced once after it).
     h = sharding.constrain(sharding.constrain(h, ("batch", None, None)), (None, None, None))
     logits = sharding.constrain(jnp.einsum(f"BTD,{head_axes}->BTV", h, head),
                                 (None, None, "vocab_split"))

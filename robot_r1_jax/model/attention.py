@@ -117,19 +117,10 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, real: jax.Array, prefix: Pr
   """Causal attention of a chunk over `prefix`'s slots and itself: q [B, K, Q, T, H], the chunk's
   keys [B, K, H, T] / values [B, K, T, H], `real` [B, T] → [B, K, Q, T, H]. Masks as
   `causal_mask`."""
-  if implementation in _LIBRARY:
-    mask = causal_mask(real, None if prefix is None else prefix.valid)
-    keys, values = k.transpose(0, 3, 1, 2), v.transpose(0, 2, 1, 3)  # [B, S, K, H]
-    if prefix is not None:
-      keys = jnp.concatenate([prefix.k.transpose(0, 3, 1, 2).astype(q.dtype), keys], axis=1)
-      values = jnp.concatenate([prefix.v.transpose(0, 2, 1, 3).astype(q.dtype), values], axis=1)
-    b, kh, g, t, h = q.shape
-    queries = q.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, h)  # head n = k·Q + q
-    out = jax.nn.dot_product_attention(queries, keys, values, mask=mask[:, None],
-                                       implementation=_LIBRARY[implementation])
-    return out.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)
   if _splash_interpret(implementation) is None:
     mask = causal_mask(real, None if prefix is None else prefix.valid)
+    if implementation in _LIBRARY:
+      return _library_causal(q, k, v, mask, prefix, _LIBRARY[implementation])
     return dense(q, k, v, mask, None if prefix is None else (prefix.k, prefix.v))
   b, kh, g, t, h = q.shape
   keys, values, q_ids = k.swapaxes(-1, -2), v, _ids(real)
@@ -152,6 +143,21 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, real: jax.Array, prefix: Pr
   out = _splash(queries, keys, values, q_ids, kv_ids, causal_offset=offset,
                 interpret=_splash_interpret(implementation))
   return out[:, :, :t].reshape(b, kh, g, t, h)
+
+
+def _library_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                    prefix: Prefix | None, library: str | None) -> jax.Array:
+  """`causal` through `jax.nn.dot_product_attention(implementation=library)`: the prefix's and
+  the chunk's keys/values in one [B, S, K, H] array, the mask [B, T, S] as `causal_mask`."""
+  keys, values = k.transpose(0, 3, 1, 2), v.transpose(0, 2, 1, 3)
+  if prefix is not None:
+    keys = jnp.concatenate([prefix.k.transpose(0, 3, 1, 2).astype(q.dtype), keys], axis=1)
+    values = jnp.concatenate([prefix.v.transpose(0, 2, 1, 3).astype(q.dtype), values], axis=1)
+  b, kh, g, t, h = q.shape
+  queries = q.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, h)  # head n = k·Q + q
+  out = jax.nn.dot_product_attention(queries, keys, values, mask=mask[:, None],
+                                     implementation=library)
+  return out.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)
 
 
 def grouped(q: jax.Array, k: jax.Array, v: jax.Array, valid: np.ndarray | None,
@@ -196,7 +202,8 @@ def grouped(q: jax.Array, k: jax.Array, v: jax.Array, valid: np.ndarray | None,
 
 
 def _splash_interpret(implementation: str) -> bool | None:
-  """None for xla; for the splash kernel, whether it runs in the Pallas interpreter."""
+  """None for xla and the library calls; for the splash kernel, whether it runs in the Pallas
+  interpreter."""
   return (None if check(implementation) in ("xla", *_LIBRARY)
           else implementation == "splash_interpret")
 

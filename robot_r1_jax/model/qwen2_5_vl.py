@@ -143,9 +143,9 @@ class Qwen25VL(nnx.Module):
 
     Returns ([P, 1, V] logits at each prompt's last position, which predict its chunks' first
     token; [P·share, R, V] chunk logits), or with `head=False` the final hidden states of both
-    ([P, 1, D]; [P·share, R, D]). The prompt runs once for its chunks, which attend to its keys and values: the
-    numbers of a forward over each whole row, up to float rounding. A generated `<|image_pad|>`
-    id in a chunk stays a text token: no image features are merged there.
+    ([P, 1, D]; [P·share, R, D]). The prompt runs once for its chunks, which attend to its keys
+    and values: the numbers of a forward over each whole row, up to float rounding. A generated
+    `<|image_pad|>` id in a chunk stays a text token: no image features are merged there.
     """
     xp, prompt_mask, prompt_positions, deltas = self._inputs(
         prompt_ids, prompt_mask, pixel_values, image_grid_thw, None, None)

@@ -93,6 +93,24 @@ def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
   return jnp.where(keys >= threshold, logits, -jnp.inf)
 
 
+def top_p_argmax(logits: jax.Array, noise: jax.Array, p: float) -> jax.Array:
+  """`first_argmax(top_p_mask(logits, p) + noise)`, the same tokens, mostly without the bisection.
+
+  The untruncated draw `first_argmax(logits + noise)` is the truncated one whenever it lands in
+  the kept set (the masked entries only lower competitors), and it does with probability ≥ p per
+  row. One masked sum per row checks that (the mass strictly above the drawn token < p); only a
+  step where some row drew outside its set runs `top_p_mask`'s 32 halvings (at p = 0.99 over 40
+  rows, about a third of the steps of a near-uniform distribution, fewer for a peaked one).
+  """
+  tokens = first_argmax(logits + noise)
+  keys = _ordered_bits(logits)
+  drawn = jnp.take_along_axis(keys, tokens[:, None], axis=-1)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  above = jnp.sum(jnp.where(keys > drawn, probs, 0.0), axis=-1)
+  return jax.lax.cond(jnp.all(above < p), lambda: tokens,
+                      lambda: first_argmax(top_p_mask(logits, p) + noise))
+
+
 def first_argmax(x: jax.Array) -> jax.Array:
   """[B, V] → [B] int32 index of each row's first maximum, as jnp.argmax.
 
@@ -120,10 +138,9 @@ def choose(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> Choice
     truncated = logits
     if params.top_k:
       truncated = top_k_mask(truncated, params.top_k)
-    if params.top_p < 1:
-      truncated = top_p_mask(truncated, params.top_p)
     noise = jax.vmap(lambda k: jax.random.gumbel(k, truncated.shape[-1:]))(keys)
-    tokens = first_argmax(truncated + noise)
+    tokens = (top_p_argmax(truncated, noise, params.top_p) if params.top_p < 1
+              else first_argmax(truncated + noise))
   picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
   return Choice(tokens=tokens, log_probs=picked - jax.nn.logsumexp(logits, axis=-1))
 

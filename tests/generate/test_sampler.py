@@ -292,13 +292,15 @@ def test_choose_draws_what_categorical_draws_row_by_row():
 
 @pytest.mark.parametrize("p", [0.99, 0.9, 0.3])
 def test_top_p_draw_is_the_masked_draw(p):
-  """`top_p_argmax` takes the untruncated draw when it lies in the kept set and bisects otherwise:
-  the tokens equal masking first and drawing after, row by row. At p = 0.3 most rows draw outside
-  their set (the bisection runs); at 0.99 a whole batch of rows often skips it."""
+  """`top_p_argmax` keeps the untruncated draw when it lies in the kept set and redraws above it
+  otherwise: the tokens equal masking first (`top_p_mask`'s bisection) and drawing after, row by
+  row, also where top-k left −inf entries. At p = 0.3 over near-uniform rows most rows take
+  several rounds; at 0.99 a whole batch of rows often takes none."""
   accepted = []
   for seed, scale in enumerate((0.3, 2.0, 6.0)):
     logits = scale * jax.random.normal(jax.random.key(seed), (48, 997))
     logits = logits.at[:, :5].set(logits[:, 5:6])  # ties at the top of some rows' order
+    logits = logits.at[::3].set(sampling.top_k_mask(logits[::3], 50))
     noise = jax.vmap(lambda k: jax.random.gumbel(k, (997,)))(
         jax.random.split(jax.random.key(100 + seed), 48))
     want = sampling.first_argmax(sampling.top_p_mask(logits, p) + noise)
@@ -306,9 +308,9 @@ def test_top_p_draw_is_the_masked_draw(p):
         logits, noise, p)), np.asarray(want))
     accepted.append(bool((sampling.first_argmax(logits + noise) == want).all()))
   if p == 0.3:
-    assert not all(accepted)  # the bisection ran
+    assert not all(accepted)  # rows redrew
   if p == 0.99:
-    assert any(accepted)  # and was skipped
+    assert any(accepted)  # and a whole batch did not
 
 
 def _forced_model(target_logits: np.ndarray) -> Qwen25VL:

@@ -213,7 +213,7 @@ class Cost:
 
   flops: float  # of its dots and convolutions (elementwise work is left out)
   bytes: float  # read and written by its top-level ops (a fusion: its operands and results)
-  assumed_loops: int = 0  # loops whose trip count the HLO does not say (charged the given count)
+  assumed_loops: int = 0  # loops whose trip count the HLO does not say (see program_cost)
 
   def __add__(self, other: Cost) -> Cost:
     return Cost(self.flops + other.flops, self.bytes + other.bytes,
@@ -394,8 +394,10 @@ def program_cost(hlo: str | Module, unknown_trips: int = 1) -> Cost:
   or parsed), per device.
 
   Each while loop's body and condition count once per iteration, loops inside loops multiply; a
-  loop whose trip count the HLO does not give (one that stops on data) counts `unknown_trips`. A
-  conditional counts its dearest branch. Bytes are those of the top-level ops (a fusion reads its
+  loop whose trip count the HLO does not give (one that stops on data) counts `unknown_trips` when
+  its body multiplies (the decode loop: a model step per token) and once when it does not (a
+  retry, such as top-p's redraw, which mostly ends after its first round). A conditional counts
+  its dearest branch. Bytes are those of the top-level ops (a fusion reads its
   operands, less what it only slices or updates in place, and writes its results); a custom call
   (a Pallas kernel) counts its operands and results but not its FLOPs, which XLA cannot see.
   """
@@ -414,7 +416,8 @@ def program_cost(hlo: str | Module, unknown_trips: int = 1) -> Cost:
       callees = _callees(instruction)
       if instruction.opcode == "while":
         trips = _trip_count(module, instruction)
-        total += sum((cost(c, top) for c in callees), Cost(0.0, 0.0)) * (trips or unknown_trips)
+        body = sum((cost(c, top) for c in callees), Cost(0.0, 0.0))
+        total += body * (trips or (unknown_trips if body.flops else 1))
         total += Cost(0.0, 0.0, assumed_loops=int(trips is None))
       elif instruction.opcode == "conditional":
         branches = [cost(c, top) for c in callees]

@@ -76,10 +76,11 @@ def test_tiny_run_compiles_for_v5e_2x2_and_fits(tmp_path):
     assert e["cost"]["bytes"] > 0 and 0 < e["floor_seconds"] and 0 <= e["mfu_bound"] <= 1, e
     assert (e["cost"]["flops"] > 0) != e["name"].endswith("_layout"), e
   # The decode loop stops on data and is charged its 64-token bucket (its layers, a scan, each
-  # count): per chip, 64 tokens of 8 rows / data=2, the weights and heads / tensor=2: the layers'
-  # matmuls, attention over the 512 + 64 cache, the head (the tensor split of a 1031-token
-  # vocabulary is XLA's to choose).
-  assert decode["cost"]["assumed_loops"] == 1 and report["shapes"]["new_tokens"] == 64
+  # count); top-p's redraws (the first token's, and one inside the loop) stop on data too and are
+  # charged one round each. Per chip, 64 tokens of 8 rows / data=2, the weights and heads /
+  # tensor=2: the layers' matmuls, attention over the 512 + 64 cache, the head (the tensor split
+  # of a 1031-token vocabulary is XLA's to choose).
+  assert decode["cost"]["assumed_loops"] == 3 and report["shapes"]["new_tokens"] == 64
   text = model_config.PRESETS["tiny"]().text
   d, kv = text.hidden_size, text.num_kv_heads * text.hidden_size // text.num_heads
   layer = 2 * d * d + 2 * d * kv + 3 * d * text.intermediate_size + 2 * d * (512 + 64)

@@ -83,6 +83,29 @@ def test_a_loop_that_stops_on_data_is_charged_the_given_count():
   assert hlo.program_cost(text, unknown_trips=13).flops == 13 * one.flops
 
 
+def test_a_data_stopped_loop_without_matmuls_counts_once():
+  """A retry (top-p's redraw: before the decode loop for the first token, inside it for the rest)
+  is charged one round wherever it runs; only the loop that multiplies takes the decode budget."""
+  def retry(r):
+    return jax.lax.while_loop(lambda r: jnp.sum(r) > 1.0, lambda r: jnp.tanh(r) - 0.5, r)
+
+  def decode(x, w, limit):
+    return jax.lax.while_loop(lambda c: c[0] < limit,
+                              lambda c: (c[0] + 1, retry(jnp.tanh(c[1] @ w))), (0, retry(x)))[1]
+
+  one = hlo.program_cost(_one_matmul().as_text())
+  alone = _compiled(retry, X).as_text()
+  assert hlo.program_cost(alone, unknown_trips=13) == hlo.program_cost(alone, unknown_trips=1)
+  assert hlo.program_cost(alone).bytes > 0
+  text = _compiled(decode, X, W, 5).as_text()
+  cost = hlo.program_cost(text, unknown_trips=13)
+  assert cost.flops == 13 * one.flops and cost.assumed_loops == 3
+  # Each extra decode step adds one step's bytes, its retry's one round among them.
+  per_step = hlo.program_cost(text, unknown_trips=2).bytes - hlo.program_cost(text, 1).bytes
+  assert cost.bytes == pytest.approx(hlo.program_cost(text, 1).bytes + 12 * per_step)
+  assert per_step > hlo.program_cost(alone).bytes
+
+
 def test_an_in_place_update_costs_the_update_not_the_buffer():
   cache = jnp.zeros((64, 24, 40), jnp.float32)
   write = lambda c, x: jax.lax.fori_loop(

@@ -64,6 +64,12 @@ def _ordered_bits(x: jax.Array) -> jax.Array:
   return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
+def _mass_above(keys: jax.Array, probs: jax.Array, key: jax.Array) -> jax.Array:
+  """[B, 1] probability mass of the tokens whose key is strictly above `key` [B, 1]: top-p keeps a
+  token exactly when this mass at its own key is below p."""
+  return jnp.sum(jnp.where(keys > key, probs, 0.0), axis=-1, keepdims=True)
+
+
 def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
   """[B, V] logits keeping, per row, the most likely tokens until their mass first reaches p.
 
@@ -83,7 +89,7 @@ def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
     # Invariant: the predicate is false at lo and true at hi.
     lo, hi = bounds
     mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int32 overflow
-    above = jnp.sum(jnp.where(keys > mid, probs, 0.0), axis=-1, keepdims=True)
+    above = _mass_above(keys, probs, mid)
     return jnp.where(above < p, lo, mid), jnp.where(above < p, mid, hi)
 
   # lo: below every token (all mass above it, ≥ p); hi: the top token (no mass above it).
@@ -111,13 +117,14 @@ def top_p_argmax(logits: jax.Array, noise: jax.Array, p: float) -> jax.Array:
     keys = _ordered_bits(logits)
     drawn = jnp.take_along_axis(keys, tokens[:, None], axis=-1)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    return tokens, drawn, jnp.sum(jnp.where(keys > drawn, probs, 0.0), axis=-1) >= p
+    return tokens, drawn, _mass_above(keys, probs, drawn)[:, 0] >= p
 
   def redraw(state):
     tokens, floor, outside = state
-    again = judged(first_argmax(jnp.where(_ordered_bits(logits) > floor, logits + noise, -jnp.inf)))
-    return (jnp.where(outside, again[0], tokens), jnp.where(outside[:, None], again[1], floor),
-            outside & again[2])
+    above_floor = jnp.where(_ordered_bits(logits) > floor, logits + noise, -jnp.inf)
+    new_tokens, new_floor, still_outside = judged(first_argmax(above_floor))
+    return (jnp.where(outside, new_tokens, tokens), jnp.where(outside[:, None], new_floor, floor),
+            outside & still_outside)
 
   first = judged(first_argmax(logits + noise))
   # The loop only in a branch that recomputes what it reads from the logits and the noise: a

@@ -397,9 +397,9 @@ def program_cost(hlo: str | Module, unknown_trips: int = 1) -> Cost:
   loop whose trip count the HLO does not give (one that stops on data) counts `unknown_trips` when
   its body multiplies (the decode loop: a model step per token) and once when it does not (a
   retry, such as top-p's redraw, which mostly ends after its first round). A conditional counts
-  its dearest branch. Bytes are those of the top-level ops (a fusion reads its
-  operands, less what it only slices or updates in place, and writes its results); a custom call
-  (a Pallas kernel) counts its operands and results but not its FLOPs, which XLA cannot see.
+  its dearest branch. Bytes are those of the top-level ops (a fusion reads its operands, less what
+  it only slices or updates in place, and writes its results); a custom call (a Pallas kernel)
+  counts its operands and results but not its FLOPs, which XLA cannot see.
   """
   module = parse(hlo) if isinstance(hlo, str) else hlo
   memo: dict[tuple[str, bool], Cost] = {}

@@ -16,9 +16,10 @@ printed, and written to WORKDIR/compile_report.json.
 Beside the memory, a roofline: each executable's matmul FLOPs and HBM bytes per chip, read from its
 compiled HLO with every loop body weighted by its trip count (`hlo.program_cost`; the decode loop
 counts its whole new-token budget, a retry inside it one round), and the time they take at the
-chip's data-sheet peak FLOP/s and HBM bandwidth. The larger of the two is a lower bound on the executable's time, and the FLOP
-time over it an upper bound on its MFU. The FLOPs are those the program executes (remat's
-recomputation included), at least the model's, so the bound holds for MFU too.
+chip's data-sheet peak FLOP/s and HBM bandwidth. The larger of the two is a lower bound on the
+executable's time, and the FLOP time over it an upper bound on its MFU. The FLOPs are those the
+program executes (remat's recomputation included), at least the model's, so the bound holds for
+MFU too.
 """
 
 from __future__ import annotations

@@ -139,12 +139,13 @@ def measure(name: str, args: argparse.Namespace, mesh: jax.sharding.Mesh, peak_f
   flops = analytic_flops(cfg, update_prompts, args.generations, args.prompt_length,
                          args.new_tokens, patches)
   # The bytes one device reads per decode step: its shards of the layout's weights (split over
-  # tensor, repeated over data) and of the cache (rows over data, K/V heads over tensor).
+  # tensor, repeated over data) and of the cache (rows over data, K/V heads over tensor): each
+  # prompt's slots once (its G samples share them), each row's half-written own slots.
   weights = sum(x.addressable_shards[0].data.nbytes
                 for x in jax.tree.leaves(sampler.layout_params()))
   t = cfg.text
-  half_cache = (rows * (args.prompt_length + args.new_tokens // 2) * t.num_layers * 2 *
-                t.num_kv_heads * t.head_dim * 2) / devices
+  slots = args.prompts * groups * args.prompt_length + rows * (args.new_tokens // 2)
+  half_cache = slots * t.num_layers * 2 * t.num_kv_heads * t.head_dim * 2 / devices
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
   return Figures(model=name, devices=devices, update_s=update_s,
                  mfu=flops / update_s / (devices * peak_flops),

@@ -5,9 +5,10 @@ Rollouts, evaluation and users share it.
 One call (`Sampler.__call__`):
   1. host: left-pad the prompts to the prompt bucket T and pick the new-token bucket R (the
      smallest declared buckets that fit), so that a training run compiles once per (T, R);
-  2. `prefill` (jit): one forward over the B prompts (and their images) into a new cache of
-     S = T + R slots; the cache, the next-token logits and the M-RoPE deltas are then repeated G
-     times, giving B·G rows (row b·G + g is sample g of prompt b);
+  2. `prefill` (jit): one forward over the B prompts (and their images) into a cache of their T
+     slots; the next-token logits and the M-RoPE deltas are then repeated G times, giving B·G rows
+     (row b·G + g is sample g of prompt b), each with R empty slots of its own after its prompt's
+     cache, which its G rows share (held and read once, not G times);
   3. decode (jit, cache donated): the first token comes from the prefill logits, then a
      `lax.while_loop` feeds back one token per step, at position `real tokens so far + delta` of its
      row, until every row has emitted a stop token or `max_new_tokens` tokens are out. Token t of
@@ -24,7 +25,7 @@ so no weight is gathered inside the decode loop; the copy lives for the call. Ou
 on the trainer's mesh, rows over (data, fsdp).
 
 Dimensions (the package alphabet): B prompts · G samples per prompt · T prompt bucket · R new-token
-bucket · S = T + R cache slots · V vocab · P vision patches.
+bucket · V vocab · P vision patches.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class SamplerConfig:
 class DecodeState:
   """What the prefill hands to the decode loop: B·G rows, row b·G + g sampling prompt b."""
 
-  cache: KVCache  # B·G rows of S slots; the prompt fills slots [0, T)
+  cache: KVCache  # B·G rows of R empty slots, continuing their prompt's T (its shared prefix)
   logits: jax.Array  # [B·G, V] f32: next-token logits after the prompt
   rope_deltas: jax.Array  # [B·G] int32
   prompt_tokens: jax.Array  # [B·G, T] int32, left-padded
@@ -324,7 +325,7 @@ class Sampler:
              params: nnx.State | None = None) -> SamplerOutput:
     """Runs the compiled decode loop on a prefill's state with `params` (default: a fresh
     `layout_params()`); `state.cache` is donated (consumed). Rows stay on the layout."""
-    room = state.cache.length - state.prompt_tokens.shape[1]
+    room = state.cache.length
     if not 1 <= max_new_tokens <= room:
       raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, {room}], the new-token "
                        "bucket this state was prefilled for")
@@ -363,9 +364,15 @@ class Sampler:
         full = tuple(jnp.copy(x) for x in (loop.tokens, loop.log_probs, loop.lengths, loop.done))
       else:
         full = self.scatter_step(full, loop, self._replicated(origin))
-      # Fill the bucket with copies of a finished row: done, so they draw nothing.
-      keep = np.concatenate([live, np.full(size - len(live), np.flatnonzero(done)[0])])
-      loop, inputs = self.gather_step(loop, inputs, self._replicated(keep))
+      prompts = _whole_groups(done, size, loop.cache.rows_per_prefix, groups)
+      if prompts is None:
+        # Fill the bucket with copies of a finished row: done, so they draw nothing.
+        keep = np.concatenate([live, np.full(size - len(live), np.flatnonzero(done)[0])])
+      else:
+        keep = (prompts[:, None] * loop.cache.rows_per_prefix +
+                np.arange(loop.cache.rows_per_prefix)).reshape(-1)
+        prompts = self._replicated(prompts)
+      loop, inputs = self.gather_step(loop, inputs, self._replicated(keep), prompts)
       origin, rows = origin[keep], size
     full = ((loop.tokens, loop.log_probs, loop.lengths, loop.done) if full is None else
             self.scatter_step(full, loop, self._replicated(origin)))
@@ -403,13 +410,11 @@ class Sampler:
     model = nnx.merge(self._graphdef, params)
     b, t = ids.shape
     # Only the last position's logits are needed: skips a [B, T, V] head output.
-    out = model.prefill(ids, mask, pixel_values, grid, cache_length=t + new_bucket,
-                        logits_from=t - 1)
+    out = model.prefill(ids, mask, pixel_values, grid, cache_length=t, logits_from=t - 1)
     g = self.config.num_samples
-    # One prefill per prompt; the G samples share it. jnp.repeat keeps a prompt's copies adjacent.
+    # One prefill per prompt; its G samples (adjacent rows) continue its cache, held once.
     rep = lambda x, axis=0: self._rows(jnp.repeat(x, g, axis=axis), axis)
-    cache = out.cache.map_rows(
-        lambda x, axis: self._cache_rows(jnp.repeat(x, g, axis=axis), axis))
+    cache = out.cache.continued(g, new_bucket).map_rows(self._cache_rows)
     # Left padding puts every prompt's last real token in the last slot.
     return DecodeState(cache=cache, logits=rep(out.logits[:, 0].astype(jnp.float32)),
                        rope_deltas=rep(out.rope_deltas), prompt_tokens=rep(ids),
@@ -427,7 +432,7 @@ class Sampler:
                   ) -> tuple[_Loop, _RowInputs]:
     """The loop's carry after the first token (chosen from the prefill's logits)."""
     rows = state.logits.shape[0]
-    new_bucket = cache.length - state.prompt_tokens.shape[1]
+    new_bucket = cache.length
     inputs = _RowInputs(keys=sampling.row_keys(key, state.prompt_index, self.config.num_samples),
                         prompt_index=state.prompt_index,
                         num_real=state.prompt_mask.sum(axis=1, dtype=jnp.int32),
@@ -480,12 +485,17 @@ class Sampler:
                          finish_reasons=reasons, prompt_tokens=state.prompt_tokens,
                          prompt_mask=state.prompt_mask)
 
-  def _gather_impl(self, loop: _Loop, inputs: _RowInputs, rows: jax.Array
-                   ) -> tuple[_Loop, _RowInputs]:
-    """The carry of `rows` only (compaction): every per-row leaf, the cache's included."""
+  def _gather_impl(self, loop: _Loop, inputs: _RowInputs, rows: jax.Array,
+                   prompts: jax.Array | None) -> tuple[_Loop, _RowInputs]:
+    """The carry of `rows` only (compaction): every per-row leaf, the cache's included. The
+    cache's shared prompts keep rows `prompts` when `rows` are their whole groups, else (None)
+    each row takes its own copy of its prompt's."""
     take = lambda x, axis=0: self._rows(jnp.take(x, rows, axis=axis), axis)
-    cache = loop.cache.map_rows(lambda x, axis: self._cache_rows(jnp.take(x, rows, axis=axis),
-                                                                 axis))
+    if prompts is None:
+      prompts = rows // loop.cache.rows_per_prefix
+    cache = loop.cache.map_rows(
+        lambda x, axis: self._cache_rows(jnp.take(x, rows, axis=axis), axis),
+        lambda x, axis: self._cache_rows(jnp.take(x, prompts, axis=axis), axis))
     rest = jax.tree.map(take, dataclasses.replace(loop, step=None, cache=None))
     return (dataclasses.replace(rest, step=loop.step, cache=cache),
             jax.tree.map(take, inputs))
@@ -495,3 +505,18 @@ class Sampler:
     """Writes the compact rows' tokens, log-probs, lengths and flags to their original rows."""
     return tuple(self._rows(f.at[origin].set(x)) for f, x in
                  zip(full, (loop.tokens, loop.log_probs, loop.lengths, loop.done)))
+
+
+def _whole_groups(done: np.ndarray, size: int, per: int, groups: int) -> np.ndarray | None:
+  """The prompts (groups of `per` consecutive rows) that keep their shared cache when `size` rows
+  are kept: those with a live row, then finished ones to fill `size` (their rows draw nothing).
+  None when a live prompt has finished rows, or `size` is not whole prompts on each of the
+  `groups` data-parallel groups: then every row takes its own copy."""
+  if size % per or (size // per) % groups:
+    return None
+  finished = done.reshape(-1, per)
+  live = np.flatnonzero(~finished.all(axis=1))
+  if finished[live].any():
+    return None
+  fill = np.flatnonzero(finished.all(axis=1))[:size // per - len(live)]
+  return np.concatenate([live, fill])

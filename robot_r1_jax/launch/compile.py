@@ -277,7 +277,7 @@ def _plan(config: RunConfig, context: StageContext, shapes: Shapes
                  f"over tensor={layout.shape['tensor']} × data={layout.shape['data']} (once per "
                  "call)", weights, besides("params")))
     plan.append((f"{prefix}_prefill", f"{prompts} prompts × {shapes.prompt_length} tokens + images"
-                 f" → a cache of {rows} rows ({what})", prefill, besides()))
+                 f" → their cache, which {rows} rows continue ({what})", prefill, besides()))
     plan.append((f"{prefix}_decode", f"{rows} rows × {shapes.new_tokens} new tokens ({what})",
                  decode, besides()))
 

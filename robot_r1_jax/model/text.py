@@ -15,20 +15,34 @@ from robot_r1_jax.model.config import TextConfig
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class SharedPrefix:
+  """Filled, read-only slots that several consecutive rows of a cache continue: a prompt's keys
+  and values held once for its G samples. Prefix row p is read by cache rows [p·g, (p+1)·g),
+  g = the cache's rows ÷ the prefix's rows."""
+
+  k: tuple[jax.Array, ...]  # L × [P, K, H, T]
+  v: tuple[jax.Array, ...]  # L × [P, K, T, H]
+  valid: jax.Array  # [P, T] bool
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class KVCache:
   """Keys/values of every layer for left-padded rows that share one write index.
 
   Slots `[0, index)` are filled; `valid` marks which filled slots hold real (non-padding) tokens.
-  Keys are stored transposed, in the layout the QKᵀ dot reads without repacking. Each layer has
-  its own buffers, not slices of an [L, …] stack: XLA copies a stacked buffer's layer slice before
-  every dot that reads it (the whole cache once per generated token), and turning a stack into
-  separate buffers inside a decode loop's program held a second copy of the whole cache.
+  With a `prefix`, each row attends first to its prefix row's slots, then to its own. Keys are
+  stored transposed, in the layout the QKᵀ dot reads without repacking. Each layer has its own
+  buffers, not slices of an [L, …] stack: XLA copies a stacked buffer's layer slice before every
+  dot that reads it (the whole cache once per generated token), and turning a stack into separate
+  buffers inside a decode loop's program held a second copy of the whole cache.
   """
 
   k: tuple[jax.Array, ...]  # L × [B, K, H, S]
   v: tuple[jax.Array, ...]  # L × [B, K, S, H]
   valid: jax.Array  # [B, S] bool
   index: jax.Array  # [] int32: the next slot to write
+  prefix: SharedPrefix | None = None
 
   @classmethod
   def of_chunk(cls, k: jax.Array, v: jax.Array, real: jax.Array, length: int, dtype: jnp.dtype
@@ -46,15 +60,46 @@ class KVCache:
                valid=jnp.pad(real, [(0, 0), (0, length - t)]),
                index=jnp.asarray(t, jnp.int32))
 
+  def continued(self, rows_per_row: int, length: int) -> "KVCache":
+    """A cache of `length` empty slots for `rows_per_row` rows per row of this one, which becomes
+    their shared prefix (its unfilled slots are not `valid`, so never read): a prompt's cache
+    continued by its G samples holds and reads the prompt's keys/values once, not G times."""
+    if self.prefix is not None:
+      raise ValueError("a cache that has a prefix cannot become one")
+    rows = self.valid.shape[0] * rows_per_row
+
+    def empty(x: jax.Array, slots: int) -> jax.Array:
+      shape = [rows, *x.shape[1:]]
+      shape[slots] = length
+      return jnp.zeros(shape, x.dtype)
+
+    return KVCache(k=tuple(empty(x, -1) for x in self.k), v=tuple(empty(x, -2) for x in self.v),
+                   valid=jnp.zeros((rows, length), bool), index=jnp.zeros((), jnp.int32),
+                   prefix=SharedPrefix(k=self.k, v=self.v, valid=self.valid))
+
   @property
   def length(self) -> int:
+    """The rows' own slots (a prefix's not counted)."""
     return self.valid.shape[1]
 
-  def map_rows(self, fn: Callable[[jax.Array, int], jax.Array]) -> "KVCache":
-    """`fn(buffer, row_axis)` applied to every per-row buffer (e.g. repeating each prompt's rows
-    for its G samples)."""
+  @property
+  def rows_per_prefix(self) -> int:
+    """How many consecutive rows read each prefix row (0 without a prefix)."""
+    return 0 if self.prefix is None else self.valid.shape[0] // self.prefix.valid.shape[0]
+
+  def map_rows(self, fn: Callable[[jax.Array, int], jax.Array],
+               prefix_fn: Callable[[jax.Array, int], jax.Array] | None = None) -> "KVCache":
+    """`fn(buffer, row_axis)` applied to every per-row buffer (e.g. taking the live rows), and
+    `prefix_fn` (default `fn`) to the prefix's."""
+    prefix = self.prefix
+    if prefix is not None:
+      prefix_fn = fn if prefix_fn is None else prefix_fn
+      prefix = SharedPrefix(k=tuple(prefix_fn(x, 0) for x in prefix.k),
+                            v=tuple(prefix_fn(x, 0) for x in prefix.v),
+                            valid=prefix_fn(prefix.valid, 0))
     return dataclasses.replace(self, k=tuple(fn(x, 0) for x in self.k),
-                               v=tuple(fn(x, 0) for x in self.v), valid=fn(self.valid, 0))
+                               v=tuple(fn(x, 0) for x in self.v), valid=fn(self.valid, 0),
+                               prefix=prefix)
 
 
 def _write_chunk(k_buf: jax.Array, v_buf: jax.Array, k: jax.Array, v: jax.Array,
@@ -91,17 +136,19 @@ class Attention(nnx.Module):
     return self._out(attention.causal(q, k, v, real, prefix, self.implementation)), (k, v)
 
   def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-             kv: tuple[jax.Array, jax.Array], write_at: jax.Array
+             kv: tuple[jax.Array, jax.Array], write_at: jax.Array,
+             prefix: tuple[jax.Array, jax.Array] | None = None
              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """The chunk written into this layer's cache buffers `kv` (keys [B,K,H,S], values [B,K,S,H])
-    at slot `write_at`, then attending over them under `mask` [B,T,S]. Returns the output and
-    the updated buffers."""
+    at slot `write_at`, then attending over a shared `prefix` (keys [P,K,H,S'], values [P,K,S',H],
+    B/P consecutive rows per prefix row) and them under `mask` [B,T,S'+S]. Returns the output
+    and the updated buffers."""
     q, k, v = self._qkv(x, cos, sin)
     # In place into this layer's own buffers; then one dot per side reads every slot where it
     # lies (no [cache | chunk] concatenation of scores, no second dot).
     new = _write_chunk(*kv, k, v, write_at)
     k, v = (buf.astype(q.dtype) for buf in new)
-    return self._out(attention.dense(q, k, v, mask)), new
+    return self._out(attention.dense(q, k, v, mask, prefix)), new
 
   def _w(self, p: nnx.Param) -> jax.Array:
     return p[...].astype(self.dtype)  # params stay in param_dtype; compute in self.dtype
@@ -160,8 +207,8 @@ class DecoderLayer(nnx.Module):
     attn, kv = self.attn(self.attn_norm(x), cos, sin, real, prefix)
     return self._mlp(x + attn), kv
 
-  def decode(self, x, cos, sin, mask, kv, write_at):
-    attn, kv = self.attn.decode(self.attn_norm(x), cos, sin, mask, kv, write_at)
+  def decode(self, x, cos, sin, mask, kv, write_at, prefix=None):
+    attn, kv = self.attn.decode(self.attn_norm(x), cos, sin, mask, kv, write_at, prefix)
     return self._mlp(x + attn), kv
 
   def _mlp(self, x):
@@ -253,21 +300,26 @@ class TextModel(nnx.Module):
   def decode(self, layers: tuple[DecoderLayer, ...], x: jax.Array, positions: jax.Array,
              attention_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """The layers one after another (`unstacked_layers()`), each writing the chunk into its own
-    buffers of `cache` at `cache.index`."""
+    buffers of `cache` at `cache.index` (after the cache's prefix, when it has one)."""
     cos, sin = self._rope(positions)
-    index, t = cache.index, x.shape[1]
+    index, (b, t) = cache.index, x.shape[:2]
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask.astype(bool), index,
                                                 axis=1)
     # Query i of the chunk (slot index + i) sees the real slots up to its own: [B, T, S].
     slots = jnp.arange(cache.length)[None, None, :]
     mask = valid[:, None, :] & (slots <= index + jnp.arange(t)[None, :, None])
+    prefixes = [None] * len(layers)
+    if cache.prefix is not None:  # every real prefix slot precedes the row's own
+      before = jnp.repeat(cache.prefix.valid, cache.rows_per_prefix, axis=0)[:, None, :]
+      mask = jnp.concatenate([jnp.broadcast_to(before, (b, t, before.shape[-1])), mask], axis=2)
+      prefixes = list(zip(cache.prefix.k, cache.prefix.v))
     new_k, new_v = [], []
-    for layer, k, v in zip(layers, cache.k, cache.v):
-      x, (k, v) = layer.decode(x, cos, sin, mask, (k, v), index)
+    for layer, k, v, prefix in zip(layers, cache.k, cache.v, prefixes):
+      x, (k, v) = layer.decode(x, cos, sin, mask, (k, v), index, prefix)
       new_k.append(k)
       new_v.append(v)
-    return self.final_norm(x), KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid,
-                                       index=index + t)
+    return self.final_norm(x), dataclasses.replace(cache, k=tuple(new_k), v=tuple(new_v),
+                                                   valid=valid, index=index + t)
 
   def _rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     cfg = self.cfg

@@ -114,15 +114,18 @@ def test_the_decode_loop_holds_no_second_copy_of_the_layers(mesh):
 
 
 def test_the_decode_loop_holds_no_second_copy_of_the_cache(mesh):
-  """The prefill hands the loop one cache buffer per layer, each aliased to its donated input
-  (unstacking a stacked cache inside the loop's program held all of it again: 2.18 GiB of the 7B
-  decode's temporaries per chip on v5e:4x4, 0.03 GiB without). The CPU backend copies the carry's
+  """The prefill hands the loop one cache buffer per layer (and one per layer of the prompts'
+  shared prefix), each aliased to its donated input (unstacking a stacked cache inside the loop's
+  program held all of it again: 2.18 GiB of the 7B decode's temporaries per chip on v5e:4x4,
+  0.03 GiB without). The CPU backend copies the carry's
   cache buffers within each step (1.5× the cache here, with or without), so the bound is 2× the
   cache; the stacked form read 2.3×. A long new-token bucket makes the cache outweigh the loop's
   other temporaries."""
   model = init_model(config_lib.tiny(), seed=5, mesh=mesh)
   compiled, _, state = _decode_loop(model, mesh, new_tokens=1024)
   memory = compiled.memory_analysis()
-  cache = sum(_bytes_per_device(x) for x in (*state.cache.k, *state.cache.v))
+  prefix = state.cache.prefix  # the prompts' keys/values, which the samples share
+  cache = sum(_bytes_per_device(x) for x in (*state.cache.k, *state.cache.v, *prefix.k,
+                                             *prefix.v))
   assert memory.alias_size_in_bytes >= cache
   assert memory.temp_size_in_bytes < 2 * cache

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from robot_r1_jax.generate import sampling
-from robot_r1_jax.generate.sampler import FinishReason, Sampler
+from robot_r1_jax.generate.sampler import FinishReason, Sampler, SamplerConfig
 from robot_r1_jax.launch import hlo
 from robot_r1_jax.model import hf_io, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL, init_model
@@ -361,13 +361,17 @@ def test_g_samples_share_one_prefill_and_follow_the_key(sampler):
   ids, mask = _prompts()
   state = sampler.prefill(ids, mask, max_new_tokens=20)
   g = sampler.config.num_samples
+  cache, layers = state.cache, sampler.model.cfg.text.num_layers
   # One buffer per layer, handed to the decode loop as it reads them.
-  assert len(state.cache.k) == len(state.cache.v) == sampler.model.cfg.text.num_layers
-  assert state.cache.k[0].shape[0] == state.logits.shape[0] == ids.shape[0] * g
-  k = np.stack(state.cache.k).reshape(len(state.cache.k), ids.shape[0], g,
-                                      *state.cache.k[0].shape[1:])
-  # The G copies of a prompt are one prefill, repeated: bit-identical.
-  assert (k == k[:, :, :1]).all()
+  assert len(cache.k) == len(cache.v) == len(cache.prefix.k) == len(cache.prefix.v) == layers
+  # The prompt's keys/values are held once; its G samples (adjacent rows) continue them in their
+  # own 24 slots (the new-token bucket), empty so far.
+  assert cache.prefix.k[0].shape[0] == cache.prefix.valid.shape[0] == ids.shape[0]
+  assert cache.k[0].shape[0] == state.logits.shape[0] == ids.shape[0] * g
+  assert cache.rows_per_prefix == g and cache.length == 24 and int(cache.index) == 0
+  np.testing.assert_array_equal(cache.prefix.valid, state.prompt_mask[::g])
+  logits = np.asarray(state.logits).reshape(ids.shape[0], g, -1)
+  assert (logits == logits[:, :1]).all()  # one prefill's logits, repeated: bit-identical
 
   first = _np(sampler(ids, mask, jax.random.key(10), max_new_tokens=20))
   again = _np(sampler(ids, mask, jax.random.key(10), max_new_tokens=20))
@@ -513,6 +517,45 @@ def test_a_prompt_samples_the_same_whatever_shares_its_call(model, sampler):
   assert (again.tokens[g:2 * g] != want.tokens[:g]).any()  # index 7 is not prompt 0's index 0
   with pytest.raises(ValueError, match="prompt_index must be 4 integers"):
     sampler(ids, mask, jax.random.key(4), max_new_tokens=24, prompt_index=[0, 1])
+
+
+class _WholePromptsStop(Sampler):
+  """Every sample of an even-indexed prompt stops at token 3 (the stop token forced), no other row
+  ever stops (the stop token suppressed): finished rows are whole prompts."""
+
+  def _record(self, loop, logits, inputs):
+    stop = jnp.arange(logits.shape[-1]) == EOS
+    force = ((inputs.prompt_index % 2 == 0) & (loop.step == 2))[:, None]
+    logits = jnp.where(force, jnp.where(stop, 0.0, -1e9), jnp.where(stop, -1e9, logits))
+    return super()._record(loop, logits, inputs)
+
+
+@pytest.mark.parametrize("mesh", [None, "fsdp=4"])
+def test_compaction_of_whole_prompts_keeps_their_cache_shared(model, mesh):
+  """When whole prompts finish, the kept rows continue their prompts' shared cache (fewer prompt
+  rows, no per-row copies) and decode what one loop decodes, on one device and on the rollout
+  mesh (2 data-parallel groups)."""
+  mesh = None if mesh is None else make_mesh(fsdp=4)
+  config = SamplerConfig(num_samples=4, stop_tokens=(EOS,), pad_id=PAD, **BUCKETS)
+  ids, mask = _prompts()
+  want = _np(_WholePromptsStop(model, config, mesh=mesh)(ids, mask, jax.random.key(8),
+                                                          max_new_tokens=20))
+  np.testing.assert_array_equal(want.lengths, np.repeat([3, 20, 3, 20], 4))
+  compacting = _WholePromptsStop(model, dataclasses.replace(config, compact_every=4), mesh=mesh)
+  kept, gather = [], compacting.gather_step
+
+  def recorded(*args):
+    out = gather(*args)
+    kept.append(out[0].cache)
+    return out
+
+  compacting.gather_step = recorded
+  got = _np(compacting(ids, mask, jax.random.key(8), max_new_tokens=20))
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.lengths, want.lengths)
+  np.testing.assert_allclose(got.log_probs, want.log_probs, atol=2e-5)
+  # 16 rows → 8: the two live prompts' rows, reading two prompt rows.
+  assert [(c.k[0].shape[0], c.prefix.k[0].shape[0]) for c in kept] == [(8, 2)]
 
 
 @pytest.mark.parametrize("mesh", [None, "fsdp=4"])

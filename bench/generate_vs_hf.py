@@ -13,7 +13,10 @@ each side producing the same tokens per row:
     sampler drops finished rows every `--compact-every` tokens; target ratio ≥ 5.
 Prints the machine's CPU, median tokens/s (useful tokens: a stopped row's padding does not count)
 after a warm-up (the sides alternate, so both see the same background load), the ratios, and the
-sampler's compile time separately.
+sampler's compile time separately. Beside each ratio, the ceiling this machine allows: the text
+model's weight matmuls alone (`machine.TextMatmuls`) for the least work any sampler must do
+(the prefill over the real prompt tokens only, each later token on its still-live rows), timed in
+the same run; no sampler can beat Hugging Face by more than that here.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from robot_r1_jax.generate import sampling
 from robot_r1_jax.generate.sampler import Sampler, SamplerConfig
 
 from forward_vs_hf import BENCH, hf_twin  # the ≈74M-parameter config (run from the repository root)
-from machine import cpu_model
+from machine import TextMatmuls, cpu_model
 
 TOP_P = 0.99
 IMAGE_SIDE = 224
@@ -132,22 +135,28 @@ def main():
   config = SamplerConfig(stop_tokens=(STOP,), num_samples=g, new_token_buckets=(n,),
                          sampling=sampling.SamplingParams(temperature=1.0, top_p=TOP_P),
                          prompt_buckets=tuple(range(64, 1025, 32)))
+  # Rows still writing for tokens 2..n (the first comes from the prefill's logits).
+  short_rows = (b - (b + 1) // 2) * g
   cases = [
       ("equal lengths", Sampler(ours, dataclasses.replace(config, stop_tokens=())),
-       dict(min_new_tokens=n), b * g * n, 3),
+       dict(min_new_tokens=n), b * g * n, 3, [b * g] * (n - 1)),
       (f"length spread (half the rows stop at {short})",
        SpreadSampler(ours, dataclasses.replace(config, compact_every=args.compact_every),
                      short=short),
        dict(logits_processor=transformers.LogitsProcessorList(
            [SpreadProcessor(ids.shape[1], short, g)])),
-       b * g * n - (b + 1) // 2 * g * (n - short), 5),
+       b * g * n - (b + 1) // 2 * g * (n - short), 5,
+       [b * g] * (short - 1) + [short_rows] * (n - short)),
   ]
+  matmuls = TextMatmuls(ours)
+  step_s = {rows: matmuls.seconds(rows, rows) for rows in {b * g, short_rows}}
+  prefill_floor = matmuls.seconds(int(lengths.sum()), b)
   # Compile time = tracing + lowering + XLA compilation of a first call, from jax's own events.
   compile_s = []
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, secs, **_: compile_s.append(secs) if event.startswith("/jax/core/compile/")
       else None)
-  for name, sampler, hf_kwargs, tokens, target in cases:
+  for name, sampler, hf_kwargs, tokens, target, live_rows in cases:
     keys = iter(jax.random.split(jax.random.key(0), args.repeats + 1))
 
     def run_jax(sampler=sampler, keys=keys, tokens=tokens):
@@ -183,6 +192,10 @@ def main():
     print(f"  hf       median {t_hf:7.2f} s  {tokens / t_hf:8.1f} tokens/s  (CPU {cpu_hf:6.2f} s)")
     print(f"  ratio sampler/hf tokens/s = {t_hf / t_jax:.2f}   (target >= {target}; "
           f"by CPU seconds {cpu_hf / cpu_jax:.2f})")
+    floor = prefill_floor + sum(step_s[rows] for rows in live_rows)
+    print(f"  floor    {floor:7.2f} s  text weight matmuls alone: prefill {prefill_floor:.2f} s on "
+          f"{lengths.sum()} real prompt tokens, then {len(live_rows)} steps on their live rows; "
+          f"ratio ceiling on this machine {t_hf / floor:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Host-side pieces of batched generation: shape buckets, left padding, per-prompt images,
-gathering a row-sharded array, and a trace counter that proves nothing recompiles."""
+gathering a row-sharded array, which prompts a compaction keeps whole, and a trace counter that
+proves nothing recompiles."""
 
 from __future__ import annotations
 
@@ -77,3 +78,18 @@ def per_prompt(pixel_values: np.ndarray, grid: Grid, prompts: int, how: str) -> 
                      f"{len(grid)} images with grids {sorted(set(grid))} for {prompts} prompts")
   pixel_values = np.asarray(pixel_values)
   return pixel_values.reshape(prompts, -1, pixel_values.shape[-1])
+
+
+def whole_groups(done: np.ndarray, size: int, per: int, groups: int) -> np.ndarray | None:
+  """The prompts (groups of `per` consecutive rows) that keep their shared cache when `size` rows
+  are kept: those with a live row, then finished ones to fill `size` (their rows draw nothing).
+  None when a live prompt has finished rows, or `size` is not whole prompts on each of the
+  `groups` data-parallel groups: then every row takes its own copy."""
+  if size % per or (size // per) % groups:
+    return None
+  finished = done.reshape(-1, per)
+  live = np.flatnonzero(~finished.all(axis=1))
+  if finished[live].any():
+    return None
+  fill = np.flatnonzero(finished.all(axis=1))[:size // per - len(live)]
+  return np.concatenate([live, fill])

@@ -46,7 +46,8 @@ from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 from robot_r1_jax.model.text import KVCache
 from robot_r1_jax.model.vision import Grid
 from robot_r1_jax.generate import layout, sampling
-from robot_r1_jax.generate.batching import TraceCounter, bucket, host_rows, left_pad, per_prompt
+from robot_r1_jax.generate.batching import (TraceCounter, bucket, host_rows, left_pad, per_prompt,
+                                           whole_groups)
 
 if TYPE_CHECKING:
   from transformers import PreTrainedTokenizerBase
@@ -364,7 +365,7 @@ class Sampler:
         full = tuple(jnp.copy(x) for x in (loop.tokens, loop.log_probs, loop.lengths, loop.done))
       else:
         full = self.scatter_step(full, loop, self._replicated(origin))
-      prompts = _whole_groups(done, size, loop.cache.rows_per_prefix, groups)
+      prompts = whole_groups(done, size, loop.cache.rows_per_prefix, groups)
       if prompts is None:
         # Fill the bucket with copies of a finished row: done, so they draw nothing.
         keep = np.concatenate([live, np.full(size - len(live), np.flatnonzero(done)[0])])
@@ -506,17 +507,3 @@ class Sampler:
     return tuple(self._rows(f.at[origin].set(x)) for f, x in
                  zip(full, (loop.tokens, loop.log_probs, loop.lengths, loop.done)))
 
-
-def _whole_groups(done: np.ndarray, size: int, per: int, groups: int) -> np.ndarray | None:
-  """The prompts (groups of `per` consecutive rows) that keep their shared cache when `size` rows
-  are kept: those with a live row, then finished ones to fill `size` (their rows draw nothing).
-  None when a live prompt has finished rows, or `size` is not whole prompts on each of the
-  `groups` data-parallel groups: then every row takes its own copy."""
-  if size % per or (size // per) % groups:
-    return None
-  finished = done.reshape(-1, per)
-  live = np.flatnonzero(~finished.all(axis=1))
-  if finished[live].any():
-    return None
-  fill = np.flatnonzero(finished.all(axis=1))[:size // per - len(live)]
-  return np.concatenate([live, fill])

@@ -20,7 +20,7 @@ Dimensions: one alphabet in einsum strings, shape comments and docstrings everyw
   M  micro-batches of one optimizer update
   T  tokens of a model call; in the sampler and the scorers, the prompt (its bucket)
   R  completion (response) tokens: the new-token bucket, or the width completions are cut to
-  S  key/value slots of a KV cache (S = T + R when sampling)
+  S  key/value slots of a KV cache (when sampling: a row's own R after its prompt's T)
   D  model width            F  MLP width              V  vocabulary        L  layers
   N  query heads            K  key/value heads        Q  query heads per key/value head (N = K·Q)
   H  head dim               P  vision patches (each a 1176-vector: 3 channels × 2 × 14 × 14)

@@ -94,15 +94,16 @@ def causal_mask(real: jax.Array, prefix_valid: jax.Array | None = None) -> jax.A
 
 def dense(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
           before: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-  """xla attention: q [B, K, Q, T, H] over keys [B, K, H, S] / values [B, K, S, H] (and first
-  over `before`'s cached keys [P, K, H, S'] / values [P, K, S', H], read where they lie, each
-  shared by B/P consecutive rows) under `mask` [B, T, S' + S] → [B, K, Q, T, H]."""
+  """xla attention: q [B·G, K, Q, T, H] over keys [B·G, K, H, S] / values [B·G, K, S, H] (and
+  first over `before`'s cached keys [B, K, H, S'] / values [B, K, S', H], read where they lie,
+  each shared by G consecutive rows; G = 1 when `before` has a row per row) under `mask`
+  [B·G, T, S' + S] → [B·G, K, Q, T, H]."""
   scale = q.shape[-1]**-0.5
   logits = jnp.einsum("BKQTH,BKHS->BKQTS", q, k) * scale
   if before is not None:
-    # A prefix row's B/P rows (g) are queries of one product with its keys: nothing is repeated.
+    # The G rows that share a cached row are queries of one product with its keys: no repeat.
     grouped = q.reshape(before[0].shape[0], -1, *q.shape[1:])
-    cached = jnp.einsum("PgKQTH,PKHS->PgKQTS", grouped, before[0].astype(q.dtype)) * scale
+    cached = jnp.einsum("BGKQTH,BKHS->BGKQTS", grouped, before[0].astype(q.dtype)) * scale
     logits = jnp.concatenate([cached.reshape(*q.shape[:-1], -1), logits], axis=-1)
   # Softmax in fp32 (HF: softmax(dtype=float32) then back to the compute dtype).
   logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
@@ -110,9 +111,9 @@ def dense(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   s = v.shape[2]
   out = jnp.einsum("BKQTS,BKSH->BKQTH", probs[..., -s:], v)
   if before is not None:
-    prefix = probs[..., :-s]
-    grouped = prefix.reshape(before[1].shape[0], -1, *prefix.shape[1:])
-    out = out + jnp.einsum("PgKQTS,PKSH->PgKQTH", grouped,
+    cached = probs[..., :-s]
+    grouped = cached.reshape(before[1].shape[0], -1, *cached.shape[1:])
+    out = out + jnp.einsum("BGKQTS,BKSH->BGKQTH", grouped,
                            before[1].astype(q.dtype)).reshape(out.shape)
   return out
 

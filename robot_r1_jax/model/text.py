@@ -17,12 +17,12 @@ from robot_r1_jax.model.config import TextConfig
 @dataclasses.dataclass(frozen=True)
 class SharedPrefix:
   """Filled, read-only slots that several consecutive rows of a cache continue: a prompt's keys
-  and values held once for its G samples. Prefix row p is read by cache rows [p·g, (p+1)·g),
-  g = the cache's rows ÷ the prefix's rows."""
+  and values held once for its G samples. Prefix row b is read by cache rows [b·G, (b+1)·G),
+  G = the cache's rows ÷ the prefix's rows."""
 
-  k: tuple[jax.Array, ...]  # L × [P, K, H, T]
-  v: tuple[jax.Array, ...]  # L × [P, K, T, H]
-  valid: jax.Array  # [P, T] bool
+  k: tuple[jax.Array, ...]  # L × [B, K, H, T]
+  v: tuple[jax.Array, ...]  # L × [B, K, T, H]
+  valid: jax.Array  # [B, T] bool
 
 
 @jax.tree_util.register_dataclass
@@ -139,10 +139,10 @@ class Attention(nnx.Module):
              kv: tuple[jax.Array, jax.Array], write_at: jax.Array,
              prefix: tuple[jax.Array, jax.Array] | None = None
              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """The chunk written into this layer's cache buffers `kv` (keys [B,K,H,S], values [B,K,S,H])
-    at slot `write_at`, then attending over a shared `prefix` (keys [P,K,H,S'], values [P,K,S',H],
-    B/P consecutive rows per prefix row) and them under `mask` [B,T,S'+S]. Returns the output
-    and the updated buffers."""
+    """The chunk written into this layer's cache buffers `kv` (keys [B·G,K,H,S], values
+    [B·G,K,S,H]) at slot `write_at`, then attending over a shared `prefix` (keys [B,K,H,T'],
+    values [B,K,T',H], G consecutive rows per prefix row) and them under `mask` [B·G,T,T'+S].
+    Returns the output and the updated buffers."""
     q, k, v = self._qkv(x, cos, sin)
     # In place into this layer's own buffers; then one dot per side reads every slot where it
     # lies (no [cache | chunk] concatenation of scores, no second dot).

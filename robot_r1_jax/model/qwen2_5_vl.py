@@ -138,12 +138,12 @@ class Qwen25VL(nnx.Module):
                   pixel_values: jax.Array | None, image_grid_thw: np.ndarray | tuple | None,
                   input_ids: jax.Array, attention_mask: jax.Array, *, share: int,
                   head: bool = True) -> tuple[jax.Array, jax.Array]:
-    """P left-padded prompts [P, T] (+ their images, as for `forward`) and the text chunks
-    [P·share, R] that continue them, a prompt's `share` chunks adjacent (its G samples).
+    """B left-padded prompts [B, T] (+ their images, as for `forward`) and the text chunks
+    [B·share, R] that continue them, a prompt's `share` chunks adjacent (its G samples).
 
-    Returns ([P, 1, V] logits at each prompt's last position, which predict its chunks' first
-    token; [P·share, R, V] chunk logits), or with `head=False` the final hidden states of both
-    ([P, 1, D]; [P·share, R, D]). The prompt runs once for its chunks, which attend to its keys
+    Returns ([B, 1, V] logits at each prompt's last position, which predict its chunks' first
+    token; [B·share, R, V] chunk logits), or with `head=False` the final hidden states of both
+    ([B, 1, D]; [B·share, R, D]). The prompt runs once for its chunks, which attend to its keys
     and values: the numbers of a forward over each whole row, up to float rounding. A generated
     `<|image_pad|>` id in a chunk stays a text token: no image features are merged there.
     """

@@ -274,7 +274,7 @@ class TextModel(nnx.Module):
   def with_prompt(self, xp: jax.Array, prompt_positions: jax.Array, prompt_mask: jax.Array,
                   x: jax.Array, positions: jax.Array, attention_mask: jax.Array, share: int
                   ) -> tuple[jax.Array, jax.Array]:
-    """Final-normed hidden states of P prompts xp [P, T, D] and of the chunks x [P·share, R, D]
+    """Final-normed hidden states of B prompts xp [B, T, D] and of the chunks x [B·share, R, D]
     that follow them (a prompt's `share` chunks adjacent), in one scan over the layers: each layer
     runs the prompts, then the chunks after their prompt's keys/values (every real prompt slot
     precedes the chunk). One scan, not a prefill and a second scan over its cache: the backward

@@ -44,7 +44,7 @@ class TextMatmuls:
         continue
       for w in leaf[...]:
         contracted = 1
-        for i, size in enumerate(w.shape):
+        for size in w.shape:
           contracted *= size
           if contracted in widths:
             break

@@ -506,4 +506,3 @@ class Sampler:
     """Writes the compact rows' tokens, log-probs, lengths and flags to their original rows."""
     return tuple(self._rows(f.at[origin].set(x)) for f, x in
                  zip(full, (loop.tokens, loop.log_probs, loop.lengths, loop.done)))
-

@@ -86,9 +86,14 @@ def causal_mask(real: jax.Array, prefix_valid: jax.Array | None = None) -> jax.A
   outputs are finite and unused."""
   t = real.shape[1]
   mask = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None] & real[:, None, :]
-  if prefix_valid is None:
-    return mask
-  before = jnp.broadcast_to(prefix_valid[:, None, :], (real.shape[0], t, prefix_valid.shape[1]))
+  return mask if prefix_valid is None else after_prefix(mask, prefix_valid)
+
+
+def after_prefix(mask: jax.Array, prefix_valid: jax.Array) -> jax.Array:
+  """A chunk's mask [B, T, S] → [B, T, S' + S]: every real slot of the prefix [B, S'] precedes
+  each query's own slots."""
+  b, t, _ = mask.shape
+  before = jnp.broadcast_to(prefix_valid[:, None, :], (b, t, prefix_valid.shape[1]))
   return jnp.concatenate([before, mask], axis=2)
 
 

@@ -145,7 +145,7 @@ class Attention(nnx.Module):
     Returns the output and the updated buffers."""
     q, k, v = self._qkv(x, cos, sin)
     # In place into this layer's own buffers; then one dot per side reads every slot where it
-    # lies (no [cache | chunk] concatenation of scores, no second dot).
+    # lies (no [cache | chunk] concatenation of scores; a shared prefix adds one grouped dot).
     new = _write_chunk(*kv, k, v, write_at)
     k, v = (buf.astype(q.dtype) for buf in new)
     return self._out(attention.dense(q, k, v, mask, prefix)), new
@@ -302,16 +302,16 @@ class TextModel(nnx.Module):
     """The layers one after another (`unstacked_layers()`), each writing the chunk into its own
     buffers of `cache` at `cache.index` (after the cache's prefix, when it has one)."""
     cos, sin = self._rope(positions)
-    index, (b, t) = cache.index, x.shape[:2]
+    index, t = cache.index, x.shape[1]
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask.astype(bool), index,
                                                 axis=1)
     # Query i of the chunk (slot index + i) sees the real slots up to its own: [B, T, S].
     slots = jnp.arange(cache.length)[None, None, :]
     mask = valid[:, None, :] & (slots <= index + jnp.arange(t)[None, :, None])
     prefixes = [None] * len(layers)
-    if cache.prefix is not None:  # every real prefix slot precedes the row's own
-      before = jnp.repeat(cache.prefix.valid, cache.rows_per_prefix, axis=0)[:, None, :]
-      mask = jnp.concatenate([jnp.broadcast_to(before, (b, t, before.shape[-1])), mask], axis=2)
+    if cache.prefix is not None:
+      mask = attention.after_prefix(
+          mask, jnp.repeat(cache.prefix.valid, cache.rows_per_prefix, axis=0))
       prefixes = list(zip(cache.prefix.k, cache.prefix.v))
     new_k, new_v = [], []
     for layer, k, v, prefix in zip(layers, cache.k, cache.v, prefixes):

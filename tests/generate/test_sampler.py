@@ -275,42 +275,80 @@ def test_choose_greedy():
   np.testing.assert_allclose(np.asarray(choice.log_probs), np.asarray(want), rtol=1e-6)
 
 
-def test_choose_draws_what_categorical_draws_row_by_row():
-  """Gumbel-max with the two-reduction argmax: jax.random.categorical's tokens with each row's own
-  key, ties included; a row's token does not depend on the other rows."""
+def test_inverse_cdf_draws_the_token_where_u_falls_row_by_row():
+  """Token i of a row is where u · Σw falls in the running sum (numpy's searchsorted in f64),
+  across block boundaries and in the vocabulary's ragged last block; a zero weight is never drawn,
+  at u = 0 or at the largest u below 1; a row's token does not depend on the other rows."""
+  rng = np.random.default_rng(0)
+  weights = rng.exponential(size=(64, 300)).astype(np.float32)
+  weights[:, :5] = 0  # u = 0 must skip the leading zeros
+  weights[::4, 130:] = 0  # rows whose mass ends inside the second block
+  weights[1, 299] = 50.0  # most of a row's mass in the last, ragged block
+  u = rng.uniform(size=64).astype(np.float32)
+  u[:2] = [0.0, np.nextafter(np.float32(1), np.float32(0))]
+  draw = jax.jit(sampling.inverse_cdf)
+  tokens = np.asarray(draw(weights, u))
+  ends = np.cumsum(weights.astype(np.float64), axis=1)
+  want = [np.searchsorted(row, x * row[-1], side="right") for row, x in zip(ends, u)]
+  np.testing.assert_array_equal(tokens, want)
+  assert (weights[np.arange(64), tokens] > 0).all()
+  assert int(draw(weights[5:6], u[5:6])[0]) == tokens[5]
+
+
+def test_choose_draws_each_row_from_its_own_key():
+  """A row's token follows its key alone (not its neighbours, the batch size or its place in
+  it); another key draws other tokens."""
   logits = jax.random.normal(jax.random.key(1), (64, 300)).at[:, 7].set(-jnp.inf)
   keys = jax.random.split(jax.random.key(9), 64)
   choose = jax.jit(sampling.choose, static_argnums=2)
-  choice = choose(logits, keys, sampling.SamplingParams())
-  np.testing.assert_array_equal(np.asarray(choice.tokens),
-                                np.asarray(jax.vmap(jax.random.categorical)(keys, logits)))
-  alone = choose(logits[5:6], keys[5:6], sampling.SamplingParams())
-  assert int(alone.tokens[0]) == int(choice.tokens[5])
+  for params in (sampling.SamplingParams(), sampling.SamplingParams(top_p=0.5)):
+    tokens = np.asarray(choose(logits, keys, params).tokens)
+    assert (tokens != 7).all()
+    reversed_ = np.asarray(choose(logits[::-1], keys[::-1], params).tokens)[::-1]
+    np.testing.assert_array_equal(reversed_, tokens)
+    assert int(choose(logits[5:6], keys[5:6], params).tokens[0]) == tokens[5]
+    other = np.asarray(choose(logits, jax.random.split(jax.random.key(10), 64), params).tokens)
+    assert (other != tokens).mean() > 0.5
   ties = jnp.asarray([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
   np.testing.assert_array_equal(np.asarray(sampling.first_argmax(ties)), [1, 0])
 
 
 @pytest.mark.parametrize("p", [0.99, 0.9, 0.3])
-def test_top_p_draw_is_the_masked_draw(p):
-  """`top_p_argmax` keeps the untruncated draw when it lies in the kept set and redraws above it
-  otherwise: the tokens equal masking first (`top_p_mask`'s bisection) and drawing after, row by
-  row, also where top-k left −inf entries. At p = 0.3 over near-uniform rows most rows take
-  several rounds; at 0.99 a whole batch of rows often takes none."""
-  accepted = []
+def test_top_p_draw_stays_in_the_kept_set(p):
+  """Every token `top_p_draw` keeps lies in `top_p_mask`'s kept set, also with ties at the top of
+  a row's order and where top-k left −inf entries. At p = 0.3 over near-uniform rows most rows'
+  first draws fall outside it and redraw."""
+  draw = jax.jit(sampling.top_p_draw, static_argnums=(1, 2))
+  first_outside = []
   for seed, scale in enumerate((0.3, 2.0, 6.0)):
     logits = scale * jax.random.normal(jax.random.key(seed), (48, 997))
-    logits = logits.at[:, :5].set(logits[:, 5:6])  # ties at the top of some rows' order
+    logits = logits.at[:, :5].set(logits[:, 5:6])
     logits = logits.at[::3].set(sampling.top_k_mask(logits[::3], 50))
-    noise = jax.vmap(lambda k: jax.random.gumbel(k, (997,)))(
-        jax.random.split(jax.random.key(100 + seed), 48))
-    want = sampling.first_argmax(sampling.top_p_mask(logits, p) + noise)
-    np.testing.assert_array_equal(np.asarray(jax.jit(sampling.top_p_argmax, static_argnums=2)(
-        logits, noise, p)), np.asarray(want))
-    accepted.append(bool((sampling.first_argmax(logits + noise) == want).all()))
+    keys = jax.random.split(jax.random.key(100 + seed), 48)
+    uniform = lambda round_, keys=keys: jax.vmap(
+        lambda k: jax.random.uniform(jax.random.fold_in(k, round_)))(keys)
+    kept = np.isfinite(np.asarray(sampling.top_p_mask(logits, p)))
+    tokens = np.asarray(draw(logits, uniform, p))
+    assert kept[np.arange(48), tokens].all()
+    first = np.asarray(sampling.inverse_cdf(jax.nn.softmax(logits, axis=-1), uniform(0)))
+    first_outside.append(1 - kept[np.arange(48), first].mean())
   if p == 0.3:
-    assert not all(accepted)  # rows redrew
-  if p == 0.99:
-    assert any(accepted)  # and a whole batch did not
+    assert first_outside[0] > 0.5  # rows redrew, some more than once
+
+
+def test_top_p_frequencies_after_many_rounds():
+  """Rows that mostly redraw (near-uniform, p = 0.4) still draw the kept set's own distribution."""
+  vocab, n = 23, 40_000
+  logits = 0.4 * np.random.default_rng(2).normal(size=vocab).astype(np.float32)
+  logits[3] = logits[4]  # a tie
+  kept = np.isfinite(np.asarray(sampling.top_p_mask(jnp.asarray(logits)[None], 0.4)))[0]
+  probs = np.exp(logits) * kept
+  assert 3 <= kept.sum() <= vocab - 5
+  params = sampling.SamplingParams(top_p=0.4)
+  choice = jax.jit(sampling.choose, static_argnums=2)(
+      jnp.broadcast_to(jnp.asarray(logits), (n, vocab)), jax.random.split(jax.random.key(5), n),
+      params)
+  _assert_frequencies(np.asarray(choice.tokens), probs / probs.sum(), vocab)
 
 
 def _forced_model(target_logits: np.ndarray) -> Qwen25VL:

@@ -7,7 +7,8 @@ arrays before the loop (`TextModel.unstacked_layers`) held a second copy of all 
 the 7B decode's temporaries per chip on v5e:4x4). The prefill runs the separate layers unrolled.
 
 The copy runs one parameter at a time (a stacked text parameter gives its L layers in one program),
-so its temporaries are one parameter's, not the whole model's.
+so its temporaries are one parameter's, not the whole model's. A parameter the layout would hold
+unchanged (off a mesh, in the compute dtype, not stacked) is not copied.
 """
 
 from __future__ import annotations
@@ -101,10 +102,20 @@ class LayoutCopy:
                if isinstance(value, jax.ShapeDtypeStruct) else jax.device_put(value, source))
     return _program(dtype, layers, source, target), value
 
+  def _as_is(self, path: tuple, value: jax.Array | jax.ShapeDtypeStruct) -> bool:
+    """Whether the layout holds this parameter as it is: off a mesh, already in the compute
+    dtype and not a stacked text parameter (the embedding and the vision tower of an f32 model on
+    one device). The rollout only reads it, so it needs no copy of its own."""
+    dtype, layers, target = self._targets[path]
+    return target is None and not layers and value.dtype == dtype
+
   def __call__(self, state: nnx.State) -> nnx.State:
     """The layout of `state` (the model's, or abstract arrays: then the copy's abstract arrays)."""
     out = []
     for path, var in nnx.to_flat_state(state):
+      if self._as_is(path, var.get_value()):
+        out.append((path, var.get_value()))
+        continue
       program, value = self._program(path, var.get_value())
       copied = (jax.eval_shape(program, value) if isinstance(value, jax.ShapeDtypeStruct)
                 else program(value))
@@ -118,4 +129,5 @@ class LayoutCopy:
   def lower(self, state: Any) -> list[jax.stages.Lowered]:
     """The copy's programs for `state` (abstract arrays), one per parameter, in running order."""
     return [program.lower(value) for program, value in
-            (self._program(path, var.get_value()) for path, var in nnx.to_flat_state(state))]
+            (self._program(path, var.get_value()) for path, var in nnx.to_flat_state(state)
+             if not self._as_is(path, var.get_value()))]

@@ -13,7 +13,8 @@ One call (`Sampler.__call__`):
      `lax.while_loop` feeds back one token per step, at position `real tokens so far + delta` of its
      row, until every row has emitted a stop token or `max_new_tokens` tokens are out. Token t of
      sample g of prompt p draws with fold_in(fold_in(fold_in(key, p), g), t) (p: the prompt's
-     index in the call), so a completion does not depend on which other prompts share its batch.
+     index in the call; `sampling.choose` folds in each draw's round), so a completion does not
+     depend on which other prompts share its batch.
      With `compact_every`, the loop runs in segments and the finished rows are dropped between
      them (into a smaller row bucket), which changes no token;
   4. host: detokenise.

@@ -63,6 +63,23 @@ def test_separate_layers_compute_what_the_stacked_ones_do():
   np.testing.assert_allclose(forward(separate, ids), forward(model, ids), rtol=1e-5, atol=1e-6)
 
 
+def test_off_a_mesh_only_what_changes_is_copied():
+  """On one device an f32 model's embedding and vision tower are the layout's as they are (no
+  second copy); its stacked text layers become separate buffers, and a bf16 layout casts all."""
+  model = init_model(config_lib.tiny(), seed=2)
+  state = nnx.state(model)
+  same = LayoutCopy(model, None)(state)
+  pointer = lambda x: x.unsafe_buffer_pointer()
+  assert pointer(same["text"]["embedding"][...]) == pointer(state["text"]["embedding"][...])
+  assert list(map(pointer, jax.tree.leaves(same["vision"]))) == list(
+      map(pointer, jax.tree.leaves(state["vision"])))
+  stacked = state["text"]["layers"]["mlp"]["gate"][...]
+  assert same["text"]["layers"][1]["mlp"]["gate"][...].shape == stacked.shape[1:]
+  cast = init_model(config_lib.tiny(), seed=2, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  embedding = LayoutCopy(cast, None)(nnx.state(cast))["text"]["embedding"][...]
+  assert embedding.dtype == jnp.bfloat16
+
+
 def test_each_program_of_the_copy_moves_one_parameter(model, mesh):
   """Temporaries of the order of one parameter, not the model: every program's arguments are one
   parameter and its temporaries are under the largest parameter's whole size (a move between

@@ -108,7 +108,8 @@ _DRAW_BLOCK = 128
 def inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
   """[B, V] non-negative weights and u [B] in [0, 1) → [B] int32: each row's token i with
   cumsum(w)[i − 1] ≤ u · Σw < cumsum(w)[i], in vocabulary order (a draw from w / Σw). Never a
-  token of weight 0, whatever the rounding.
+  token of weight 0, whatever the rounding. An f32 uniform's 2⁻²³ steps put each token's chance
+  on that grid (a token below 1.2e-7 is drawn at 0 or 2⁻²³); a run of tokens keeps its mass.
 
   Found in two levels, not by a [B, V] cumulative sum: the 128-token blocks' sums and their
   cumulative sum pick the block, then the block's own cumulative sum the token.

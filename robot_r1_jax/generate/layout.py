@@ -127,7 +127,8 @@ class LayoutCopy:
                                 for path, value in out])
 
   def lower(self, state: Any) -> list[jax.stages.Lowered]:
-    """The copy's programs for `state` (abstract arrays), one per parameter, in running order."""
+    """The copy's programs for `state` (abstract arrays), one per parameter it copies, in running
+    order."""
     return [program.lower(value) for program, value in
             (self._program(path, var.get_value()) for path, var in nnx.to_flat_state(state)
              if not self._as_is(path, var.get_value()))]

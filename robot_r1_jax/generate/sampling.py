@@ -136,19 +136,24 @@ def _first_above(ends: jax.Array, weights: jax.Array, target: jax.Array) -> jax.
   return jnp.where(first == ends.shape[-1], last, first)
 
 
+def row_uniforms(keys: jax.Array) -> Callable[[int | jax.Array], jax.Array]:
+  """round ↦ [B] uniforms in [0, 1), row b's from fold_in(keys[b], round): a draw's r-th round."""
+  return lambda round_: jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, round_)))(keys)
+
+
 def top_p_draw(logits: jax.Array, uniform: Callable[[int | jax.Array], jax.Array], p: float
                ) -> jax.Array:
   """[B] tokens drawn from each row's top-p set K (`top_p_mask(logits, p)`'s kept tokens), in
   proportion to their probabilities, without finding K: rejection sampling (as FlashInfer's
   top-p sampling does).
 
-  A row draws from its whole distribution (`inverse_cdf` with `uniform(0)`, [B] in [0, 1)) and
-  keeps the token when it lies in K (the mass strictly above it < p: one masked sum). A token
-  outside K shows that no token as likely as it or less is in K, so the row draws again
-  (`uniform(1)`, `uniform(2)`, …) among the tokens strictly more likely than it: a set that still
-  holds K. Whatever set a round draws from, a draw that lands in K is K's distribution, so the
-  kept token is too. A row keeps its first draw with probability ≥ p; at p = 0.99 over 40 rows a
-  third of the steps take one more round (a few passes over [B, V]).
+  A row draws from its whole distribution (`inverse_cdf` with `uniform(0)`, [B] in [0, 1), as
+  `row_uniforms` gives) and keeps the token when it lies in K (the mass strictly above it < p: one
+  masked sum). A token outside K shows that no token as likely as it or less is in K, so the row
+  draws again (`uniform(1)`, `uniform(2)`, …) among the tokens strictly more likely than it: a set
+  that still holds K. Whatever set a round draws from, a draw that lands in K is K's
+  distribution, so the kept token is too. A row keeps its first draw with probability ≥ p; at
+  p = 0.99 over 40 rows a third of the steps take one more round (a few passes over [B, V]).
   """
   # Each piece computes the logits' keys and probabilities afresh (XLA merges the copies within
   # one): a [B, V] value the branch shared with the first draw would be written out for the
@@ -208,8 +213,7 @@ def choose(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> Choice
     truncated = logits
     if params.top_k:
       truncated = top_k_mask(truncated, params.top_k)
-    uniform = lambda round_: jax.vmap(
-        lambda k: jax.random.uniform(jax.random.fold_in(k, round_)))(keys)
+    uniform = row_uniforms(keys)
     tokens = (top_p_draw(truncated, uniform, params.top_p) if params.top_p < 1
               else inverse_cdf(jax.nn.softmax(truncated, axis=-1), uniform(0)))
   picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]

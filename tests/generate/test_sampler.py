@@ -325,8 +325,7 @@ def test_top_p_draw_stays_in_the_kept_set(p):
     logits = logits.at[:, :5].set(logits[:, 5:6])
     logits = logits.at[::3].set(sampling.top_k_mask(logits[::3], 50))
     keys = jax.random.split(jax.random.key(100 + seed), 48)
-    uniform = lambda round_, keys=keys: jax.vmap(
-        lambda k: jax.random.uniform(jax.random.fold_in(k, round_)))(keys)
+    uniform = sampling.row_uniforms(keys)
     kept = np.isfinite(np.asarray(sampling.top_p_mask(logits, p)))
     tokens = np.asarray(draw(logits, uniform, p))
     assert kept[np.arange(48), tokens].all()

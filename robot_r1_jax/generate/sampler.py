@@ -42,7 +42,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from robot_r1_jax.model import processor, rope, sharding
+from robot_r1_jax.model import packing, processor, rope, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 from robot_r1_jax.model.text import KVCache
 from robot_r1_jax.model.vision import Grid
@@ -77,6 +77,9 @@ class SamplerConfig:
     rows (the live ones move into the smallest row bucket that holds them: B·G, B·G/2, B·G/4, …
     rows, each a multiple of the layout's data-parallel groups), so finished rows stop costing;
     the same tokens as one loop (per-row keys). 0: one loop over every row until the last ends.
+  pack_prompts: the prefill's matmuls run on the prompts' real tokens only, packed shard by
+    shard (`model.packing`; a handful of row counts per prompt bucket, each compiled once);
+    False: on every padded slot.
   """
 
   stop_tokens: tuple[int, ...]
@@ -88,6 +91,7 @@ class SamplerConfig:
   chunk_prompts: int = 0
   tensor_parallel: int = 0
   compact_every: int = 0
+  pack_prompts: bool = True
 
   def __post_init__(self):
     if self.num_samples < 1:
@@ -182,7 +186,7 @@ class Sampler:
     self.layout_copy = layout.LayoutCopy(model, self.layout)
     self._graphdef = self.layout_copy.graphdef  # the programs below run on the layout
     self.prefill_step = jax.jit(self.traces.wrap("prefill", self._prefill_impl),
-                            static_argnames=("grid", "new_bucket"))
+                            static_argnames=("grid", "new_bucket", "packed_rows"))
     self.decode_loop = jax.jit(self.traces.wrap("decode", self._decode_impl),
                            donate_argnames=("cache",))
     # The segmented decode (compact_every): one program per row bucket for each of these.
@@ -303,18 +307,24 @@ class Sampler:
       raise ValueError("pixel_values and image_grid_thw must be given together")
     grid = None if image_grid_thw is None else tuple(
         tuple(int(x) for x in g) for g in np.asarray(image_grid_thw).reshape(-1, 3))
+    shards = self._shards()
+    if ids.shape[0] * jax.process_count() % shards:
+      raise ValueError(f"{ids.shape[0] * jax.process_count()} prompts do not split over the "
+                       f"rollout layout's {shards} data-parallel groups; use a multiple")
+    packed_rows = packing.rows_for(mask, shards) if cfg.pack_prompts else None
     if self.layout is not None:
-      rows = self.layout.shape["data"]
-      if ids.shape[0] * jax.process_count() % rows:
-        raise ValueError(f"{ids.shape[0] * jax.process_count()} prompts do not split over the "
-                         f"rollout layout's {rows} data-parallel groups; use a multiple")
       # Each process feeds its own prompts (its loader shard); the global batch stacks them.
       ids, mask, index = (sharding.global_rows(x, self.layout) for x in (ids, mask, index))
       if pixel_values is not None:
         pixel_values, grid = self._global_images(np.asarray(pixel_values), grid, len(prompt_ids))
     with sharding.on_mesh(self.layout):
       return self.prefill_step(self.layout_params() if params is None else params, ids, mask,
-                               index, pixel_values, grid=grid, new_bucket=new_bucket)
+                               index, pixel_values, grid=grid, new_bucket=new_bucket,
+                               packed_rows=packed_rows)
+
+  def _shards(self) -> int:
+    """The rollout layout's row groups (1 off a mesh)."""
+    return self.layout.shape["data"] if self.layout is not None else 1
 
   def _global_images(self, pixel_values: np.ndarray, grid: Grid, prompts: int
                      ) -> tuple[jax.Array, Grid]:
@@ -346,7 +356,7 @@ class Sampler:
     loop, inputs = self.start_step(cache, state, key)
     full = None  # the results of every original row, once rows have moved
     total = rows = loop.done.shape[0]
-    groups = self.layout.shape["data"] if self.layout is not None else 1
+    groups = self._shards()
     origin = np.arange(total)  # the original row of each current row
     step = 1
     while True:
@@ -408,11 +418,14 @@ class Sampler:
 
   def _prefill_impl(self, params: nnx.State, ids: jax.Array, mask: jax.Array,
                     prompt_index: jax.Array, pixel_values: jax.Array | None, *, grid: Grid | None,
-                    new_bucket: int) -> DecodeState:
+                    new_bucket: int, packed_rows: int | None = None) -> DecodeState:
     model = nnx.merge(self._graphdef, params)
     b, t = ids.shape
+    packed = (None if packed_rows is None else
+              packing.Packed.of(mask.astype(bool), self._shards(), packed_rows))
     # Only the last position's logits are needed: skips a [B, T, V] head output.
-    out = model.prefill(ids, mask, pixel_values, grid, cache_length=t, logits_from=t - 1)
+    out = model.prefill(ids, mask, pixel_values, grid, cache_length=t, logits_from=t - 1,
+                        packed=packed)
     g = self.config.num_samples
     # One prefill per prompt; its G samples (adjacent rows) continue its cache, held once.
     rep = lambda x, axis=0: self._rows(jnp.repeat(x, g, axis=axis), axis)

@@ -11,6 +11,7 @@ from flax import nnx
 
 from robot_r1_jax.model import attention, layers, rope, sharding
 from robot_r1_jax.model.config import ModelConfig
+from robot_r1_jax.model.packing import Packed
 from robot_r1_jax.model.text import KVCache, TextModel
 from robot_r1_jax.model.vision import VisionTower
 
@@ -106,12 +107,13 @@ class Qwen25VL(nnx.Module):
   def prefill(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
               pixel_values: jax.Array | None = None,
               image_grid_thw: np.ndarray | tuple | None = None, *, cache_length: int,
-              logits_from: int = 0) -> Prefill:
+              logits_from: int = 0, packed: Packed | None = None) -> Prefill:
     """`forward` that also returns a new cache of `cache_length` slots holding the chunk (which
-    attends to itself only, not to the empty slots). Arguments as for `forward`."""
+    attends to itself only, not to the empty slots). Arguments as for `forward`; `packed` (of
+    `attention_mask`) runs the text layers' matmuls on the real tokens only."""
     x, mask, positions, deltas = self._inputs(input_ids, attention_mask, pixel_values,
                                               image_grid_thw, None, None)
-    hidden, cache = self.text.prefill(x, positions, mask, cache_length)
+    hidden, cache = self.text.prefill(x, positions, mask, cache_length, packed)
     return Prefill(logits=self.logits(hidden[:, logits_from:]), cache=cache, rope_deltas=deltas)
 
   def decode_layers(self) -> tuple[nnx.Module, ...]:

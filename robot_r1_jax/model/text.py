@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from robot_r1_jax.model import attention, hf_names, layers, rope, sharding
+from robot_r1_jax.model.packing import Packed
 from robot_r1_jax.model.config import TextConfig
 
 
@@ -127,13 +128,15 @@ class Attention(nnx.Module):
     self.o = layers.param(rngs, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, real: jax.Array,
-               prefix: attention.Prefix | None
+               prefix: attention.Prefix | None, packed: Packed | None = None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Causal attention of a chunk x [B,T,D] (cos/sin [B,T,H], `real` [B,T]) over `prefix`'s
     slots and itself. Returns the output and the chunk's own keys [B,K,H,T] and values [B,K,T,H]
-    (for the caller's cache; unused ones cost nothing under jit)."""
-    q, k, v = self._qkv(x, cos, sin)
-    return self._out(attention.causal(q, k, v, real, prefix, self.implementation)), (k, v)
+    (for the caller's cache; unused ones cost nothing under jit). With `packed`, x and the output
+    are its packed rows [S,N,D]; attention runs on the padded rows."""
+    q, k, v = self._qkv(x, cos, sin, packed)
+    out = attention.causal(q, k, v, real, prefix, self.implementation)
+    return self._out(out, packed), (k, v)
 
   def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
              kv: tuple[jax.Array, jax.Array], write_at: jax.Array,
@@ -153,13 +156,16 @@ class Attention(nnx.Module):
   def _w(self, p: nnx.Param) -> jax.Array:
     return p[...].astype(self.dtype)  # params stay in param_dtype; compute in self.dtype
 
-  def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array
+  def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array, packed: Packed | None = None
            ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Queries [B,K,Q,T,H], keys [B,K,H,T] and values [B,K,T,H] of x [B,T,D], rotated."""
+    """Queries [B,K,Q,T,H], keys [B,K,H,T] and values [B,K,T,H] of x [B,T,D] (or `packed`'s
+    rows of it), rotated."""
     w = self._w
     q = jnp.einsum("BTD,DNH->BTNH", x, w(self.q)) + w(self.q_bias)
     k = jnp.einsum("BTD,DKH->BTKH", x, w(self.k)) + w(self.k_bias)
     v = jnp.einsum("BTD,DKH->BTKH", x, w(self.v)) + w(self.v_bias)
+    if packed is not None:
+      q, k, v = packed.unpack(q), packed.unpack(k), packed.unpack(v)
     q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
     b, t, n, h = q.shape
     # Query head n reads kv head n // groups, as HF's repeat_kv lays heads out. Keys, values and
@@ -169,11 +175,13 @@ class Attention(nnx.Module):
     q = q.reshape(b, t, k.shape[2], n // k.shape[2], h).transpose(0, 2, 3, 1, 4)
     return q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
 
-  def _out(self, out: jax.Array) -> jax.Array:
-    """[B,K,Q,T,H] → [B,T,D]: one [B·T, N·H] × [N·H, D] GEMM (contracting N and H as two axes
-    makes XLA re-lay out the output projection's weight first)."""
+  def _out(self, out: jax.Array, packed: Packed | None = None) -> jax.Array:
+    """[B,K,Q,T,H] → [B,T,D] (`packed`: [S,N,D]): one [B·T, N·H] × [N·H, D] GEMM (contracting N
+    and H as two axes makes XLA re-lay out the output projection's weight first)."""
     b, kh, g, t, h = out.shape
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g * h)
+    if packed is not None:
+      out = packed.pack(out)
     return out @ self._w(self.o).reshape(kh * g * h, -1)
 
 
@@ -203,8 +211,8 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
 
-  def __call__(self, x, cos, sin, real, prefix):
-    attn, kv = self.attn(self.attn_norm(x), cos, sin, real, prefix)
+  def __call__(self, x, cos, sin, real, prefix, packed=None):
+    attn, kv = self.attn(self.attn_norm(x), cos, sin, real, prefix, packed)
     return self._mlp(x + attn), kv
 
   def decode(self, x, cos, sin, mask, kv, write_at, prefix=None):
@@ -263,12 +271,15 @@ class TextModel(nnx.Module):
     return hidden
 
   def prefill(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-              cache_length: int) -> tuple[jax.Array, KVCache]:
+              cache_length: int, packed: Packed | None = None) -> tuple[jax.Array, KVCache]:
     """The forward, and a new cache of `cache_length` slots S holding the chunk's keys/values.
 
-    The chunk attends to itself only, not to S empty slots.
+    The chunk attends to itself only, not to S empty slots. With `packed` (of `attention_mask`),
+    the layers' matmuls run on its rows; the hidden states come back padded, [B, T, D].
     """
-    hidden, kv = self._scanned(x, positions, attention_mask, keep_kv=True)
+    hidden, kv = self._scanned(x, positions, attention_mask, keep_kv=True, packed=packed)
+    if packed is not None:
+      hidden = packed.unpack(hidden)
     return hidden, KVCache.of_chunk(*kv, attention_mask.astype(bool), cache_length, self.dtype)
 
   def with_prompt(self, xp: jax.Array, prompt_positions: jax.Array, prompt_mask: jax.Array,
@@ -327,14 +338,16 @@ class TextModel(nnx.Module):
                               self.dtype)
 
   def _scanned(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array, *,
-               keep_kv: bool) -> tuple[jax.Array, tuple | None]:
-    """The scanned layers over the chunk; returns the hidden states and, with `keep_kv`, the
-    chunk's stacked keys/values."""
+               keep_kv: bool, packed: Packed | None = None) -> tuple[jax.Array, tuple | None]:
+    """The scanned layers over the chunk; returns the hidden states (`packed`'s rows [S, N, D]
+    when given) and, with `keep_kv`, the chunk's stacked keys/values."""
     cos, sin = self._rope(positions)
     real = attention_mask.astype(bool)
+    if packed is not None:
+      x = packed.pack(x)
 
     def body(layer, h, _):
-      h, kv = layer(h, cos, sin, real, None)
+      h, kv = layer(h, cos, sin, real, None, packed)
       return _rows(h), kv if keep_kv else None  # keys/values leave the scan only when kept
 
     x, kv = layers.scan(self.layers, body, _rows(x), None, remat=self.remat)

@@ -13,7 +13,7 @@ import pytest
 from robot_r1_jax.generate import sampling
 from robot_r1_jax.generate.sampler import FinishReason, Sampler, SamplerConfig
 from robot_r1_jax.launch import hlo
-from robot_r1_jax.model import hf_io, sharding
+from robot_r1_jax.model import hf_io, packing, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL, init_model
 
 from hf_reference import build_hf, left_padded_batch, tiny_config
@@ -618,3 +618,23 @@ def test_compaction_decodes_what_one_loop_decodes(model, mesh):
   before = dict(compacting.traces.counts)
   compacting(ids, mask, jax.random.key(5), max_new_tokens=48)
   assert dict(compacting.traces.counts) == before
+
+
+@pytest.mark.parametrize("mesh", [None, "fsdp=4"])
+def test_a_packed_prefill_samples_what_a_padded_one_does(model, mesh):
+  """Prompts of 4–60 tokens in a 128-slot bucket: the prefill packs their real tokens (per data
+  group on the rollout mesh) and samples the padded prefill's tokens and log-probs."""
+  mesh = None if mesh is None else make_mesh(fsdp=4)
+  lengths = (60, 4, 33, 9, 51, 17, 26, 40)
+  ids, mask = _prompts(lengths, 128, seed=3)
+  config = dict(sampling=sampling.SamplingParams(top_p=0.9), num_samples=2,
+                prompt_buckets=(128,), new_token_buckets=(24,))
+  padded = make_sampler(model, mesh=mesh, pack_prompts=False, **config)
+  packed = make_sampler(model, mesh=mesh, **config)
+  shards = packed._shards()
+  assert packing.rows_for(mask, shards) is not None
+  want = _np(padded(ids, mask, jax.random.key(8), max_new_tokens=24))
+  got = _np(packed(ids, mask, jax.random.key(8), max_new_tokens=24))
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.lengths, want.lengths)
+  np.testing.assert_allclose(got.log_probs, want.log_probs, atol=2e-5)

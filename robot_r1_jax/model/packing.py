@@ -2,7 +2,8 @@
 shard, so the prefill's weight matmuls, norms and MLPs run on real tokens only. Attention and the
 cache keep the padded [B, T] layout (their masks, the splash kernel's blocks, the decode step's
 reads), so each layer moves its queries/keys/values there and its attention output back: four
-row gathers a layer, a few % of one matmul's time.
+row gathers a layer, each ≈1% of one weight matmul's time (0.27 ms for [1536, 768] rows against
+24 ms for their product with a [768, 2048] weight, 2-core CPU).
 
 Rows stay on their shard: shard s (of S along the batch axes) packs the real tokens of its own
 B/S rows, so every gather is local to a device.
@@ -37,7 +38,8 @@ class Packed:
 
   @classmethod
   def of(cls, real: jax.Array, shards: int, rows: int) -> "Packed":
-    """The packing of `real` [B, T] (True on real tokens) into `rows` rows per shard (`rows_for`);
+    """The packing of `real` [B, T] (True on real tokens) into `rows` rows per shard, at least
+    the fullest shard's real tokens (`rows_for`; fewer would drop tokens, unchecked under jit);
     rows past a shard's real tokens repeat its first slot (computed, never read)."""
     b, t = real.shape
     flat = real.reshape(shards, b // shards * t)

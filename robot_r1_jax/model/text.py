@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from robot_r1_jax.model import attention, hf_names, layers, rope, sharding
-from robot_r1_jax.model.packing import Packed
 from robot_r1_jax.model.config import TextConfig
+from robot_r1_jax.model.packing import Packed
 
 
 @jax.tree_util.register_dataclass

@@ -54,6 +54,13 @@ def _np(out):
   return jax.tree.map(np.asarray, out)
 
 
+def _assert_same_samples(got, want):
+  """The same tokens and lengths; log-probs equal up to summation order (~1e-6)."""
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.lengths, want.lengths)
+  np.testing.assert_allclose(got.log_probs, want.log_probs, atol=2e-5)
+
+
 def _check_layout(out, pad_id=0):
   """The mask covers the first `lengths` tokens; the rest is pad_id with zero log-probs."""
   n = out.tokens.shape[1]
@@ -435,9 +442,7 @@ def test_sharded_sampling_equals_single_device(model, sampler, mesh8):
   assert out.tokens.sharding.spec[0] == ("data", "fsdp")
   got = _np(out)
   # Random bits do not depend on sharding; logits differ by summation order only (~1e-6).
-  np.testing.assert_array_equal(got.tokens, want.tokens)
-  np.testing.assert_array_equal(got.lengths, want.lengths)
-  np.testing.assert_allclose(got.log_probs, want.log_probs, atol=2e-5)
+  _assert_same_samples(got, want)
   with pytest.raises(ValueError, match="rollout layout's 4 data-parallel groups"):
     sharded(ids[:3], mask[:3], jax.random.key(4), max_new_tokens=24)
 
@@ -588,9 +593,7 @@ def test_compaction_of_whole_prompts_keeps_their_cache_shared(model, mesh):
 
   compacting.gather_step = recorded
   got = _np(compacting(ids, mask, jax.random.key(8), max_new_tokens=20))
-  np.testing.assert_array_equal(got.tokens, want.tokens)
-  np.testing.assert_array_equal(got.lengths, want.lengths)
-  np.testing.assert_allclose(got.log_probs, want.log_probs, atol=2e-5)
+  _assert_same_samples(got, want)
   # 16 rows → 8: the two live prompts' rows, reading two prompt rows.
   assert [(c.k[0].shape[0], c.prefix.k[0].shape[0]) for c in kept] == [(8, 2)]
 
@@ -609,10 +612,8 @@ def test_compaction_decodes_what_one_loop_decodes(model, mesh):
   assert want.lengths.min() <= 6 and want.lengths.max() >= 30, want.lengths
   compacting = make_sampler(model, mesh=mesh, compact_every=4, **config)
   got = _np(compacting(ids, mask, jax.random.key(5), max_new_tokens=48))
-  np.testing.assert_array_equal(got.lengths, want.lengths)
-  np.testing.assert_array_equal(got.tokens, want.tokens)
+  _assert_same_samples(got, want)
   np.testing.assert_array_equal(got.finish_reasons, want.finish_reasons)
-  np.testing.assert_allclose(got.log_probs, want.log_probs, atol=2e-5)
   assert compacting.traces.counts["gather"] >= 2  # 16 rows → 8 → 4 (or fewer steps)
   # Again: every bucket's programs are compiled; nothing more is.
   before = dict(compacting.traces.counts)
@@ -635,6 +636,4 @@ def test_a_packed_prefill_samples_what_a_padded_one_does(model, mesh):
   assert packing.rows_for(mask, shards) is not None
   want = _np(padded(ids, mask, jax.random.key(8), max_new_tokens=24))
   got = _np(packed(ids, mask, jax.random.key(8), max_new_tokens=24))
-  np.testing.assert_array_equal(got.tokens, want.tokens)
-  np.testing.assert_array_equal(got.lengths, want.lengths)
-  np.testing.assert_allclose(got.log_probs, want.log_probs, atol=2e-5)
+  _assert_same_samples(got, want)

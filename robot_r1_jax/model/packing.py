@@ -63,14 +63,18 @@ def _rows_of(x: jax.Array, index: jax.Array) -> jax.Array:
 
 def rows_for(mask: np.ndarray, shards: int) -> int | None:
   """N for `Packed.of`, from this process's rows of a left-padded mask [B, T] (multi-process: the
-  global rows stack the processes' rows in order; every process gets the same N): the most real
-  tokens of any shard (rows split in order into `shards`), rounded up to one of `_COUNTS` steps
-  of the B/S·T slots a shard holds, each a multiple of `_MULTIPLE`; None when that saves no row."""
+  global rows stack the processes' rows in order; every process gets the same N): `rounded` of
+  the most real tokens of any shard (rows split in order into `shards`)."""
   real = np.asarray(mask).sum(axis=1, dtype=np.int32)
   if jax.process_count() > 1:
     real = np.asarray(multihost_utils.process_allgather(real)).reshape(-1)
-  padded = len(real) // shards * np.shape(mask)[1]
   most = int(real.reshape(shards, -1).sum(axis=1).max())
-  step = -(-padded // _COUNTS // _MULTIPLE) * _MULTIPLE
+  return rounded(most, len(real) // shards * np.shape(mask)[1])
+
+
+def rounded(most: int, padded: int, counts: int = _COUNTS) -> int | None:
+  """`most` real tokens of a shard's `padded` slots rounded up to one of `counts` steps of
+  `padded`, each a multiple of `_MULTIPLE`; None when that saves no row."""
+  step = -(-padded // counts // _MULTIPLE) * _MULTIPLE
   rows = max(step, -(-most // step) * step)
   return rows if rows < padded else None

@@ -139,7 +139,8 @@ class Qwen25VL(nnx.Module):
   def with_prompt(self, prompt_ids: jax.Array, prompt_mask: jax.Array,
                   pixel_values: jax.Array | None, image_grid_thw: np.ndarray | tuple | None,
                   input_ids: jax.Array, attention_mask: jax.Array, *, share: int,
-                  head: bool = True) -> tuple[jax.Array, jax.Array]:
+                  head: bool = True, packed: Packed | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
     """B left-padded prompts [B, T] (+ their images, as for `forward`) and the text chunks
     [B·share, R] that continue them, a prompt's `share` chunks adjacent (its G samples).
 
@@ -148,6 +149,7 @@ class Qwen25VL(nnx.Module):
     ([B, 1, D]; [B·share, R, D]). The prompt runs once for its chunks, which attend to its keys
     and values: the numbers of a forward over each whole row, up to float rounding. A generated
     `<|image_pad|>` id in a chunk stays a text token: no image features are merged there.
+    With `packed` (of `attention_mask`), the chunks' outputs are its rows, [S, N, ·].
     """
     xp, prompt_mask, prompt_positions, deltas = self._inputs(
         prompt_ids, prompt_mask, pixel_values, image_grid_thw, None, None)
@@ -156,7 +158,7 @@ class Qwen25VL(nnx.Module):
                                       repeat(deltas), input_ids.shape[1])
     hidden_p, hidden = self.text.with_prompt(xp, prompt_positions, prompt_mask,
                                              self.text.embed(input_ids), positions,
-                                             attention_mask, share)
+                                             attention_mask, share, packed)
     last = hidden_p[:, -1:]
     return (self.logits(last), self.logits(hidden)) if head else (last, hidden)
 

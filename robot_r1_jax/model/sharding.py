@@ -131,6 +131,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, fitted_spec(names, x.shape, mesh))
 
 
+def batch_shards(rows: int, mesh: Mesh | None = None) -> int:
+  """How many blocks the batch axes split `rows` rows into on `mesh` (default: the mesh of the
+  current `jax.set_mesh` context; 1 off a mesh), as `constrain` would place them."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  if mesh.empty:
+    return 1
+  axes = fitted_spec(("batch",), (rows,), mesh)[0]
+  return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
+
+
 def on_mesh(mesh: Mesh | None) -> contextlib.AbstractContextManager:
   """The context that programs traced on `mesh` run under (`constrain` reads it); nothing for
   None (one device)."""

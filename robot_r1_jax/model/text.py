@@ -283,13 +283,16 @@ class TextModel(nnx.Module):
     return hidden, KVCache.of_chunk(*kv, attention_mask.astype(bool), cache_length, self.dtype)
 
   def with_prompt(self, xp: jax.Array, prompt_positions: jax.Array, prompt_mask: jax.Array,
-                  x: jax.Array, positions: jax.Array, attention_mask: jax.Array, share: int
-                  ) -> tuple[jax.Array, jax.Array]:
+                  x: jax.Array, positions: jax.Array, attention_mask: jax.Array, share: int,
+                  packed: Packed | None = None) -> tuple[jax.Array, jax.Array]:
     """Final-normed hidden states of B prompts xp [B, T, D] and of the chunks x [B·share, R, D]
     that follow them (a prompt's `share` chunks adjacent), in one scan over the layers: each layer
     runs the prompts, then the chunks after their prompt's keys/values (every real prompt slot
     precedes the chunk). One scan, not a prefill and a second scan over its cache: the backward
-    pass holds one set of layer gradients, and FSDP gathers each layer's weights once."""
+    pass holds one set of layer gradients, and FSDP gathers each layer's weights once.
+
+    With `packed` (of `attention_mask`), the chunks' matmuls run on its rows and their hidden
+    states come back as those rows, [S, N, D]: ragged completions cost their real tokens."""
     cos_p, sin_p = self._rope(prompt_positions)
     cos, sin = self._rope(positions)
     real_p, real = prompt_mask.astype(bool), attention_mask.astype(bool)
@@ -302,9 +305,11 @@ class TextModel(nnx.Module):
       # In the cache's dtype, as a prefill would have stored them.
       prefix = attention.Prefix(k=repeat(k.astype(self.dtype)), v=repeat(v.astype(self.dtype)),
                                 valid=valid)
-      hx, _ = layer(hx, cos, sin, real, prefix)
+      hx, _ = layer(hx, cos, sin, real, prefix, packed)
       return (_rows(hp), _rows(hx)), None
 
+    if packed is not None:
+      x = packed.pack(x)
     (xp, x), _ = layers.scan(self.layers, body, (_rows(xp), _rows(x)), None, remat=self.remat)
     return self.final_norm(xp), self.final_norm(x)
 

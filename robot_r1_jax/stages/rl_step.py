@@ -3,10 +3,11 @@
 The pieces that touch parameters are jitted once per shape: `sequence_log_probs` (old and
 reference log-probs) and `train_step` (micro-batch gradient accumulation with `lax.scan`, clipping,
 AdamW, non-finite guard), with the parameters and optimizer state donated. Completions are cut to
-the rollout's longest at a few widths per new-token bucket (`LearnerConfig.width_steps`), so the
-update pays for what was generated, and each prompt (with its image) is run once for its G samples,
-whose completions attend to its keys and values (`LearnerConfig.prompt_share`). The host only moves
-batches and turns completions into rewards.
+the rollout's longest at a few widths per new-token bucket (`LearnerConfig.width_steps`), each
+prompt (with its image) is run once for its G samples, whose completions attend to its keys and
+values (`LearnerConfig.prompt_share`), and those completions are packed into their real tokens
+(`LearnerConfig.pack_steps`): the update pays for what was generated. The host only moves batches
+and turns completions into rewards.
 
 Dimensions (the package alphabet): B prompts · G samples per prompt · M micro-batches · T prompt
 bucket · R completion width.
@@ -39,7 +40,7 @@ from robot_r1_jax.stages import dynamic_sampling
 from robot_r1_jax.train import update
 from robot_r1_jax.train.loop import StepResult
 from robot_r1_jax.train.metrics import StepTimer
-from robot_r1_jax.train.scoring import Sequences, sequence_log_probs
+from robot_r1_jax.train.scoring import Sequences, packed_rows_for, sequence_log_probs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,11 @@ class LearnerConfig:
   # bucket R: the update pays for the tokens generated, not the budget, at ≤ width_steps compiled
   # widths per bucket (32-token steps for R = 256).
   width_steps: int = 8
+  # Score each micro-batch's completions packed into their real tokens (`scoring.packed_rows_for`)
+  # when a prompt pass is shared (prompt_share > 1): the update and the old/reference log-probs
+  # cost the tokens generated, not the longest completion's width in every row, at ≤ pack_steps
+  # more compiled shapes per width. 0: never packed.
+  pack_steps: int = 4
   # The KL to the reference: a term of the loss (the paper's k3, β 1e-2) and/or a penalty taken
   # from the reward (REINFORCE++'s k1), each with its own β and estimator as verl allows.
   kl: kl_lib.KLPenalty = kl_lib.KLPenalty()
@@ -93,6 +99,8 @@ class LearnerConfig:
                        f"placements {self.kl.placement!r} and {self.kl_reward.placement!r}")
     if self.width_steps < 1:
       raise ValueError(f"width_steps={self.width_steps} must be >= 1")
+    if self.pack_steps < 0:
+      raise ValueError(f"pack_steps={self.pack_steps} must be >= 0 (0: never packed)")
     rows = self.train_batch_size * self.num_generations
     if rows % self.micro_batch_size:
       raise ValueError(f"train_batch_size × num_generations = {rows} sequences is not a multiple "
@@ -143,10 +151,11 @@ class Learner:
     self.opt_state = update.init_opt_state(optimizer, params, mesh)
     self.ref_params = (_reference(params, model.dtype, config.offload_reference)
                        if config.needs_reference else None)
-    self.log_probs_step = jax.jit(self._log_probs_impl, static_argnames=("image_grid",))
+    self.log_probs_step = jax.jit(self._log_probs_impl,
+                                  static_argnames=("image_grid", "packed_rows"))
     self._select = jax.jit(self._select_impl)
     self.train_step = update.jit_step(self._train_step_impl, params, self.opt_state,
-                                       ("image_grid", "on_policy"))
+                                       ("image_grid", "on_policy", "packed_rows"))
     self.bad_steps = 0
     if config.prompt_share < config.num_generations:
       logging.info("micro_batch_size=%d holds runs of %d samples of a prompt (G=%d): each prompt is "
@@ -159,17 +168,19 @@ class Learner:
   def _model(self, params) -> Qwen25VL:
     return nnx.merge(self.graphdef, params)
 
-  def _log_probs_impl(self, params, seqs: Sequences, image_grid):
+  def _log_probs_impl(self, params, seqs: Sequences, image_grid, packed_rows=None):
     return sequence_log_probs(self._model(params), seqs, image_grid, self.temperature,
-                              self.config.prompt_share)[0]
+                              self.config.prompt_share, packed_rows=packed_rows)[0]
 
-  def _train_step_impl(self, params, opt_state, rows: TrainRows, *, image_grid, on_policy: bool):
+  def _train_step_impl(self, params, opt_state, rows: TrainRows, *, image_grid, on_policy: bool,
+                       packed_rows: int | None = None):
     cfg = self.config
     kl = cfg.kl if cfg.kl.active else None
 
     def loss_sum(p, mb: TrainRows):
       logp, entropy = sequence_log_probs(self._model(p), mb.seqs, image_grid, self.temperature,
-                                         cfg.prompt_share, entropy_grad=cfg.loss.entropy_coef > 0)
+                                         cfg.prompt_share, entropy_grad=cfg.loss.entropy_coef > 0,
+                                         packed_rows=packed_rows)
       old = jax.lax.stop_gradient(logp) if on_policy else mb.old_logp
       out = losses.policy_loss(
           logp, old, mb.advantages, mb.seqs.completion_mask, cfg.loss,
@@ -196,10 +207,20 @@ class Learner:
     """Log-probs [B·G, R] computed micro-batch by micro-batch (bounded activation memory)."""
     mb = self.config.micro_batch_size
     rows = seqs.prompt_ids.shape[0]
+    packed_rows = self._packed_rows(seqs.completion_mask.reshape(rows // mb, mb, -1))
     with sharding.on_mesh(self.mesh):
       parts = [self.log_probs_step(params, jax.tree.map(lambda x: x[i:i + mb], seqs),
-                                   image_grid=image_grid) for i in range(0, rows, mb)]
+                                   image_grid=image_grid, packed_rows=packed_rows)
+               for i in range(0, rows, mb)]
     return jnp.concatenate(parts, axis=0)
+
+  def _packed_rows(self, completion_mask: jax.Array) -> int | None:
+    """`packed_rows` for every micro-batch of `completion_mask` [M, rows, R] (None: padded)."""
+    cfg = self.config
+    if cfg.pack_steps == 0 or cfg.prompt_share == 1:
+      return None
+    shards = sharding.batch_shards(completion_mask.shape[1], self.mesh)
+    return packed_rows_for(completion_mask, shards, cfg.pack_steps)
 
   def step(self, batch: Any, key: jax.Array, draw: Callable[[], Any] | None = None) -> StepResult:
     """One RL step on this process's loader batch (prompts with `input_ids`, `attention_mask`,
@@ -365,7 +386,8 @@ class Learner:
         with sharding.on_mesh(self.mesh):
           mb = self._select(rows, jnp.asarray(order[start:start + per_update]))
           self.params, self.opt_state, m = self.train_step(
-              self.params, self.opt_state, mb, image_grid=image_grid, on_policy=on_policy)
+              self.params, self.opt_state, mb, image_grid=image_grid, on_policy=on_policy,
+              packed_rows=self._packed_rows(mb.seqs.completion_mask))
         step_metrics.append(m)
     self.commit()
     jax.block_until_ready(self.params)

@@ -9,11 +9,12 @@ for an image and SFT trains exactly the distribution the sampler draws from.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from robot_r1_jax.model import rope, sharding
+from robot_r1_jax.model import packing, rope, sharding
 from robot_r1_jax.model.qwen2_5_vl import Qwen25VL
 
 
@@ -64,7 +65,8 @@ LOGITS_CHUNK = 256
 
 def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, int, int] | None,
                        temperature: float = 1.0, share: int = 1, chunk: int = LOGITS_CHUNK,
-                       entropy_grad: bool = False) -> tuple[jax.Array, jax.Array]:
+                       entropy_grad: bool = False, packed_rows: int | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
   """(log-probs [B, R] f32 of the completion tokens, entropy [B, R] f32) under `model`; the
   entropy carries no gradient unless `entropy_grad` (an entropy bonus in the loss).
 
@@ -77,15 +79,37 @@ def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, 
   float rounding, for 1/share of the prompt's FLOPs. `share=1` is the single whole-row forward
   (the pass compared against Hugging Face).
 
+  `packed_rows` (with `share` > 1; `packed_rows_for`): the completions' real tokens packed into
+  that many rows per batch shard (`model.packing`), so that their matmuls and the LM head cost
+  the tokens generated, not the longest completion's width in every row. Positions past a row's
+  completion then score 0 (the loss masks them either way).
+
   The LM head runs on `chunk` positions at a time (`head_scores`): no [B, R, V] array is formed.
   """
   if seqs.prompt_ids.shape[0] % share:
     raise ValueError(f"{seqs.prompt_ids.shape[0]} rows do not come in runs of share={share}")
-  hidden = (_whole_row_hidden(model, seqs, image_grid) if share == 1
-            else _shared_prompt_hidden(model, seqs, image_grid, share))
   head, axes = model.head_weight()
-  logp, entropy = head_scores(head, hidden, seqs.completion, temperature, chunk, axes)
+  score = lambda hidden, targets: head_scores(head, hidden, targets, temperature, chunk, axes)
+  if share == 1:
+    if packed_rows is not None:
+      raise ValueError("packed_rows needs share > 1 (the whole-row forward is not packed)")
+    logp, entropy = score(_whole_row_hidden(model, seqs, image_grid), seqs.completion)
+  else:
+    logp, entropy = _shared_prompt_scores(model, seqs, image_grid, share, score, packed_rows)
   return logp, entropy if entropy_grad else jax.lax.stop_gradient(entropy)
+
+
+def packed_rows_for(completion_mask: jax.Array, shards: int, counts: int) -> int | None:
+  """`packed_rows` for `sequence_log_probs` on every micro-batch of `completion_mask` [M, rows,
+  R] (or [rows, R]) split over `shards` batch shards: the most real tokens of the completions'
+  chunks (all but the last position) in any shard of any micro-batch, rounded up to one of
+  `counts` steps (`packing.rounded`); None when packing saves no row."""
+  chunk = completion_mask[..., :-1]
+  if chunk.shape[-1] == 0:
+    return None
+  per_shard = chunk.reshape(-1, shards, chunk.shape[-2] // shards * chunk.shape[-1])
+  most = int(jnp.max(jnp.sum(per_shard, axis=-1, dtype=jnp.int32)))
+  return packing.rounded(most, per_shard.shape[-1], counts)
 
 
 def head_scores(head: jax.Array, hidden: jax.Array, targets: jax.Array, temperature: float = 1.0,
@@ -164,11 +188,13 @@ def _whole_row_hidden(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, i
                        head=False).hidden
 
 
-def _shared_prompt_hidden(model: Qwen25VL, seqs: Sequences,
-                          image_grid: tuple[int, int, int] | None, share: int) -> jax.Array:
-  """[B, R, D] as `_whole_row_hidden`, each run's prompt through the model once and its
-  completions attending to the prompt's keys/values, in one pass over the layers
-  (`Qwen25VL.with_prompt`)."""
+def _shared_prompt_scores(model: Qwen25VL, seqs: Sequences,
+                          image_grid: tuple[int, int, int] | None, share: int,
+                          score: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
+                          packed_rows: int | None) -> tuple[jax.Array, jax.Array]:
+  """`score` of the hidden states `_whole_row_hidden` gives, each run's prompt through the model
+  once and its completions attending to the prompt's keys/values, in one pass over the layers
+  (`Qwen25VL.with_prompt`); with `packed_rows`, the completions packed."""
   t, r = seqs.prompt_ids.shape[1], seqs.completion.shape[1]
   ids, mask = seqs.prompt_ids[::share], seqs.prompt_mask[::share]
   grids = None if image_grid is None else (image_grid,) * ids.shape[0]
@@ -178,7 +204,24 @@ def _shared_prompt_hidden(model: Qwen25VL, seqs: Sequences,
   # Position t predicts token t+1: the last prompt position predicts completion token 0, and the
   # completion's positions [0, R−1) the rest.
   if r == 1:
-    return rep(model.forward(ids, mask, pixels, grids, logits_from=t - 1, head=False).hidden)
+    return score(rep(model.forward(ids, mask, pixels, grids, logits_from=t - 1,
+                                   head=False).hidden), seqs.completion)
+  chunk_mask = seqs.completion_mask[:, :-1].astype(bool)
+  packed = None if packed_rows is None else packing.Packed.of(
+      chunk_mask, sharding.batch_shards(len(chunk_mask)), packed_rows)
   last, hidden = model.with_prompt(ids, mask, pixels, grids, seqs.completion[:, :-1],
-                                   seqs.completion_mask[:, :-1], share=share, head=False)
-  return jnp.concatenate([rep(last), hidden], axis=1)
+                                   seqs.completion_mask[:, :-1], share=share, head=False,
+                                   packed=packed)
+  if packed is None:
+    return score(jnp.concatenate([rep(last), hidden], axis=1), seqs.completion)
+  # One pass of the head: each shard's rows hold its rows' last prompt positions, then its
+  # packed completion positions.
+  shards = packed.take.shape[0]
+  by_shard = lambda x: x.reshape(shards, -1, *x.shape[2:])  # [B, 1, …] → [S, B/S, …]
+  first = len(chunk_mask) // shards
+  outs = score(jnp.concatenate([by_shard(rep(last)), hidden], axis=1),
+               jnp.concatenate([by_shard(seqs.completion[:, :1]),
+                                packed.pack(seqs.completion[:, 1:])], axis=1))
+  return tuple(jnp.concatenate([x[:, :first].reshape(-1, 1),
+                                jnp.where(chunk_mask, packed.unpack(x[:, first:]), 0.0)], axis=1)
+               for x in outs)

@@ -12,6 +12,7 @@ from flax import nnx
 
 from robot_r1_jax.generate import sampling
 from robot_r1_jax.model import config as config_lib
+from robot_r1_jax.model import packing, sharding
 from robot_r1_jax.model.qwen2_5_vl import init_model
 from robot_r1_jax.rl import kl as kl_lib
 from robot_r1_jax.rl import advantages as adv_lib
@@ -19,9 +20,10 @@ from robot_r1_jax.rl import losses, rewards, shaping
 from robot_r1_jax.stages import rl_step
 from robot_r1_jax.stages.rl_step import Learner, LearnerConfig, completion_width
 from robot_r1_jax.train.optim import OptimizerConfig, build_optimizer
+from robot_r1_jax.train import scoring
 from robot_r1_jax.train.scoring import Sequences, sequence_log_probs
 
-from testing import EOS, PAD, image_prompts, make_sampler, question_batch
+from testing import EOS, PAD, image_prompts, make_mesh, make_sampler, question_batch
 
 G = 4
 PROMPTS = 2
@@ -40,11 +42,11 @@ def setup(tokenizer, one_device_mesh):
   return tokenizer, batch, one_device_mesh
 
 
-def _learner(setup, reward_fn=None, temperature=1.0, **overrides):
+def _learner(setup, reward_fn=None, temperature=1.0, stop_tokens=(EOS, PAD), **overrides):
   tokenizer, _, mesh = setup
   model = init_model(config_lib.tiny(), seed=0, mesh=mesh)
   sampler = make_sampler(
-      model, tokenizer, mesh=mesh, stop_tokens=(EOS, PAD), num_samples=G,
+      model, tokenizer, mesh=mesh, stop_tokens=stop_tokens, num_samples=G,
       prompt_buckets=(64,), new_token_buckets=(16,),
       sampling=sampling.SamplingParams(temperature=temperature, top_p=1.0, top_k=0))
   optimizer, schedule = build_optimizer(OptimizerConfig(learning_rate=1e-3, weight_decay=0.0),
@@ -175,6 +177,83 @@ def test_shared_prompt_scoring_gives_the_whole_row_log_probs_and_gradients(setup
     sequence_log_probs(nnx.merge(graphdef, params), seqs, grid, 1.0, 4)
 
 
+@pytest.mark.parametrize("fsdp", [1, 2])
+def test_packed_completions_score_what_padded_ones_do(setup, fsdp):
+  """Completions packed into each batch shard's real tokens give the padded pass's log-probs,
+  entropy and gradients (f32), for fewer FLOPs; positions past a completion score 0."""
+  seqs = _grouped_rows(setup, g=3)
+  grid = tuple(int(v) for v in setup[1].image_grid_thw[0])
+  mesh = make_mesh(fsdp=fsdp)
+  graphdef, params = nnx.split(init_model(config_lib.tiny(), seed=0, mesh=mesh), nnx.Param)
+  mask = jnp.asarray(seqs.completion_mask, jnp.float32)
+  # The fullest shard's real chunk tokens: the fewest rows a packing may take.
+  rows = int(seqs.completion_mask[:, :-1].reshape(fsdp, -1).sum(1).max())
+  assert rows < seqs.completion_mask[:, :-1].size // fsdp
+
+  def score(p, packed_rows):
+    logp, entropy = sequence_log_probs(nnx.merge(graphdef, p), seqs, grid, 0.7, 3,
+                                       packed_rows=packed_rows, entropy_grad=True)
+    weights = mask * jnp.arange(1, mask.shape[0] + 1)[:, None]
+    return jnp.sum((logp + 0.1 * entropy) * weights), (logp, entropy)
+
+  grad = jax.jit(jax.grad(score, has_aux=True), static_argnums=1)
+  with sharding.on_mesh(mesh):
+    padded_grad, (padded_logp, padded_entropy) = grad(params, None)
+    packed_grad, (packed_logp, packed_entropy) = grad(params, rows)
+    flops = lambda packed_rows: grad.lower(params, packed_rows).compile().cost_analysis()["flops"]
+    assert flops(rows) < 0.9 * flops(None)
+  real = seqs.completion_mask == 1
+  for got, want in ((packed_logp, padded_logp), (packed_entropy, padded_entropy)):
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5,
+                               atol=1e-5)
+  assert np.all(np.asarray(packed_logp)[:, 1:][seqs.completion_mask[:, :-1] == 0] == 0)
+  for got, want in zip(jax.tree.leaves(packed_grad), jax.tree.leaves(padded_grad)):
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+  with pytest.raises(ValueError, match="needs share > 1"):
+    sequence_log_probs(nnx.merge(graphdef, params), seqs, grid, packed_rows=rows)
+
+
+def test_packed_rows_for_counts_each_shard_of_each_micro_batch():
+  """The most real chunk tokens (a completion's length less its last token) of any shard of any
+  micro-batch, rounded up to a step of the shard's slots."""
+  lengths = np.array([[10, 20, 30, 40], [200, 150, 5, 5]])  # M=2 micro-batches of 4 rows
+  mask = (np.arange(257)[None, None] < lengths[..., None]).astype(np.int32)
+  # Shards of 2 rows × 256 chunk slots: the fullest holds 199 + 149 = 348 tokens, steps of 128.
+  assert scoring.packed_rows_for(jnp.asarray(mask), 2, 4) == 384
+  assert scoring.packed_rows_for(jnp.asarray(mask[1]), 2, 4) == 384
+  assert scoring.packed_rows_for(jnp.asarray(mask[0]), 2, 4) == 128
+  assert scoring.packed_rows_for(jnp.asarray(mask), 1, 4) == 512  # 348 + 4 + 4, steps of 256
+  assert scoring.packed_rows_for(jnp.asarray(mask), 2, 1) is None  # one step: the padded rows
+  assert scoring.packed_rows_for(jnp.asarray(mask[..., :1]), 2, 4) is None  # no chunk
+
+
+def test_a_learner_step_on_packed_completions_is_the_padded_step(setup, monkeypatch):
+  """Reference log-probs, the update and its metrics come out as on padded completions when each
+  micro-batch's completions are packed (rows a multiple of 4 here: of 128, no tiny completion
+  would pack)."""
+  monkeypatch.setattr(packing, "_MULTIPLE", 4)
+  chosen = []
+  monkeypatch.setattr(rl_step, "packed_rows_for",
+                      lambda *a: chosen.append(scoring.packed_rows_for(*a)) or chosen[-1])
+  # One token in 7 stops a completion: lengths spread over the 16-token budget.
+  stops = tuple(range(0, config_lib.tiny().text.vocab_size, 7))
+  padded, packed = (_learner(setup, _parity_reward, stop_tokens=stops, pack_steps=steps)
+                    for steps in (0, 4))
+  want = padded.step(setup[1], jax.random.key(1))
+  assert not chosen
+  got = packed.step(setup[1], jax.random.key(1))
+  assert chosen and all(rows is not None for rows in chosen), chosen
+  lengths = want.completion_mask.sum(1)
+  assert lengths.min() < lengths.max() / 2, lengths
+  untimed = lambda metrics: {k: v for k, v in metrics.items() if not k.startswith("time/")}
+  assert untimed(got.metrics) == pytest.approx(untimed(want.metrics), rel=1e-4, abs=1e-6)
+  # Adam's first step moves each parameter by lr·g/(|g| + ε) (lr 1e-3): where a gradient is near
+  # ε its float rounding shows in the step, so parameters agree to 1% of the step.
+  for a, b in zip(jax.tree.leaves(packed.params), jax.tree.leaves(padded.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
 def test_shared_prompt_scoring_of_one_token_completions(setup):
   """With one completion token there is no chunk after the prompt: its last position alone
   predicts it, as in the whole-row forward."""
@@ -248,6 +327,8 @@ def test_learner_config_checks():
     LearnerConfig(algo="ppo")
   with pytest.raises(ValueError, match="width_steps"):
     LearnerConfig(width_steps=0)
+  with pytest.raises(ValueError, match="pack_steps"):
+    LearnerConfig(pack_steps=-1)
 
 
 def test_reference_is_a_compute_dtype_copy_and_absent_without_a_penalty(setup):

@@ -1,9 +1,10 @@
-"""Prompts packed for a prefill: the real tokens of left-padded rows [B, T] as N rows per batch
-shard, so the prefill's weight matmuls, norms and MLPs run on real tokens only. Attention and the
-cache keep the padded [B, T] layout (their masks, the splash kernel's blocks, the decode step's
-reads), so each layer moves its queries/keys/values there and its attention output back: four
-row gathers a layer, each ≈1% of one weight matmul's time (0.27 ms for [1536, 768] rows against
-24 ms for their product with a [768, 2048] weight, 2-core CPU).
+"""Rows packed into their real tokens: a prefill's left-padded prompts, or the right-padded
+completions that scoring runs after their prompts, [B, T] as N rows per batch shard, so the weight
+matmuls, norms and MLPs (and scoring's LM head) run on real tokens only. Attention and the cache
+keep the padded [B, T] layout (their masks, the splash kernel's blocks, the decode step's reads),
+so each layer moves its queries/keys/values there and its attention output back: four row gathers
+a layer, each ≈1% of one weight matmul's time (0.27 ms for [1536, 768] rows against 24 ms for
+their product with a [768, 2048] weight, 2-core CPU).
 
 Rows stay on their shard: shard s (of S along the batch axes) packs the real tokens of its own
 B/S rows, so every gather is local to a device.

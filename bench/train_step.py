@@ -6,6 +6,12 @@ python bench/train_step.py [--prompts 4 --generations 4 --new_tokens 32 --repeat
 Model FLOPs are counted analytically for the pass the learner runs (6·N per token for the matmuls
 of fwd+bwd, plus attention scores): each prompt and image once, its G completions after it.
 Target: ratio ≥ 0.5.
+
+Then the update on ragged completions (`--spread_width`: half the rows of each group at that
+width, half at a quarter of it), with each micro-batch's completions packed into their real tokens
+(`LearnerConfig.pack_steps`) and padded to the longest, timed alternately in the same run: packed ÷
+padded time, beside the real ÷ padded completion slots (what packing the completions alone could
+reach; the prompt pass and attention stay on padded rows).
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ import numpy as np
 from robot_r1_jax.data.loader import Batch
 from robot_r1_jax.launch import mesh as mesh_lib
 from robot_r1_jax.model import config as config_lib
-from robot_r1_jax.model import processor
+from robot_r1_jax.model import processor, sharding
 from robot_r1_jax.model.qwen2_5_vl import init_model
 from robot_r1_jax.generate import sampling
 from robot_r1_jax.generate.sampler import Sampler, SamplerConfig
-from robot_r1_jax.stages.rl_step import Learner, LearnerConfig
+from robot_r1_jax.stages.rl_step import Learner, LearnerConfig, TrainRows
+from robot_r1_jax.train.scoring import Sequences, packed_rows_for
 from robot_r1_jax.train.optim import OptimizerConfig, build_optimizer
 
 from machine import cpu_model
@@ -99,6 +106,61 @@ def analytic_flops(cfg: config_lib.ModelConfig, prompts: int, generations: int, 
   return float(text + attention + vision)
 
 
+def spread_rows(learner: Learner, batch: Batch, width: int, rng: np.random.Generator
+                ) -> TrainRows:
+  """One micro-batch [1, B·G, …] of the batch's prompts under random completions, in each group
+  half at `width` tokens and half at width / 4, with random advantages."""
+  g, mesh = learner.config.num_generations, learner.mesh
+  rows = len(batch.input_ids) * g
+  lengths = np.where(np.arange(rows) % 2 == 0, width, width // 4)
+  mask = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+  pv = np.asarray(batch.pixel_values, np.float32)
+  repeat = lambda x: np.repeat(np.asarray(x), g, axis=0)
+  seqs = Sequences(prompt_ids=repeat(batch.input_ids).astype(np.int32),
+                   prompt_mask=repeat(batch.attention_mask).astype(np.int32),
+                   completion=np.where(mask, rng.integers(100, 1000, mask.shape), 0).astype(
+                       np.int32), completion_mask=mask,
+                   pixel_values=repeat(pv.reshape(len(batch.input_ids), -1, pv.shape[-1])))
+  zeros = np.zeros(mask.shape, np.float32)
+  train_rows = TrainRows(seqs=seqs, old_logp=zeros, ref_logp=zeros, rollout_logp=zeros,
+                    advantages=rng.normal(size=mask.shape).astype(np.float32))
+  return jax.tree.map(lambda x: sharding.global_rows(np.asarray(x)[None], mesh, leading=1),
+                      train_rows)
+
+
+def packed_vs_padded(learner: Learner, batch: Batch, width: int, repeats: int) -> None:
+  rows = spread_rows(learner, batch, width, np.random.default_rng(1))
+  mask = rows.seqs.completion_mask
+  packed = packed_rows_for(mask, sharding.batch_shards(mask.shape[1], learner.mesh),
+                           learner.config.pack_steps)
+  grid = tuple(int(v) for v in batch.image_grid_thw[0])
+
+  def update(packed_rows):
+    with sharding.on_mesh(learner.mesh):
+      learner.params, learner.opt_state, _ = learner.train_step(
+          learner.params, learner.opt_state, rows, image_grid=grid, on_policy=True,
+          packed_rows=packed_rows)
+    jax.block_until_ready(learner.params)
+
+  update(None), update(packed)
+  times = [(_seconds(lambda: update(None)), _seconds(lambda: update(packed)))
+           for _ in range(repeats)]
+  padded_s, packed_s = (statistics.median(t[i] for t in times) for i in range(2))
+  slots = int(mask[..., :-1].size)
+  print(f"ragged completions ({mask.shape[1]} rows, half at {width} tokens, half at "
+        f"{width // 4}), pack_steps={learner.config.pack_steps}: {packed} packed rows for "
+        f"{int(mask[..., :-1].sum())} real of {slots} chunk slots")
+  print(f"  update padded {padded_s:.2f} s, packed {packed_s:.2f} s: packed/padded = "
+        f"{packed_s / padded_s:.2f}   (completion slots real/padded "
+        f"{int(mask[..., :-1].sum()) / slots:.2f})")
+
+
+def _seconds(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--prompts", type=int, default=4)
@@ -107,6 +169,8 @@ def main():
   parser.add_argument("--prompt_length", type=int, default=256)
   parser.add_argument("--image_px", type=int, default=112)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--spread_width", type=int, default=128,
+                      help="completion width of the ragged-completions update (0: skip it)")
   args = parser.parse_args()
 
   gemm = gemm_flops_per_second()
@@ -140,6 +204,8 @@ def main():
         f"= {flops / update_s / 1e9:.1f} GFLOP/s")
   print(f"  machine f32 GEMM: {gemm / 1e9:.1f} GFLOP/s")
   print(f"  ratio update/GEMM = {flops / update_s / gemm:.2f}   (target >= 0.5)")
+  if args.spread_width:
+    packed_vs_padded(learner, batch, args.spread_width, args.repeats)
 
 
 if __name__ == "__main__":

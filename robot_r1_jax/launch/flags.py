@@ -209,10 +209,10 @@ MICRO_BATCH = flags.DEFINE_integer("micro_batch_size", 4, "Sequences per forward
                                    "a multiple of --num_generations runs each prompt once for all "
                                    "its samples (gcd(this, G) samples share a prompt pass).")
 PACK_STEPS = flags.DEFINE_integer(
-    "pack_steps", 4, "RL: where samples share a prompt pass (gcd(--micro_batch_size, G) > 1), "
-    "the update and the old/reference log-probs run each micro-batch's completions packed into "
-    "their real tokens, so short answers cost their own length rather than the longest's; each "
-    "completion width then compiles at most this many more shapes. 0: always padded.")
+    "pack_steps", 4, "RL: the update and the old/reference log-probs run each micro-batch's "
+    "completions packed into their real tokens, so short answers cost their own length rather "
+    "than the longest's; each completion width then compiles at most this many more shapes. 0: "
+    "always padded.")
 UPDATES_PER_ROLLOUT = flags.DEFINE_integer("num_updates_per_rollout", 1, "Passes (μ) over each "
                                            "rollout's mini-batches.")
 CLIP_LOW = flags.DEFINE_float("clip_low", 0.2, "PPO ε_low.")

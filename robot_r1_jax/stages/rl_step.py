@@ -57,10 +57,9 @@ class LearnerConfig:
   # bucket R: the update pays for the tokens generated, not the budget, at ≤ width_steps compiled
   # widths per bucket (32-token steps for R = 256).
   width_steps: int = 8
-  # Score each micro-batch's completions packed into their real tokens (`scoring.packed_rows_for`)
-  # when a prompt pass is shared (prompt_share > 1): the update and the old/reference log-probs
-  # cost the tokens generated, not the longest completion's width in every row, at ≤ pack_steps
-  # more compiled shapes per width. 0: never packed.
+  # Score each micro-batch's completions packed into their real tokens (`scoring.packed_rows_for`):
+  # the update and the old/reference log-probs cost the tokens generated, not the longest
+  # completion's width in every row, at ≤ pack_steps more compiled shapes per width. 0: never.
   pack_steps: int = 4
   # The KL to the reference: a term of the loss (the paper's k3, β 1e-2) and/or a penalty taken
   # from the reward (REINFORCE++'s k1), each with its own β and estimator as verl allows.
@@ -217,7 +216,7 @@ class Learner:
   def _packed_rows(self, completion_mask: jax.Array) -> int | None:
     """`packed_rows` for every micro-batch of `completion_mask` [M, rows, R] (None: padded)."""
     cfg = self.config
-    if cfg.pack_steps == 0 or cfg.prompt_share == 1:
+    if cfg.pack_steps == 0:
       return None
     shards = sharding.batch_shards(completion_mask.shape[1], self.mesh)
     return packed_rows_for(completion_mask, shards, cfg.pack_steps)

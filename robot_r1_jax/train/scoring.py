@@ -79,10 +79,11 @@ def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, 
   float rounding, for 1/share of the prompt's FLOPs. `share=1` is the single whole-row forward
   (the pass compared against Hugging Face).
 
-  `packed_rows` (with `share` > 1; `packed_rows_for`): the completions' real tokens packed into
-  that many rows per batch shard (`model.packing`), so that their matmuls and the LM head cost
-  the tokens generated, not the longest completion's width in every row. Positions past a row's
-  completion then score 0 (the loss masks them either way).
+  `packed_rows` (`packed_rows_for`): the completions' real tokens packed into that many rows per
+  batch shard (`model.packing`), so that their matmuls and the LM head cost the tokens generated,
+  not the longest completion's width in every row. The completions then follow their prompt's
+  pass as with `share` > 1 (with `share=1`, one prompt pass per row: the whole-row forward's
+  FLOPs), and positions past a row's completion score 0 (the loss masks them either way).
 
   The LM head runs on `chunk` positions at a time (`head_scores`): no [B, R, V] array is formed.
   """
@@ -90,9 +91,7 @@ def sequence_log_probs(model: Qwen25VL, seqs: Sequences, image_grid: tuple[int, 
     raise ValueError(f"{seqs.prompt_ids.shape[0]} rows do not come in runs of share={share}")
   head, axes = model.head_weight()
   score = lambda hidden, targets: head_scores(head, hidden, targets, temperature, chunk, axes)
-  if share == 1:
-    if packed_rows is not None:
-      raise ValueError("packed_rows needs share > 1 (the whole-row forward is not packed)")
+  if share == 1 and packed_rows is None:
     logp, entropy = score(_whole_row_hidden(model, seqs, image_grid), seqs.completion)
   else:
     logp, entropy = _shared_prompt_scores(model, seqs, image_grid, share, score, packed_rows)

@@ -13,7 +13,6 @@ import os
 import pathlib
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from typing import Any, Collection, Iterator, Sequence
@@ -26,7 +25,9 @@ from jax.sharding import Mesh
 from robot_r1_jax.data.loader import Batch
 from robot_r1_jax.generate.sampler import Sampler, SamplerConfig
 from robot_r1_jax.launch import mesh as mesh_lib
+from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model import processor
+from robot_r1_jax.train.scoring import Sequences
 
 EOS = 1002  # <|im_end|> of the packaged tiny tokenizer, the tiny config's eos
 PAD = 1000  # <|endoftext|>, its pad token
@@ -225,6 +226,37 @@ def question_batch(prompts: ImagePrompts, *, answers: Sequence[str],
                                          else record_indices, np.int64),
                epochs=np.zeros(rows, np.int32) if epochs is None else np.array(epochs, np.int32),
                valid=np.ones(rows, bool) if valid is None else np.array(valid, bool))
+
+
+def two_questions(tokenizer: Any) -> Batch:
+  """Two image questions of 64 tokens (a movement one answered [[A]], a waypoint one [[C]])."""
+  rng = np.random.default_rng(0)
+  prompts = image_prompts(tokenizer, [
+      (text, rng.integers(0, 255, (56, 84, 3), dtype=np.uint8))
+      for text in ("Which way? [[A]] up [[B]] down",
+                   "Where next? [[A]] left [[B]] right [[C]] on")],
+      length=64, pad_id=tokenizer.pad_token_id)
+  return question_batch(prompts, answers=["[[A]]", "[[C]]"],
+                        question_types=["movement", "waypoint"], tasks=["t", "t"])
+
+
+def grouped_rows(tokenizer: Any, batch: Batch, g: int, n: int = 7) -> Sequences:
+  """Each prompt of `batch` (with its image) repeated g times, under g different completions: ragged
+  lengths, one of them emitting the `<|image_pad|>` id, which must stay a text token."""
+  rng = np.random.default_rng(5)
+  prompts = len(batch.input_ids)
+  rows = prompts * g
+  completion = rng.integers(0, 1000, (rows, n)).astype(np.int32)
+  completion[1, 2] = config_lib.tiny().image_token_id
+  lengths = rng.integers(1, n + 1, rows)
+  lengths[0] = n
+  completion_mask = (np.arange(n)[None] < lengths[:, None]).astype(np.int32)
+  pv = np.asarray(batch.pixel_values, np.float32)
+  return Sequences(prompt_ids=np.repeat(batch.input_ids, g, 0),
+                   prompt_mask=np.repeat(batch.attention_mask, g, 0),
+                   completion=np.where(completion_mask, completion, tokenizer.pad_token_id),
+                   completion_mask=completion_mask,
+                   pixel_values=np.repeat(pv.reshape(prompts, -1, pv.shape[-1]), g, 0))
 
 
 def make_sampler(model: Any, tokenizer: Any = None, *, mesh: Mesh | None = None,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +10,7 @@ from flax import nnx
 
 from robot_r1_jax.generate import sampling
 from robot_r1_jax.model import config as config_lib
-from robot_r1_jax.model import packing, sharding
+from robot_r1_jax.model import packing
 from robot_r1_jax.model.qwen2_5_vl import init_model
 from robot_r1_jax.rl import kl as kl_lib
 from robot_r1_jax.rl import advantages as adv_lib
@@ -21,9 +19,9 @@ from robot_r1_jax.stages import rl_step
 from robot_r1_jax.stages.rl_step import Learner, LearnerConfig, completion_width
 from robot_r1_jax.train.optim import OptimizerConfig, build_optimizer
 from robot_r1_jax.train import scoring
-from robot_r1_jax.train.scoring import Sequences, sequence_log_probs
 
-from testing import EOS, PAD, image_prompts, make_mesh, make_sampler, question_batch
+from testing import (EOS, PAD, grouped_rows, image_prompts, make_sampler, question_batch,
+                     two_questions)
 
 G = 4
 PROMPTS = 2
@@ -31,15 +29,7 @@ PROMPTS = 2
 
 @pytest.fixture(scope="module")
 def setup(tokenizer, one_device_mesh):
-  rng = np.random.default_rng(0)
-  prompts = image_prompts(tokenizer, [
-      (text, rng.integers(0, 255, (56, 84, 3), dtype=np.uint8))
-      for text in ("Which way? [[A]] up [[B]] down",
-                   "Where next? [[A]] left [[B]] right [[C]] on")],
-      length=64, pad_id=tokenizer.pad_token_id)
-  batch = question_batch(prompts, answers=["[[A]]", "[[C]]"],
-                         question_types=["movement", "waypoint"], tasks=["t", "t"])
-  return tokenizer, batch, one_device_mesh
+  return tokenizer, two_questions(tokenizer), one_device_mesh
 
 
 def _learner(setup, reward_fn=None, temperature=1.0, stop_tokens=(EOS, PAD), **overrides):
@@ -131,104 +121,6 @@ def test_completion_width_rounds_the_longest_up_to_a_step_of_the_bucket():
   assert width([5], 16, 1) == 16  # one step: never cut
 
 
-def _grouped_rows(setup, g: int, n: int = 7) -> Sequences:
-  """Each setup prompt (with its image) repeated g times, under g different completions: ragged
-  lengths, one of them emitting the `<|image_pad|>` id, which must stay a text token."""
-  tokenizer, batch, _ = setup
-  rng = np.random.default_rng(5)
-  rows = PROMPTS * g
-  completion = rng.integers(0, 1000, (rows, n)).astype(np.int32)
-  completion[1, 2] = config_lib.tiny().image_token_id
-  lengths = rng.integers(1, n + 1, rows)
-  lengths[0] = n
-  completion_mask = (np.arange(n)[None] < lengths[:, None]).astype(np.int32)
-  pv = np.asarray(batch.pixel_values, np.float32)
-  return Sequences(prompt_ids=np.repeat(batch.input_ids, g, 0),
-                   prompt_mask=np.repeat(batch.attention_mask, g, 0),
-                   completion=np.where(completion_mask, completion, tokenizer.pad_token_id),
-                   completion_mask=completion_mask,
-                   pixel_values=np.repeat(pv.reshape(PROMPTS, -1, pv.shape[-1]), g, 0))
-
-
-def test_shared_prompt_scoring_gives_the_whole_row_log_probs_and_gradients(setup):
-  """One prompt pass per run of `share` rows is the whole-row forward, to float rounding, in
-  value and in gradient, while costing far fewer FLOPs."""
-  seqs = _grouped_rows(setup, g=3)
-  grid = tuple(int(v) for v in setup[1].image_grid_thw[0])
-  graphdef, params = nnx.split(init_model(config_lib.tiny(), seed=0), nnx.Param)
-  mask = jnp.asarray(seqs.completion_mask, jnp.float32)
-
-  def score(p, share):
-    logp, entropy = sequence_log_probs(nnx.merge(graphdef, p), seqs, grid, 0.7, share)
-    return jnp.sum(logp * mask * jnp.arange(1, mask.shape[0] + 1)[:, None]), (logp, entropy)
-
-  grad = jax.jit(jax.grad(score, has_aux=True), static_argnums=1)
-  (whole_grad, (whole_logp, whole_entropy)) = grad(params, 1)
-  (shared_grad, (shared_logp, shared_entropy)) = grad(params, 3)
-  np.testing.assert_allclose(shared_logp, whole_logp, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(shared_entropy, whole_entropy, rtol=1e-5, atol=1e-5)
-  assert np.all(np.asarray(whole_logp)[seqs.completion_mask == 1] < 0)
-  for got, want in zip(jax.tree.leaves(shared_grad), jax.tree.leaves(whole_grad)):
-    scale = float(np.abs(want).max())
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
-  flops = lambda share: grad.lower(params, share).compile().cost_analysis()["flops"]
-  assert flops(3) < 0.6 * flops(1)
-  with pytest.raises(ValueError, match="runs of share=4"):
-    sequence_log_probs(nnx.merge(graphdef, params), seqs, grid, 1.0, 4)
-
-
-@pytest.mark.parametrize("fsdp, share", [(1, 3), (2, 3), (1, 1)])
-def test_packed_completions_score_what_padded_ones_do(setup, fsdp, share):
-  """Completions packed into each batch shard's real tokens give the padded pass's log-probs,
-  entropy and gradients (f32), for fewer FLOPs; positions past a completion score 0. With
-  share=1 the padded pass is the whole-row forward and the packed one runs each row's prompt
-  first."""
-  seqs = _grouped_rows(setup, g=3)
-  grid = tuple(int(v) for v in setup[1].image_grid_thw[0])
-  mesh = make_mesh(fsdp=fsdp)
-  graphdef, params = nnx.split(init_model(config_lib.tiny(), seed=0, mesh=mesh), nnx.Param)
-  mask = jnp.asarray(seqs.completion_mask, jnp.float32)
-  # The fullest shard's real chunk tokens: the fewest rows a packing may take.
-  rows = int(seqs.completion_mask[:, :-1].reshape(fsdp, -1).sum(1).max())
-  assert rows < seqs.completion_mask[:, :-1].size // fsdp
-
-  def score(p, packed_rows):
-    logp, entropy = sequence_log_probs(nnx.merge(graphdef, p), seqs, grid, 0.7, share,
-                                       packed_rows=packed_rows, entropy_grad=True)
-    weights = mask * jnp.arange(1, mask.shape[0] + 1)[:, None]
-    return jnp.sum((logp + 0.1 * entropy) * weights), (logp, entropy)
-
-  grad = jax.jit(jax.grad(score, has_aux=True), static_argnums=1)
-  with sharding.on_mesh(mesh):
-    padded_grad, (padded_logp, padded_entropy) = grad(params, None)
-    packed_grad, (packed_logp, packed_entropy) = grad(params, rows)
-    flops = lambda packed_rows: grad.lower(params, packed_rows).compile().cost_analysis()["flops"]
-    # With share=1 every row's image goes through the tower again, which packing leaves alone.
-    assert flops(rows) < (0.9 if share > 1 else 0.97) * flops(None)
-  real = seqs.completion_mask == 1
-  for got, want in ((packed_logp, padded_logp), (packed_entropy, padded_entropy)):
-    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5,
-                               atol=1e-5)
-  assert np.all(np.asarray(packed_logp)[:, 1:][seqs.completion_mask[:, :-1] == 0] == 0)
-  for got, want in zip(jax.tree.leaves(packed_grad), jax.tree.leaves(padded_grad)):
-    scale = float(np.abs(want).max())
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
-
-
-def test_packed_rows_for_counts_each_shard_of_each_micro_batch():
-  """The most real chunk tokens (a completion's length less its last token) of any shard of any
-  micro-batch, rounded up to a step of the shard's slots."""
-  lengths = np.array([[10, 20, 30, 40], [200, 150, 5, 5]])  # M=2 micro-batches of 4 rows
-  mask = (np.arange(257)[None, None] < lengths[..., None]).astype(np.int32)
-  # Shards of 2 rows × 256 chunk slots: the fullest holds 199 + 149 = 348 tokens, steps of 128.
-  assert scoring.packed_rows_for(jnp.asarray(mask), 2, 4) == 384
-  assert scoring.packed_rows_for(jnp.asarray(mask[1]), 2, 4) == 384
-  assert scoring.packed_rows_for(jnp.asarray(mask[0]), 2, 4) == 128
-  assert scoring.packed_rows_for(jnp.asarray(mask), 1, 4) == 512  # 348 + 4 + 4, steps of 256
-  assert scoring.packed_rows_for(jnp.asarray(mask), 2, 1) is None  # one step: the padded rows
-  assert scoring.packed_rows_for(jnp.asarray(mask[..., :1]), 2, 4) is None  # no chunk
-
-
 def test_a_learner_step_on_packed_completions_is_the_padded_step(setup, monkeypatch):
   """Reference log-probs, the update and its metrics come out as on padded completions when each
   micro-batch's completions are packed (rows a multiple of 4 here: of 128, no tiny completion
@@ -253,45 +145,6 @@ def test_a_learner_step_on_packed_completions_is_the_padded_step(setup, monkeypa
   # ε its float rounding shows in the step, so parameters agree to 1% of the step.
   for a, b in zip(jax.tree.leaves(packed.params), jax.tree.leaves(padded.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-
-
-def test_shared_prompt_scoring_of_one_token_completions(setup):
-  """With one completion token there is no chunk after the prompt: its last position alone
-  predicts it, as in the whole-row forward."""
-  seqs = _grouped_rows(setup, g=3)
-  seqs = dataclasses.replace(seqs, completion=seqs.completion[:, :1],
-                             completion_mask=np.ones_like(seqs.completion_mask[:, :1]))
-  grid = tuple(int(v) for v in setup[1].image_grid_thw[0])
-  model = init_model(config_lib.tiny(), seed=0)
-  whole, shared = (sequence_log_probs(model, seqs, grid, 0.7, share) for share in (1, 3))
-  assert shared[0].shape == (len(seqs.completion), 1)
-  for got, want in zip(shared, whole):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("share", [1, 3])
-def test_remat_and_the_chunked_head_change_no_log_prob_or_gradient(setup, share):
-  """Recomputing the decoder layers in the backward pass, and applying the LM head 2 positions at
-  a time, give the plain pass's log-probs and gradients (f32)."""
-  seqs = _grouped_rows(setup, g=3)
-  grid = tuple(int(v) for v in setup[1].image_grid_thw[0])
-  mask = jnp.asarray(seqs.completion_mask, jnp.float32)
-
-  def grads(remat, chunk):
-    graphdef, params = nnx.split(init_model(config_lib.tiny(), seed=0, remat=remat), nnx.Param)
-
-    def score(p):
-      logp, _ = sequence_log_probs(nnx.merge(graphdef, p), seqs, grid, 0.7, share, chunk)
-      return jnp.sum(logp * mask), logp
-
-    return jax.jit(jax.grad(score, has_aux=True))(params)
-
-  plain_grad, plain_logp = grads(False, 256)
-  for remat, chunk in ((True, 256), (False, 2)):
-    grad, logp = grads(remat, chunk)
-    np.testing.assert_allclose(logp, plain_logp, rtol=1e-6, atol=0)
-    for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(plain_grad)):
-      assert np.abs(got - want).max() <= 1e-6 * max(float(np.abs(want).max()), 1.0), (remat, chunk)
 
 
 def test_prompt_share_is_the_run_of_one_prompt_inside_a_micro_batch():
@@ -350,7 +203,7 @@ def test_offloaded_reference_waits_in_host_memory_and_scores_the_same(setup):
     np.testing.assert_array_equal(np.asarray(ref), np.asarray(want))
   on_device = offloaded.reference()
   assert {x.sharding.memory_kind for x in jax.tree.leaves(on_device)} == {"device"}
-  seqs, grid = _grouped_rows(setup, g=G), rl_step._single_grid(setup[1].image_grid_thw)
+  seqs, grid = grouped_rows(setup[0], setup[1], g=G), rl_step._single_grid(setup[1].image_grid_thw)
   np.testing.assert_array_equal(offloaded.log_probs(on_device, seqs, grid),
                                 kept.log_probs(kept.ref_params, seqs, grid))
   got, want = (learner.step(setup[1], jax.random.key(1)) for learner in (offloaded, kept))

@@ -24,6 +24,7 @@ import transformers
 from flax import nnx
 
 from robot_r1_jax import model as model_lib
+from robot_r1_jax.launch import console
 from robot_r1_jax.model import processor
 
 from machine import TextMatmuls, cpu_model
@@ -66,6 +67,7 @@ def main():
   parser.add_argument("--length", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=7)
   args = parser.parse_args()
+  console.skip_absent_tpu()  # no libtpu probe errors on a host without a TPU
 
   hf, ours = hf_twin()
   n_params = sum(p.numel() for n, p in hf.named_parameters() if "visual" not in n)

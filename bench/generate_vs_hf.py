@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import transformers
 
+from robot_r1_jax.launch import console
 from robot_r1_jax.model import processor
 from robot_r1_jax.generate import sampling
 from robot_r1_jax.generate.sampler import Sampler, SamplerConfig
@@ -116,6 +117,7 @@ def main():
                       help="segment length of the length-spread case's compacting sampler")
   parser.add_argument("--text-only", action="store_true", help="prompts without images")
   args = parser.parse_args()
+  console.skip_absent_tpu()  # no libtpu probe errors on a host without a TPU
   b, g, n = args.prompts, args.samples, args.new_tokens
 
   hf, ours = hf_twin()

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from robot_r1_jax.data.loader import Batch
+from robot_r1_jax.launch import console
 from robot_r1_jax.launch import mesh as mesh_lib
 from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model import processor, sharding
@@ -172,6 +173,7 @@ def main():
   parser.add_argument("--spread_width", type=int, default=128,
                       help="completion width of the ragged-completions update (0: skip it)")
   args = parser.parse_args()
+  console.skip_absent_tpu()  # no libtpu probe errors on a host without a TPU
 
   gemm = gemm_flops_per_second()
   cfg = config_lib.small()

@@ -19,6 +19,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # (logical axis, mesh axis or axes or None). Every logical name used by a layer must appear here.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),  # B: activations and data
+    # B where the hidden width is split over fsdp (the embedding lookup's output): rows move to
+    # fsdp from there with one all-to-all, where a mesh with data and fsdp > 1 could not go
+    # straight from D over fsdp to B over both (XLA replicated the whole hidden state instead).
+    ("batch_data", "data"),
     ("layers", None),  # L: the stacked (scanned) layer axis
     ("embed", "fsdp"),  # D (and the vision width): parameters sharded FSDP-style
     ("mlp", "tensor"),  # F

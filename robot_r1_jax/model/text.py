@@ -240,8 +240,9 @@ class TextModel(nnx.Module):
                                      param_dtype=param_dtype)
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
-    """[B, T] ids → [B, T, D] in the compute dtype."""
-    return jnp.take(self.embedding[...], input_ids, axis=0).astype(self.dtype)
+    """[B, T] ids → [B, T, D] in the compute dtype, D split as the table's."""
+    x = jnp.take(self.embedding[...], input_ids, axis=0).astype(self.dtype)
+    return sharding.constrain(x, ("batch_data", None, "embed"))
 
   def unstacked_layers(self) -> tuple[DecoderLayer, ...]:
     """The L decoder layers as separate modules, each parameter sliced out once.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model import sharding
 from robot_r1_jax.model.qwen2_5_vl import init_model
 from robot_r1_jax.train import scoring
-from robot_r1_jax.train.scoring import sequence_log_probs
+from robot_r1_jax.train.scoring import Sequences, sequence_log_probs
 
 from testing import grouped_rows, make_mesh, two_questions
 
@@ -262,3 +263,26 @@ def test_remat_and_the_chunked_head_change_no_log_prob_or_gradient(tokenizer, ba
     np.testing.assert_allclose(logp, plain_logp, rtol=1e-6, atol=0)
     for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(plain_grad)):
       assert np.abs(got - want).max() <= 1e-6 * max(float(np.abs(want).max()), 1.0), (remat, chunk)
+
+
+def test_the_backward_on_a_data_by_fsdp_mesh_never_gathers_the_whole_hidden_state():
+  """The embedding lookup's rows reach the (data, fsdp) split through an all-to-all from the
+  table's fsdp-split width. Without that step, on a mesh with data and fsdp > 1, XLA replicated
+  the gradient of the whole [B, T, D] hidden state on every device (its SPMD partitioner warned
+  "involuntary full rematerialization"): an all-gather of every row at full length."""
+  if jax.device_count() < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  mesh = make_mesh(data=2, fsdp=4)
+  graphdef, params = nnx.split(init_model(config_lib.tiny(), seed=0, mesh=mesh), nnx.Param)
+  rows, t, r = 16, 24, 40
+  rng = np.random.default_rng(0)
+  ids = lambda n: rng.integers(5, 900, (rows, n)).astype(np.int32)
+  seqs = jax.tree.map(lambda x: sharding.global_rows(x, mesh), Sequences(
+      prompt_ids=ids(t), prompt_mask=np.ones((rows, t), np.int32), completion=ids(r),
+      completion_mask=np.ones((rows, r), np.int32), pixel_values=None))
+  score = lambda p: jnp.sum(sequence_log_probs(nnx.merge(graphdef, p), seqs, None)[0])
+  with sharding.on_mesh(mesh):
+    text = jax.jit(jax.grad(score)).lower(params).compile().as_text()
+  gathered = re.findall(r"= \w+\[(\d+),(\d+),\d+\]\S* all-gather(?:-start)?\(", text)
+  assert gathered, "expected the head's chunk gathers at least"
+  assert (str(rows), str(t + r - 1)) not in gathered, gathered

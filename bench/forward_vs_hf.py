@@ -13,7 +13,6 @@ the vision tower not counted), which no forward of this model can beat.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
@@ -27,7 +26,7 @@ from robot_r1_jax import model as model_lib
 from robot_r1_jax.launch import console
 from robot_r1_jax.model import processor
 
-from machine import TextMatmuls, cpu_model
+from machine import TextMatmuls, alternating_medians, cpu_model
 
 # ≈74M parameters: large enough that matmuls dominate, small enough for a 2-core CPU.
 BENCH = model_lib.ModelConfig(
@@ -49,16 +48,6 @@ def hf_twin(seed: int = 0):
     hf.save_pretrained(tmp)
     _, ours = model_lib.load_hf(tmp)
   return hf, ours
-
-
-def _seconds(fn) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
-def _median_time(fn, repeats):
-  return statistics.median(_seconds(fn) for _ in range(repeats))
 
 
 def main():
@@ -98,10 +87,7 @@ def main():
         hf(input_ids=t_ids, attention_mask=t_mask, position_ids=pos, **kwargs)
 
     run_jax(), run_hf()
-    # The sides alternate, so both see the same background load (timing one side's repeats and
-    # then the other's compares different moments of a shared machine).
-    times = [(_seconds(run_jax), _seconds(run_hf)) for _ in range(args.repeats)]
-    t_jax, t_hf = (statistics.median(t[side] for t in times) for side in range(2))
+    t_jax, t_hf = alternating_medians((run_jax, run_hf), args.repeats)
     print(f"{name}: B={args.batch} T={args.length}, f32, {jax.devices()[0].platform}, "
           f"torch threads={torch.get_num_threads()}, CPU: {cpu_model()}")
     print(f"  flax   median {t_jax * 1e3:8.1f} ms   (compile {compile_s:.2f} s)")
@@ -125,7 +111,8 @@ def main():
   t_full = case(f"one 224x224 image per prompt ({n_img} image tokens)", ids, pixel_values, grids)
   tower = jax.jit(lambda s, pv: nnx.merge(graphdef, s).vision(pv, grids))
   jax.block_until_ready(tower(state, pixel_values))
-  t_vision = _median_time(lambda: jax.block_until_ready(tower(state, pixel_values)), args.repeats)
+  (t_vision,) = alternating_medians(
+      (lambda: jax.block_until_ready(tower(state, pixel_values)),), args.repeats)
   print(f"  vision tower alone {t_vision * 1e3:.1f} ms = {t_vision / t_full:.0%} of the forward")
 
 

@@ -22,6 +22,20 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+def alternating_medians(fns, repeats: int) -> list[float]:
+  """Median wall seconds of each of `fns`, called in turn `repeats` times: the sides alternate,
+  so all see the same background load (timing one side's repeats and then the other's compares
+  different moments of a shared machine)."""
+  times = [[_seconds(fn) for fn in fns] for _ in range(repeats)]
+  return [statistics.median(t[i] for t in times) for i in range(len(fns))]
+
+
+def _seconds(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
 class TextMatmuls:
   """The text model's weight matmuls alone, timed on this machine: a floor under any program that
   multiplies every row by every weight (a forward, a prefill, one decode step).

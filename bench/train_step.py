@@ -36,7 +36,7 @@ from robot_r1_jax.stages.rl_step import Learner, LearnerConfig, TrainRows
 from robot_r1_jax.train.scoring import Sequences, packed_rows_for
 from robot_r1_jax.train.optim import OptimizerConfig, build_optimizer
 
-from machine import cpu_model
+from machine import alternating_medians, cpu_model
 
 
 def gemm_flops_per_second(n: int = 1024, repeats: int = 30) -> float:
@@ -124,7 +124,7 @@ def spread_rows(learner: Learner, batch: Batch, width: int, rng: np.random.Gener
                    pixel_values=repeat(pv.reshape(len(batch.input_ids), -1, pv.shape[-1])))
   zeros = np.zeros(mask.shape, np.float32)
   train_rows = TrainRows(seqs=seqs, old_logp=zeros, ref_logp=zeros, rollout_logp=zeros,
-                    advantages=rng.normal(size=mask.shape).astype(np.float32))
+                         advantages=rng.normal(size=mask.shape).astype(np.float32))
   return jax.tree.map(lambda x: sharding.global_rows(np.asarray(x)[None], mesh, leading=1),
                       train_rows)
 
@@ -144,9 +144,8 @@ def packed_vs_padded(learner: Learner, batch: Batch, width: int, repeats: int) -
     jax.block_until_ready(learner.params)
 
   update(None), update(packed)
-  times = [(_seconds(lambda: update(None)), _seconds(lambda: update(packed)))
-           for _ in range(repeats)]
-  padded_s, packed_s = (statistics.median(t[i] for t in times) for i in range(2))
+  padded_s, packed_s = alternating_medians((lambda: update(None), lambda: update(packed)),
+                                           repeats)
   slots = int(mask[..., :-1].size)
   print(f"ragged completions ({mask.shape[1]} rows, half at {width} tokens, half at "
         f"{width // 4}), pack_steps={learner.config.pack_steps}: {packed} packed rows for "
@@ -154,12 +153,6 @@ def packed_vs_padded(learner: Learner, batch: Batch, width: int, repeats: int) -
   print(f"  update padded {padded_s:.2f} s, packed {packed_s:.2f} s: packed/padded = "
         f"{packed_s / padded_s:.2f}   (completion slots real/padded "
         f"{int(mask[..., :-1].sum()) / slots:.2f})")
-
-
-def _seconds(fn) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
 
 
 def main():

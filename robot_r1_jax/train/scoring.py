@@ -208,9 +208,8 @@ def _shared_prompt_scores(model: Qwen25VL, seqs: Sequences,
   chunk_mask = seqs.completion_mask[:, :-1].astype(bool)
   packed = None if packed_rows is None else packing.Packed.of(
       chunk_mask, sharding.batch_shards(len(chunk_mask)), packed_rows)
-  last, hidden = model.with_prompt(ids, mask, pixels, grids, seqs.completion[:, :-1],
-                                   seqs.completion_mask[:, :-1], share=share, head=False,
-                                   packed=packed)
+  last, hidden = model.with_prompt(ids, mask, pixels, grids, seqs.completion[:, :-1], chunk_mask,
+                                   share=share, head=False, packed=packed)
   if packed is None:
     return score(jnp.concatenate([rep(last), hidden], axis=1), seqs.completion)
   # One pass of the head: each shard's rows hold its rows' last prompt positions, then its

@@ -14,7 +14,8 @@ Implementations (`IMPLEMENTATIONS`):
   `splash_interpret`  the same kernel through the Pallas interpreter, on any backend (the CPU
             tests; slow).
   `cudnn`   `jax.nn.dot_product_attention` with cuDNN's fused flash attention (GPUs; bf16 or
-            fp16 compute): the masks go in as a boolean [B, 1, T, S] array.
+            fp16 compute): the masks go in as a boolean [B, 1, T, S] array (cuDNN adds it as
+            a bias), odd lengths padded to even.
   `dot_product`  the same call with the library's own XLA implementation, on any backend: what
             the CPU tests compare with xla (the layouts and masks `cudnn` is given).
 `resolve("auto", platform)` picks splash on TPU and xla elsewhere (cudnn is chosen by name until
@@ -62,11 +63,16 @@ def resolve(name: str, platform: str) -> str:
   return "splash" if platform == "tpu" else "xla"
 
 
-def check(implementation: str) -> str:
-  """`implementation` when a model can run it (any of `IMPLEMENTATIONS` but "auto")."""
+def check(implementation: str, dtype: jnp.dtype | None = None) -> str:
+  """`implementation` when a model can run it (any of `IMPLEMENTATIONS` but "auto"), computing
+  in `dtype` if given."""
   if implementation not in IMPLEMENTATIONS[1:]:
     raise ValueError(f"attention_implementation={implementation!r} is not one of "
                      f"{', '.join(IMPLEMENTATIONS[1:])}")
+  if (implementation == "cudnn" and dtype is not None
+      and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16)):
+    raise ValueError(f"attention=cudnn (cuDNN's flash attention) takes bfloat16 or float16 "
+                     f"activations, not {jnp.dtype(dtype).name}: add --compute_dtype=bfloat16")
   return implementation
 
 
@@ -182,9 +188,15 @@ def _library_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     values = jnp.concatenate([prefix.v.transpose(0, 2, 1, 3).astype(q.dtype), values], axis=1)
   b, kh, g, t, h = q.shape
   queries = q.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, h)  # head n = k·Q + q
-  out = jax.nn.dot_product_attention(queries, keys, values, mask=mask[:, None],
-                                     implementation=library)
-  return out.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)
+  # cuDNN's backward with a mask (which it takes as a bias) needs even lengths: a completion
+  # width or a prefix + chunk length is often odd. The added query sees nothing, the added key is
+  # seen by no query.
+  tq, ts = t % 2, keys.shape[1] % 2
+  out = jax.nn.dot_product_attention(
+      _pad(queries, tq, 1), _pad(keys, ts, 1), _pad(values, ts, 1),
+      mask=_pad(_pad(mask, tq, 1, value=False), ts, 2, value=False)[:, None],
+      implementation=library)
+  return out[:, :t].reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)
 
 
 def grouped(q: jax.Array, k: jax.Array, v: jax.Array, valid: np.ndarray | None,
@@ -197,6 +209,8 @@ def grouped(q: jax.Array, k: jax.Array, v: jax.Array, valid: np.ndarray | None,
   kernel saves on scores that small.
   """
   if implementation in _LIBRARY:
+    # L, a window's or a frame's patches, is a multiple of the 2×2 merge: even, as cuDNN's
+    # masked backward needs.
     b, w, l, n, h = q.shape
     rows = lambda x: x.reshape(b * w, l, n, h)  # [B·W, L, N, H]: the library's layout already
     keys = None if valid is None else jnp.asarray(np.broadcast_to(

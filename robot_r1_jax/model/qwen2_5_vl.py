@@ -62,7 +62,7 @@ class Qwen25VL(nnx.Module):
                attention_implementation: str = "xla", rngs: nnx.Rngs | None = None):
     """`attention_implementation`: one of `attention.IMPLEMENTATIONS` but "auto", which whoever
     knows the devices resolves (`init_model`, `load_hf`)."""
-    attention.check(attention_implementation)
+    attention.check(attention_implementation, dtype)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.cfg, self.dtype = cfg, dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, remat=remat,

@@ -3,6 +3,7 @@ dtype), the chunked LM head, and completions scored after a shared prompt pass, 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
@@ -17,7 +18,7 @@ from jax.sharding import NamedSharding
 from robot_r1_jax.launch import hlo
 from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model import sharding
-from robot_r1_jax.model.qwen2_5_vl import init_model
+from robot_r1_jax.model.qwen2_5_vl import Qwen25VL, init_model
 from robot_r1_jax.train import scoring
 from robot_r1_jax.train.scoring import Sequences, sequence_log_probs
 
@@ -286,3 +287,49 @@ def test_the_backward_on_a_data_by_fsdp_mesh_never_gathers_the_whole_hidden_stat
   gathered = re.findall(r"= \w+\[(\d+),(\d+),\d+\]\S* all-gather(?:-start)?\(", text)
   assert gathered, "expected the head's chunk gathers at least"
   assert (str(rows), str(t + r - 1)) not in gathered, gathered
+
+
+def test_prefill_and_scoring_lower_to_cudnn_flash_attention_for_a_gpu(tokenizer, batch,
+                                                                       monkeypatch):
+  """`attention=cudnn`, lowered for CUDA on this CPU host: the prefill, and the scoring gradient
+  (the update's) whole-row and packed after a shared prompt, call cuDNN's fused attention
+  forward and backward in every attention of the model (text layers, vision windows and frames)
+  and form no [T, S] scores of their own. The lengths are odd (cuDNN's masked backward needs even
+  ones). jax asks the CUDA plugin for cuDNN's version before it lowers; this host has none, so
+  the version jax's CUDA wheels bundle answers."""
+  from jax._src.cudnn import fused_attention_stablehlo
+  monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
+  tiny = config_lib.tiny()
+  # cuDNN takes head dims that are multiples of 8 (the 7B's are 128 and 80): 16 in the tower.
+  cfg = dataclasses.replace(tiny, vision=dataclasses.replace(tiny.vision, num_heads=3))
+  model = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=jnp.bfloat16,
+                                          attention_implementation="cudnn"))
+  graphdef, params = nnx.split(model, nnx.Param)
+  seqs = grouped_rows(tokenizer, batch, g=3, n=8)  # chunks of 7 after 64 prompt tokens
+  grid = tuple(int(v) for v in batch.image_grid_thw[0])
+
+  def kernels(fn, *args) -> collections.Counter:
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert not re.search(r"tensor<\d+x\d+x\d+x(\d+)x\1xf32>", text)  # no square f32 scores
+    return collections.Counter(re.findall(r'custom_call @__cudnn\$(fmha\w*)', text))
+
+  prefill = lambda p: nnx.merge(graphdef, p).prefill(
+      jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask),
+      jnp.asarray(batch.pixel_values, jnp.float32), (grid,) * 2, cache_length=96).logits
+  # The text layers' (padded: the mask goes in as a bias), the vision windows' and frames' (one
+  # whole window per image here, no padding): one call each.
+  assert kernels(prefill, params) == {"fmhaScaleBiasSoftmax": 1, "fmhaSoftmax": 2}
+
+  def score(p, share, packed_rows):
+    logp, _ = sequence_log_probs(nnx.merge(graphdef, p), seqs, grid, 0.7, share,
+                                 packed_rows=packed_rows)
+    return logp.sum()
+
+  # Forward and backward of each attention: the text layers' (with share 3, the prompt's and the
+  # completions' after it), the vision windows' and frames'.
+  for share, packed_rows, text in ((1, None, 1), (3, 16, 2)):
+    found = kernels(jax.grad(lambda p: score(p, share, packed_rows)), params)
+    assert found == {"fmhaScaleBiasSoftmax": text, "fmhaScaleBiasSoftmaxBackward": text,
+                     "fmhaSoftmax": 2, "fmhaSoftmaxBackward": 2}, found
+  with pytest.raises(ValueError, match="--compute_dtype=bfloat16"):
+    Qwen25VL(cfg, attention_implementation="cudnn")

@@ -6,7 +6,11 @@ decode loop moves the whole model once per generated token. `loop_collectives` f
 `while` of a compiled (SPMD-partitioned) module and, per loop, the collectives its body runs per
 iteration — in the body and in what it calls, but not in a nested loop's body, which is reported
 as a loop of its own. Sizes are per device: the bytes of each op's result (for an all-gather the
-gathered array; for an async `-start` op the larger half of its operand/result tuple).
+gathered array; for an async `-start` op the larger half of its operand/result tuple). TPU's
+async collective fusion writes one collective into several fusions (a start, continuations that
+also compute, a done), each holding a copy with the same channel id: a channel counts once, in
+the loop's collectives and in the bytes (the copies share its read and its write; the buffers the
+fusions pass along unchanged are aliased and cost nothing).
 
 XLA's own `cost_analysis()` counts a while loop's body once whatever its trip count (measured on
 CPU and TPU: a 10-step `fori_loop` of a matmul reports one matmul's FLOPs), and every layer stack
@@ -36,6 +40,7 @@ _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\](\{[^}]*\})?")
 # A layout's memory space other than 0 (TPU: S(1) vector memory, S(2) scalar memory) is on chip.
 _ON_CHIP = re.compile(r"S\([1-9]\d*\)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
 _NAME = re.compile(r"%([\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 # No HBM traffic of their own: views, bookkeeping, and ops whose callees are costed instead.
@@ -108,6 +113,9 @@ class Computation:
 class Module:
   computations: dict[str, Computation]
   entry: str
+  # Collective channel → the instructions that carry it. More than one: TPU's async collective
+  # fusion splits one collective over a start, continuation and done fusion, each holding a copy.
+  copies: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _split_call(rest: str) -> tuple[str, str]:
@@ -140,7 +148,20 @@ def parse(hlo_text: str) -> Module:
       current.root = name if root else current.root
       for operand in instruction.operands:
         current.users.setdefault(operand, []).append(instruction)
-  return Module(computations, entry)
+  copies: dict[str, int] = {}
+  for computation in computations.values():
+    for instruction in computation.instructions.values():
+      if channel := _channel(instruction):
+        copies[channel] = copies.get(channel, 0) + 1
+  return Module(computations, entry, copies)
+
+
+def _channel(instruction: Instruction) -> str | None:
+  """A collective's channel id (None for any other op, or a collective without one)."""
+  if instruction.opcode.removesuffix("-start") not in KINDS:
+    return None
+  channel = _CHANNEL.search(instruction.attributes)
+  return channel.group(1) if channel else None
 
 
 _SUFFIX = re.compile(r"\.\d+$")
@@ -179,9 +200,13 @@ def loop_collectives(hlo: str | Module) -> list[LoopCollectives]:
     for instruction in module.computations[name].instructions.values():
       opcode = instruction.opcode
       kind = opcode.removesuffix("-start")
-      if kind in KINDS and not opcode.endswith("-done"):
+      channel = _channel(instruction)
+      # A collective that TPU's async collective fusion split over several fusions counts once.
+      if kind in KINDS and not opcode.endswith("-done") and ("channel", channel) not in seen:
         counts[kind] = counts.get(kind, 0) + 1
         sizes[kind] = sizes.get(kind, 0) + _collective_bytes(opcode, instruction.type)
+        if channel:
+          seen.add(("channel", channel))
       if opcode == "while":
         continue  # a nested loop: its own entry
       for callee in _callees(instruction):
@@ -301,8 +326,12 @@ def _read_bytes(module: Module, computation: Computation, name: str, full: int) 
   for user in computation.users.get(name, []):
     if user.opcode in _SLICES and user.operands[0] == name:
       total += _bytes(user.type)
+    elif user.opcode in KINDS:  # one collective reads it once, however many copies carry it
+      total += full // _copies(module, user)
     elif user.opcode == "dynamic-update-slice" and user.operands[0] == name:
       continue
+    elif user.opcode == "tuple" and user.name == computation.root:
+      continue  # returned as it came (aliased): its reader reads it
     elif user.opcode == "bitcast":
       total += _read_bytes(module, computation, user.name, full)
     elif user.opcode == "fusion":
@@ -327,12 +356,19 @@ def _written_bytes(module: Module, computation: Computation, name: str) -> int:
     return _written_bytes(module, computation, instruction.operands[0])
   if instruction.opcode == "dynamic-update-slice":
     return _bytes(computation[instruction.operands[1]].type)
-  if instruction.opcode == "tuple":
-    return sum(_written_bytes(module, computation, o) for o in instruction.operands)
+  if instruction.opcode == "tuple":  # less the parameters returned as they came (aliased)
+    return sum(_written_bytes(module, computation, o) for o in instruction.operands
+               if computation[o].opcode != "parameter")
   if instruction.opcode == "fusion":
     callee = module.computations[_callees(instruction)[0]]
     return _written_bytes(module, callee, callee.root)
-  return _bytes(instruction.type)
+  return _bytes(instruction.type) // _copies(module, instruction)
+
+
+def _copies(module: Module, instruction: Instruction) -> int:
+  """How many instructions carry `instruction`'s collective (1 for any other op)."""
+  channel = _channel(instruction)
+  return module.copies.get(channel, 1) if channel else 1
 
 
 def _op_bytes(module: Module, computation: Computation, instruction: Instruction) -> int:

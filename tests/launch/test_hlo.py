@@ -146,6 +146,57 @@ def test_only_hbm_traffic_counts():
   assert hlo.program_cost(_ON_CHIP).bytes == 4 * 2048
 
 
+# TPU's async collective fusion: one all-gather (channel 5) split over a start, a continuation
+# (which also computes) and a done fusion, each holding a copy of it and passing the shard and
+# the gathered buffer along (aliased).
+_SPLIT_GATHER = """HloModule m, entry_computation_layout={(bf16[6,256]{1,0}, f32[16,16]{1,0})->(f32[16,16]{1,0}, bf16[24,256]{1,0})}
+
+%start (p.0: bf16[6,256]) -> (bf16[6,256], bf16[24,256]) {
+  %p.0 = bf16[6,256]{1,0} parameter(0)
+  %ag.0 = bf16[24,256]{1,0} all-gather(%p.0), channel_id=5, replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %t.0 = (bf16[6,256]{1,0}, bf16[24,256]{1,0}) tuple(%p.0, %ag.0)
+}
+
+%continue (p.1: bf16[6,256], p.2: bf16[24,256], x.1: f32[16,16]) -> (f32[16,16], bf16[6,256], bf16[24,256], bf16[24,256]) {
+  %p.1 = bf16[6,256]{1,0} parameter(0)
+  %p.2 = bf16[24,256]{1,0} parameter(1)
+  %x.1 = f32[16,16]{1,0} parameter(2)
+  %ag.1 = bf16[24,256]{1,0} all-gather(%p.1), channel_id=5, replica_groups={{0,1,2,3}}, dimensions={0}
+  %n.1 = f32[16,16]{1,0} negate(%x.1)
+  ROOT %t.1 = (f32[16,16]{1,0}, bf16[6,256]{1,0}, bf16[24,256]{1,0}, bf16[24,256]{1,0}) tuple(%n.1, %p.1, %p.2, %ag.1)
+}
+
+%done (p.3: bf16[6,256], p.4: bf16[24,256]) -> bf16[24,256] {
+  %p.3 = bf16[6,256]{1,0} parameter(0)
+  %p.4 = bf16[24,256]{1,0} parameter(1)
+  ROOT %ag.2 = bf16[24,256]{1,0} all-gather(%p.3), channel_id=5, replica_groups={{0,1,2,3}}, dimensions={0}
+}
+
+ENTRY %main (w: bf16[6,256], x: f32[16,16]) -> (f32[16,16], bf16[24,256]) {
+  %w = bf16[6,256]{1,0} parameter(0)
+  %x = f32[16,16]{1,0} parameter(1)
+  %s = (bf16[6,256]{1,0}, bf16[24,256]{1,0}) fusion(%w), kind=kCustom, calls=%start
+  %s.0 = bf16[6,256]{1,0} get-tuple-element(%s), index=0
+  %s.1 = bf16[24,256]{1,0} get-tuple-element(%s), index=1
+  %c = (f32[16,16]{1,0}, bf16[6,256]{1,0}, bf16[24,256]{1,0}, bf16[24,256]{1,0}) fusion(%s.0, %s.1, %x), kind=kCustom, calls=%continue
+  %c.0 = f32[16,16]{1,0} get-tuple-element(%c), index=0
+  %c.1 = bf16[6,256]{1,0} get-tuple-element(%c), index=1
+  %c.3 = bf16[24,256]{1,0} get-tuple-element(%c), index=3
+  %d = bf16[24,256]{1,0} fusion(%c.1, %c.3), kind=kCustom, calls=%done
+  ROOT %r = (f32[16,16]{1,0}, bf16[24,256]{1,0}) tuple(%c.0, %d)
+}
+"""
+
+
+def test_a_collective_split_over_fusions_moves_its_bytes_once():
+  """Three fusions carry copies of one all-gather: it reads the 3 KiB shard once and writes the
+  12 KiB gathered buffer once; the continuation's own work reads and writes 1 KiB each; the
+  shard and buffer passed along as they came cost nothing."""
+  module = hlo.parse(_SPLIT_GATHER)
+  assert module.copies == {"5": 3}
+  assert hlo.program_cost(module).bytes == 3072 + 12288 + 2 * 1024
+
+
 def test_parse_reads_operands_and_the_root():
   module = hlo.parse(_one_matmul().as_text())
   entry = module.computations[module.entry]
@@ -195,3 +246,44 @@ def test_tpu_convolutions_count_as_xla_counts_them():
   assert flops == {"matmul": [2 * 24 * 40 * 56] * 2, "decode scores": [2 * 4 * 3 * 576 * 16] * 2,
                    "prefill scores": [2 * 3 * 2 * 3 * 40 * 56 * 16] * 2,
                    "head split": [2 * 8 * 64 * 7 * 16] * 2}
+
+
+_TPU_LOOP_SCRIPT = """
+import json, os
+os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from robot_r1_jax.launch import hlo
+jax.config.update("jax_enable_compilation_cache", False)
+mesh = Mesh(np.array(topologies.get_topology_desc(topology_name="v5e:2x2",
+                                                  platform="tpu").devices), ("fsdp",))
+spec = lambda shape, *axes: jax.ShapeDtypeStruct(shape, jnp.bfloat16,
+                                                 sharding=NamedSharding(mesh, P(*axes)))
+whole = NamedSharding(mesh, P())
+
+def layers(x, up, down):
+  def step(x, weights):
+    u, d = (jax.lax.with_sharding_constraint(w, whole) for w in weights)
+    return x + jnp.tanh(x @ u) @ d, None
+  return jax.lax.scan(step, x, (up, down))[0]
+
+module = hlo.parse(jax.jit(layers).lower(spec((4096, 2048), "fsdp"),
+                                         spec((6, 2048, 8192), None, "fsdp"),
+                                         spec((6, 8192, 2048), None, None, "fsdp")
+                                         ).compile().as_text())
+loop = [l for l in hlo.loop_collectives(module) if l.counts]
+print(json.dumps([max(module.copies.values()), [(l.counts, l.bytes) for l in loop]]))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_a_tpu_fsdp_loop_gathers_each_weight_once_per_step():
+  """An FSDP layer stack on v5e:2x2: each step gathers its two [2048, 8192] bf16 weights, 64 MiB,
+  though TPU's async collective fusion writes one of those gathers into three fusions."""
+  proc = subprocess.run([sys.executable, "-c", _TPU_LOOP_SCRIPT], capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  copies, loops = json.loads(proc.stdout.splitlines()[-1])
+  assert copies > 1  # the split this test is about happened
+  assert loops == [[{"all-gather": 2}, {"all-gather": 2 * 2048 * 8192 * 2}]]

@@ -63,6 +63,41 @@ def test_kernels_match_xla_values_and_gradients(with_prefix, impl):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
 
+_ON_GPU = pytest.mark.skipif(jax.default_backend() != "gpu",
+                             reason="cuDNN runs on a GPU: JAX_PLATFORMS=cuda pytest -k bf16")
+
+
+@pytest.mark.parametrize("impl", ["dot_product", pytest.param("cudnn", marks=_ON_GPU)])
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_the_library_call_in_bf16_is_as_close_to_f32_as_xla_in_bf16(with_prefix, impl):
+  """cuDNN computes in bf16 (blockwise, its own accumulation order), so it cannot equal xla to
+  f32 rounding: against the f32 xla result, its values and gradients may be off by no more than
+  twice what xla's own bf16 pass is. Odd lengths (T 37, S 53 + 37): the padding to even runs.
+  On CPU `dot_product` takes the same call with the library's XLA implementation."""
+  q, k, v, real, prefix = _inputs(6)
+  weights = jnp.asarray(np.random.default_rng(7).standard_normal((B, K, Q, T, H)), jnp.float32)
+  keep = real[:, None, None, :, None]
+
+  def grads(impl, dtype):
+    cast = lambda x: x.astype(dtype)
+    before = attention.Prefix(cast(prefix.k), cast(prefix.v), prefix.valid) if with_prefix else None
+
+    def loss(q, k, v):
+      out = attention.causal(q, k, v, real, before, impl).astype(jnp.float32)
+      return (out * weights * keep).sum(), out
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(cast(q), cast(k), cast(v))
+
+  want_grads, want = grads("xla", jnp.float32)
+  error = lambda got: [float(np.abs(np.asarray(a, np.float32) - np.asarray(b)).max())
+                       for a, b in zip([_real_rows(got[1], real)] + list(got[0]),
+                                       [_real_rows(want, real)] + list(want_grads))]
+  reference, measured = error(grads("xla", jnp.bfloat16)), error(grads(impl, jnp.bfloat16))
+  assert all(0 < r < 0.1 for r in reference), reference  # bf16 rounding, not a broken pass
+  for got, bound in zip(measured, reference):
+    assert got <= 2 * bound, (measured, reference)
+
+
 def test_causal_mask_states_the_rule_once():
   real = jnp.asarray([[False, True, True]])
   mask = np.asarray(attention.causal_mask(real, jnp.asarray([[True, False]])))

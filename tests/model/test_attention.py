@@ -98,6 +98,39 @@ def test_the_library_call_in_bf16_is_as_close_to_f32_as_xla_in_bf16(with_prefix,
     assert got <= 2 * bound, (measured, reference)
 
 
+def test_a_prefix_shared_by_g_rows_is_attention_over_the_keys_side_by_side():
+  """dense over a cached prefix that G = 3 consecutive rows share (their queries one product
+  with its keys, regrouped there and back) equals one softmax over the keys side by side,
+  values and gradients, including a query that sees nothing."""
+  g = 3
+  rng = np.random.default_rng(5)
+  f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  q, k, v = f(B * g, K, Q, T, H), f(B * g, K, H, T), f(B * g, K, T, H)
+  _, _, _, real, prefix = _inputs(4)
+  mask = attention.causal_mask(jnp.repeat(real, g, 0), jnp.repeat(prefix.valid, g, 0))
+  mask = mask.at[4, 9].set(False)
+  cached = (prefix.k, prefix.v)
+
+  def side_by_side(q, k, v, cached):
+    keys = jnp.concatenate([jnp.repeat(cached[0], g, 0), k], axis=-1)
+    return attention.dense(q, keys, jnp.concatenate([jnp.repeat(cached[1], g, 0), v], 2), mask)
+
+  weights = f(B * g, K, Q, T, H)
+  results = [jax.jit(jax.value_and_grad(lambda *a, fn=fn: (fn(*a) * weights).sum(),
+                                        argnums=(0, 1, 2, 3)))(q, k, v, cached)
+             for fn in (lambda q, k, v, c: attention.dense(q, k, v, mask, c), side_by_side)]
+  (got, got_grads), (want, want_grads) = results
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  out = attention.dense(q, k, v, mask, cached)
+  np.testing.assert_allclose(out, side_by_side(q, k, v, cached), atol=1e-6)
+  # The query that sees nothing averages every value, as HF's softmax over a masked row.
+  everything = jnp.concatenate([prefix.v[1], v[4]], axis=1).mean(1)
+  np.testing.assert_allclose(out[4, :, :, 9], np.broadcast_to(everything[:, None], (K, Q, H)),
+                             atol=1e-6)
+
+
 def test_causal_mask_states_the_rule_once():
   real = jnp.asarray([[False, True, True]])
   mask = np.asarray(attention.causal_mask(real, jnp.asarray([[True, False]])))

@@ -22,6 +22,8 @@ import grain
 
 from robot_r1_jax.data import extract, loader, records
 
+from machine import cpu_model
+
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -70,7 +72,7 @@ def main():
     manifest = records.Manifest.load(data_dir)
     print(f"{data_dir}: {manifest.splits['train'].num_records} train records, image_size "
           f"{manifest.config['image_size']}, batch {args.batch_size}, {args.epochs} epochs, "
-          f"{args.read_threads} read thread(s)")
+          f"{args.read_threads} read thread(s), CPU: {cpu_model()}")
     for workers in args.workers:
       config = loader.LoaderConfig(batch_size=args.batch_size, num_epochs=args.epochs,
                                    worker_count=workers, read_threads=args.read_threads)

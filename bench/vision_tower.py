@@ -27,6 +27,8 @@ from flax import nnx  # noqa: E402
 from robot_r1_jax.model import config as config_lib  # noqa: E402
 from robot_r1_jax.model import layers, vision  # noqa: E402
 
+from machine import cpu_model  # noqa: E402
+
 
 def packed_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: vision.Groups,
                      implementation: str = "xla") -> jax.Array:
@@ -68,7 +70,7 @@ def main():
   layers.materialize(tower, 0)
   graphdef, state = nnx.split(tower)
   print(f"small preset vision tower ({cfg.depth} blocks, width {cfg.hidden_size}), 224² images "
-        f"(256 patches each), {jax.devices()[0].platform}")
+        f"(256 patches each), {jax.devices()[0].platform}, CPU: {cpu_model()}")
   print(f"{'images':>6}  {'temp MiB grouped':>16}  {'packed':>8}  {'×':>5}  "
         f"{'forward s grouped':>17}  {'packed':>7}  {'×':>5}  {'max |Δ|':>8}")
   for n in args.images:

@@ -464,7 +464,9 @@ class Sampler:
     """Chooses token `loop.step` of every row from its next-token logits [B·G, V]."""
     cfg = self.config
     keys = jax.vmap(jax.random.fold_in, (0, None))(inputs.keys, loop.step)
-    choice = sampling.choose(logits, keys, cfg.sampling)
+    # The LM head leaves V split over the layout's tensor axis: the draw keeps its blocks there.
+    parts = self.layout.shape["tensor"] if self.layout is not None else 1
+    choice = sampling.choose(logits, keys, cfg.sampling, parts)
     active = ~loop.done
     token = jnp.where(active, choice.tokens, cfg.pad_id)
     log_prob = jnp.where(active, choice.log_probs, 0.0)

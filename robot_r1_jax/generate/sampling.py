@@ -105,25 +105,40 @@ def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
 _DRAW_BLOCK = 128
 
 
-def inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
+def _block(v: int, parts: int) -> int:
+  """The draw's block size for a vocabulary of `v` split into `parts` shards: 128 on one; on
+  several, the largest power of two up to 128 that divides a shard (Qwen's 151936 = 2⁷ · 1187
+  over 2 shards: 64), so that no block straddles two shards; 128 where that power is below 8
+  (blocks so small would make the blocks' cumulative sum nearly a whole row's)."""
+  shard = v // parts
+  if parts == 1 or v % parts or shard & -shard < 8:
+    return _DRAW_BLOCK
+  return min(_DRAW_BLOCK, shard & -shard)
+
+
+def inverse_cdf(weights: jax.Array, u: jax.Array, parts: int = 1) -> jax.Array:
   """[B, V] non-negative weights and u [B] in [0, 1) → [B] int32: each row's token i with
   cumsum(w)[i − 1] ≤ u · Σw < cumsum(w)[i], in vocabulary order (a draw from w / Σw). Never a
   token of weight 0, whatever the rounding. An f32 uniform's 2⁻²³ steps put each token's chance
   on that grid (a token below 1.2e-7 is drawn at 0 or 2⁻²³); a run of tokens keeps its mass.
 
-  Found in two levels, not by a [B, V] cumulative sum: the 128-token blocks' sums and their
-  cumulative sum pick the block, then the block's own cumulative sum the token.
+  Found in two levels, not by a [B, V] cumulative sum: the blocks' sums and their cumulative sum
+  pick the block, then the block's own cumulative sum the token. `parts`: the shards a mesh axis
+  splits V into; blocks then lie within one (`_block`), so the sums are taken where the logits
+  lie and only [B, V / block] of them cross devices: blocks that straddled two shards made XLA
+  gather every row's whole f32 vocabulary onto each device in every decode step.
   """
   b, v = weights.shape
-  n = -(-v // _DRAW_BLOCK)
-  blocks = jnp.pad(weights, [(0, 0), (0, n * _DRAW_BLOCK - v)]).reshape(b, n, _DRAW_BLOCK)
+  size = _block(v, parts)
+  n = -(-v // size)
+  blocks = jnp.pad(weights, [(0, 0), (0, n * size - v)]).reshape(b, n, size)
   sums = blocks.sum(axis=-1)
   ends = jnp.cumsum(sums, axis=-1)
   target = u * ends[:, -1]
   block = _first_above(ends, sums, target)
   start = jnp.take_along_axis(ends - sums, block[:, None], axis=-1)[:, 0]
   within = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
-  return block * _DRAW_BLOCK + _first_above(jnp.cumsum(within, axis=-1), within, target - start)
+  return block * size + _first_above(jnp.cumsum(within, axis=-1), within, target - start)
 
 
 def _first_above(ends: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
@@ -141,8 +156,8 @@ def row_uniforms(keys: jax.Array) -> Callable[[int | jax.Array], jax.Array]:
   return lambda round_: jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, round_)))(keys)
 
 
-def top_p_draw(logits: jax.Array, uniform: Callable[[int | jax.Array], jax.Array], p: float
-               ) -> jax.Array:
+def top_p_draw(logits: jax.Array, uniform: Callable[[int | jax.Array], jax.Array], p: float,
+               parts: int = 1) -> jax.Array:
   """[B] tokens drawn from each row's top-p set K (`top_p_mask(logits, p)`'s kept tokens), in
   proportion to their probabilities, without finding K: rejection sampling (as FlashInfer's
   top-p sampling does).
@@ -171,11 +186,11 @@ def top_p_draw(logits: jax.Array, uniform: Callable[[int | jax.Array], jax.Array
     tokens, floor, outside, round_ = state
     keys, probs = keys_probs()
     new_tokens, new_floor, still_outside = judged(
-        inverse_cdf(jnp.where(keys > floor, probs, 0.0), uniform(round_)))
+        inverse_cdf(jnp.where(keys > floor, probs, 0.0), uniform(round_), parts))
     return (jnp.where(outside, new_tokens, tokens), jnp.where(outside[:, None], new_floor, floor),
             outside & still_outside, round_ + 1)
 
-  first = judged(inverse_cdf(keys_probs()[1], uniform(0)))
+  first = judged(inverse_cdf(keys_probs()[1], uniform(0), parts))
   return jax.lax.cond(
       jnp.any(first[2]),
       lambda: jax.lax.while_loop(lambda state: jnp.any(state[2]), redraw, (*first, 1))[0],
@@ -193,7 +208,7 @@ def first_argmax(x: jax.Array) -> jax.Array:
   return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
 
 
-def choose(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> Choice:
+def choose(logits: jax.Array, keys: jax.Array, params: SamplingParams, parts: int = 1) -> Choice:
   """One token per row of [B, V] logits, with its f32 log-probability.
 
   A row draws by inverse CDF with uniforms from its own key (`keys`, [B]; round r of a top-p
@@ -214,8 +229,8 @@ def choose(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> Choice
     if params.top_k:
       truncated = top_k_mask(truncated, params.top_k)
     uniform = row_uniforms(keys)
-    tokens = (top_p_draw(truncated, uniform, params.top_p) if params.top_p < 1
-              else inverse_cdf(jax.nn.softmax(truncated, axis=-1), uniform(0)))
+    tokens = (top_p_draw(truncated, uniform, params.top_p, parts) if params.top_p < 1
+              else inverse_cdf(jax.nn.softmax(truncated, axis=-1), uniform(0), parts))
   picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
   return Choice(tokens=tokens, log_probs=picked - jax.nn.logsumexp(logits, axis=-1))
 

@@ -282,24 +282,52 @@ def test_choose_greedy():
   np.testing.assert_allclose(np.asarray(choice.log_probs), np.asarray(want), rtol=1e-6)
 
 
-def test_inverse_cdf_draws_the_token_where_u_falls_row_by_row():
+@pytest.mark.parametrize("parts", [1, 2, 5])
+def test_inverse_cdf_draws_the_token_where_u_falls_row_by_row(parts):
   """Token i of a row is where u · Σw falls in the running sum (numpy's searchsorted in f64),
-  across block boundaries and in the vocabulary's ragged last block; a zero weight is never drawn,
-  at u = 0 or at the largest u below 1; a row's token does not depend on the other rows."""
+  across block boundaries and in the vocabulary's ragged last block (blocks of 128, or of 32 and
+  64 within 2 and 5 vocabulary shards); a zero weight is never drawn, at u = 0 or at the largest
+  u below 1; a row's token does not depend on the other rows."""
   rng = np.random.default_rng(0)
-  weights = rng.exponential(size=(64, 300)).astype(np.float32)
+  weights = rng.exponential(size=(64, 320)).astype(np.float32)
   weights[:, :5] = 0  # u = 0 must skip the leading zeros
   weights[::4, 130:] = 0  # rows whose mass ends inside the second block
-  weights[1, 299] = 50.0  # most of a row's mass in the last, ragged block
+  weights[1, 319] = 50.0  # most of a row's mass in the last, ragged block
   u = rng.uniform(size=64).astype(np.float32)
   u[:2] = [0.0, np.nextafter(np.float32(1), np.float32(0))]
-  draw = jax.jit(sampling.inverse_cdf)
-  tokens = np.asarray(draw(weights, u))
+  draw = jax.jit(sampling.inverse_cdf, static_argnums=2)
+  tokens = np.asarray(draw(weights, u, parts))
   ends = np.cumsum(weights.astype(np.float64), axis=1)
   want = [np.searchsorted(row, x * row[-1], side="right") for row, x in zip(ends, u)]
   np.testing.assert_array_equal(tokens, want)
   assert (weights[np.arange(64), tokens] > 0).all()
-  assert int(draw(weights[5:6], u[5:6])[0]) == tokens[5]
+  assert int(draw(weights[5:6], u[5:6], parts)[0]) == tokens[5]
+
+
+def test_a_draw_over_a_split_vocabulary_gathers_only_block_sums():
+  """With V split over the tensor axis (as the LM head leaves it), the draw's blocks lie within
+  a shard: no collective moves [rows, V] logits, only [rows, V / block] block sums (a block that
+  straddled two shards, 128 here, made XLA gather every row's whole vocabulary), and the tokens
+  are the unsplit draw's. Qwen's 151936 over 2 and 4 shards draws in blocks of 64 and 32."""
+  assert [sampling._block(151936, n) for n in (1, 2, 4)] == [128, 64, 32]
+  assert sampling._block(1031, 2) == sampling._block(2 * 1031, 2) == 128  # no shard, or odd ones
+  rows, v = 16, 2 * 64 * 37  # shards of 37 blocks of 64: blocks of 128 would straddle
+  mesh = make_mesh(tensor=2)
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "tensor"))
+  logits = jax.device_put(jax.random.normal(jax.random.key(3), (rows, v)) * 3, split)
+  keys = jax.random.split(jax.random.key(4), rows)
+  params = sampling.SamplingParams(top_p=0.9)
+  moved = {}
+  for parts in (1, 2):
+    choose = jax.jit(lambda l, k, parts=parts: sampling.choose(l, k, params, parts))
+    text = choose.lower(logits, keys).compile().as_text()
+    moved[parts] = max((hlo._bytes(i.type) for c in hlo.parse(text).computations.values()
+                        for i in c.instructions.values() if i.opcode.startswith(hlo.KINDS)),
+                       default=0)
+    moved[parts, "tokens"] = np.asarray(choose(logits, keys).tokens)
+  assert moved[1] >= rows * v * 4  # the whole f32 logits, gathered
+  assert moved[2] <= rows * (v // 64) * 4
+  np.testing.assert_array_equal(moved[2, "tokens"], moved[1, "tokens"])
 
 
 def test_choose_draws_each_row_from_its_own_key():

@@ -139,6 +139,30 @@ ENTRY %main (p: bf16[1024]) -> bf16[1024] {
 """
 
 
+# TPU's async slices (v5e's decode streams each weight into vector memory in windows like these):
+# the start names the whole source, but moves one window.
+_WINDOWS = """HloModule m, entry_computation_layout={(bf16[2048,512]{1,0})->bf16[2048,512]{1,0}}
+
+ENTRY %main (w: bf16[2048,512]) -> bf16[2048,512] {
+  %w = bf16[2048,512]{1,0} parameter(0)
+  %s0 = ((bf16[2048,512]{1,0}), bf16[512,512]{1,0:S(1)}, s32[]{:S(2)}) slice-start(%w), slice={[0:512], [0:512]}
+  %d0 = bf16[512,512]{1,0:S(1)} slice-done(%s0)
+  %s1 = ((bf16[2048,512]{1,0}), bf16[512,512]{1,0:S(1)}, s32[]{:S(2)}) slice-start(%w), slice={[512:1024], [0:512]}
+  %d1 = bf16[512,512]{1,0:S(1)} slice-done(%s1)
+  %s2 = ((bf16[2048,512]{1,0}), bf16[1024,512]{1,0}, s32[]{:S(2)}) slice-start(%w), slice={[1024:2048], [0:512]}
+  %d2 = bf16[1024,512]{1,0} slice-done(%s2)
+  ROOT %c = bf16[2048,512]{1,0:S(1)} concatenate(%d0, %d1, %d2), dimensions={0}
+}
+"""
+
+
+def test_an_async_slice_moves_its_window_not_its_source():
+  """Three windows of a 2 MiB weight read it once (2 MiB), and the one written to HBM is written
+  (1 MiB), then the concatenate reads that 1 MiB: 4 MiB, where charging each start its whole
+  source read 8."""
+  assert hlo.program_cost(_WINDOWS).bytes == (2 + 1 + 1) * 2**20
+
+
 def test_only_hbm_traffic_counts():
   """TPU layouts mark on-chip memory (S(1), S(2)): a prefetch into it reads HBM once, an op on
   the prefetched copy reads no HBM; a fusion that passes its operand out whole reads all of it."""

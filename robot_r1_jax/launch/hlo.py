@@ -386,10 +386,10 @@ def _op_bytes(module: Module, computation: Computation, instruction: Instruction
     return 2 * _bytes(instruction.type)
   if opcode == "dynamic-update-slice":
     return 2 * _bytes(computation[instruction.operands[1]].type)
-  if opcode == "slice-start":  # ((operand), slice[, context]): it moves the slice, not the source
-    (_, _, source), (dtype, dims, layout) = _ARRAY.findall(instruction.type)[:2]
-    size = math.prod(int(d) for d in dims.split(",") if d) * _BYTES[dtype]
-    return size * ((not _ON_CHIP.search(source)) + (not _ON_CHIP.search(layout)))
+  if opcode == "slice-start":  # ((source), window[, context]): it moves the window, not the source
+    window = _array_bytes(instruction.type)[1]
+    return window * sum(not _ON_CHIP.search(layout)
+                        for *_, layout in _ARRAY.findall(instruction.type)[:2])
   if opcode.endswith("-start"):  # (operands…, results…[, context]): what of it is in HBM
     return _bytes(instruction.type)
   return _bytes(instruction.type) + sum(_bytes(computation[o].type) for o in instruction.operands

@@ -317,17 +317,17 @@ def test_a_draw_over_a_split_vocabulary_gathers_only_block_sums():
   logits = jax.device_put(jax.random.normal(jax.random.key(3), (rows, v)) * 3, split)
   keys = jax.random.split(jax.random.key(4), rows)
   params = sampling.SamplingParams(top_p=0.9)
-  moved = {}
+  moved, tokens = {}, {}  # parts → the largest collective's bytes, the drawn tokens
   for parts in (1, 2):
     choose = jax.jit(lambda l, k, parts=parts: sampling.choose(l, k, params, parts))
     text = choose.lower(logits, keys).compile().as_text()
     moved[parts] = max((hlo._bytes(i.type) for c in hlo.parse(text).computations.values()
                         for i in c.instructions.values() if i.opcode.startswith(hlo.KINDS)),
                        default=0)
-    moved[parts, "tokens"] = np.asarray(choose(logits, keys).tokens)
+    tokens[parts] = np.asarray(choose(logits, keys).tokens)
   assert moved[1] >= rows * v * 4  # the whole f32 logits, gathered
   assert moved[2] <= rows * (v // 64) * 4
-  np.testing.assert_array_equal(moved[2, "tokens"], moved[1, "tokens"])
+  np.testing.assert_array_equal(tokens[2], tokens[1])
 
 
 def test_choose_draws_each_row_from_its_own_key():

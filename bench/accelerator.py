@@ -45,8 +45,8 @@ from robot_r1_jax.model import config as config_lib
 from robot_r1_jax.model import processor
 from robot_r1_jax.model.qwen2_5_vl import init_model
 
-from train_step import (analytic_flops, build_learner, gemm_flops_per_second,  # bench/
-                        synthetic_batch)
+from machine import gemm_flops_per_second  # bench/
+from train_step import analytic_flops, build_learner, synthetic_batch  # bench/
 
 
 

@@ -5,9 +5,12 @@ python bench/forward_vs_hf.py [--batch 4 --length 256 --repeats 7]
 Two cases: text only, and one 224×224 image per prompt (64 merged image tokens inside the same
 length). Prints the CPU, median times after warm-up (the sides alternate), the ratio (target ≤ 0.7),
 the Flax compile time, and the vision tower's share of the multimodal forward. Both sides use the
-machine's thread pools. Beside the ratio, its floor on this machine: the text model's weight
-matmuls and LM head alone at the batch's shape (`machine.TextMatmuls`, timed in the same run;
-the vision tower not counted), which no forward of this model can beat.
+machine's thread pools. Beside the ratio, two bounds on this machine, neither counting the vision
+tower: the floor, the text model's weight matmuls and LM head alone at the batch's shape
+(`machine.TextMatmuls`, timed in the same run), which no forward of this model can beat; and the
+ideal, those FLOPs plus causal attention's at the machine's best f32 GEMM rate (the fastest of
+30 runs of a 1024³ GEMM), which no program on this machine can beat: where the ideal's ratio is
+near the target, the target leaves nothing for norms, RoPE, softmax or the GEMMs' own misses.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from robot_r1_jax import model as model_lib
 from robot_r1_jax.launch import console
 from robot_r1_jax.model import processor
 
-from machine import TextMatmuls, alternating_medians, cpu_model
+from machine import TextMatmuls, alternating_medians, cpu_model, gemm_flops_per_second
 
 # ≈74M parameters: large enough that matmuls dominate, small enough for a 2-core CPU.
 BENCH = model_lib.ModelConfig(
@@ -66,7 +69,15 @@ def main():
   mask = np.ones_like(ids)
   graphdef, state = nnx.split(ours)
   tokens = args.batch * args.length
-  floor = TextMatmuls(ours).seconds(tokens, tokens)
+  matmuls = TextMatmuls(ours)
+  floor = matmuls.seconds(tokens, tokens)
+  text = BENCH.text
+  # q·k and p·v over the causal half of each [T, T] score matrix, in every layer.
+  attention_flops = (2 * 2 * args.batch * text.num_heads * text.head_dim * text.num_layers
+                     * args.length * (args.length + 1) // 2)
+  ideal_flops = matmuls.flops(tokens, tokens) + attention_flops
+  gemm = gemm_flops_per_second()
+  ideal = ideal_flops / gemm
   forward = jax.jit(lambda s, i, m, pv, grid: nnx.merge(graphdef, s)(i, m, pv, grid),
                     static_argnums=4)
 
@@ -95,6 +106,8 @@ def main():
     print(f"  ratio flax/hf = {t_jax / t_hf:.3f}   (target <= 0.7)")
     print(f"  floor  {floor * 1e3:8.1f} ms   text weight matmuls alone: ratio floor on this "
           f"machine {floor / t_hf:.3f}")
+    print(f"  ideal  {ideal * 1e3:8.1f} ms   those and causal attention, {ideal_flops / 1e9:.1f} "
+          f"GFLOP, at the best f32 GEMM rate ({gemm / 1e9:.1f} GFLOP/s): ratio {ideal / t_hf:.3f}")
     return t_jax
 
   print(f"{n_params / 1e6:.1f}M text parameters")

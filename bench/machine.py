@@ -36,6 +36,20 @@ def _seconds(fn) -> float:
   return time.perf_counter() - start
 
 
+def gemm_flops_per_second(n: int = 1024, repeats: int = 30) -> float:
+  """The machine's peak f32 GEMM rate: the fastest of many short runs (a median of a few read
+  150–195 GFLOP/s on one quiet 2-core machine, which moved the ratio more than any code change)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a, a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n**3 / min(times)
+
+
 class TextMatmuls:
   """The text model's weight matmuls alone, timed on this machine: a floor under any program that
   multiplies every row by every weight (a forward, a prefill, one decode step).
@@ -74,6 +88,10 @@ class TextMatmuls:
       return [inputs[w.shape[0]] @ w for w in weights], head_x @ head
 
     self._program = jax.jit(products)
+
+  def flops(self, rows: int, head_rows: int) -> int:
+    """Multiply-adds ×2 of every layer weight on `rows` rows plus the head on `head_rows`."""
+    return 2 * rows * sum(w.size for w in self._weights) + 2 * head_rows * self._head.size
 
   def seconds(self, rows: int, head_rows: int, repeats: int = 5) -> float:
     """Median wall seconds of every layer weight on `rows` rows plus the head on `head_rows`."""

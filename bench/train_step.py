@@ -21,7 +21,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from robot_r1_jax.data.loader import Batch
@@ -36,21 +35,7 @@ from robot_r1_jax.stages.rl_step import Learner, LearnerConfig, TrainRows
 from robot_r1_jax.train.scoring import Sequences, packed_rows_for
 from robot_r1_jax.train.optim import OptimizerConfig, build_optimizer
 
-from machine import alternating_medians, cpu_model
-
-
-def gemm_flops_per_second(n: int = 1024, repeats: int = 30) -> float:
-  """The machine's peak f32 GEMM rate: the fastest of many short runs (a median of a few read
-  150–195 GFLOP/s on one quiet 2-core machine, which moved the ratio more than any code change)."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    f(a, a).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * n**3 / min(times)
+from machine import alternating_medians, cpu_model, gemm_flops_per_second
 
 
 def synthetic_batch(tokenizer, prompts: int, length: int, image_px: int) -> Batch:

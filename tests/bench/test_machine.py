@@ -42,4 +42,5 @@ def test_text_matmuls_cover_every_layer_weight_and_the_head(tied):
   cost = matmuls._program.lower(inputs, matmuls._weights, jnp.ones((head_rows, text.hidden_size)),
                                 matmuls._head).compile().cost_analysis()
   assert cost["flops"] == 2 * rows * layer_params + 2 * head_rows * text.hidden_size * text.vocab_size
+  assert matmuls.flops(rows, head_rows) == cost["flops"]
   assert matmuls.seconds(rows, head_rows, repeats=2) > 0

@@ -371,6 +371,12 @@ def _copies(module: Module, instruction: Instruction) -> int:
   return module.copies.get(channel, 1) if channel else 1
 
 
+def _window_bytes(window: int, source: str, result: str) -> int:
+  """A slice moves its window, not its source: read from the source's memory and written to the
+  result's, each counted where it is HBM (types or layouts; on chip: S(1), S(2))."""
+  return window * sum(not _ON_CHIP.search(where) for where in (source, result))
+
+
 def _op_bytes(module: Module, computation: Computation, instruction: Instruction) -> int:
   opcode = instruction.opcode
   if opcode in _FREE or opcode.endswith(("-done", "-update")) or (
@@ -382,14 +388,15 @@ def _op_bytes(module: Module, computation: Computation, instruction: Instruction
     read = sum(_read_bytes(module, callee, params[i], _bytes(computation[o].type))
                for i, o in enumerate(instruction.operands) if o in computation.instructions)
     return read + _written_bytes(module, callee, callee.root)
-  if opcode in _SLICES:
-    return 2 * _bytes(instruction.type)
+  if opcode in _SLICES:  # the dump's async slice: a `slice` into vector memory, called
+    source = computation.instructions.get(instruction.operands[0])
+    return _window_bytes(sum(_array_bytes(instruction.type)),
+                         "" if source is None else source.type, instruction.type)
   if opcode == "dynamic-update-slice":
     return 2 * _bytes(computation[instruction.operands[1]].type)
-  if opcode == "slice-start":  # ((source), window[, context]): it moves the window, not the source
-    window = _array_bytes(instruction.type)[1]
-    return window * sum(not _ON_CHIP.search(layout)
-                        for *_, layout in _ARRAY.findall(instruction.type)[:2])
+  if opcode == "slice-start":  # ((source), window[, context]): as_text()'s async slice
+    return _window_bytes(_array_bytes(instruction.type)[1],
+                         *(layout for *_, layout in _ARRAY.findall(instruction.type)[:2]))
   if opcode.endswith("-start"):  # (operands…, results…[, context]): what of it is in HBM
     return _bytes(instruction.type)
   return _bytes(instruction.type) + sum(_bytes(computation[o].type) for o in instruction.operands

@@ -388,7 +388,7 @@ def _op_bytes(module: Module, computation: Computation, instruction: Instruction
     read = sum(_read_bytes(module, callee, params[i], _bytes(computation[o].type))
                for i, o in enumerate(instruction.operands) if o in computation.instructions)
     return read + _written_bytes(module, callee, callee.root)
-  if opcode in _SLICES:  # the dump's async slice: a `slice` into vector memory, called
+  if opcode in _SLICES:  # also the dump's async slice: a `slice` inside an async computation
     source = computation.instructions.get(instruction.operands[0])
     return _window_bytes(sum(_array_bytes(instruction.type)),
                          "" if source is None else source.type, instruction.type)
